@@ -1,0 +1,464 @@
+"""The forwarder: accept balancer connections, read the PROXY header, connect to the
+application with the client's address, and hand the pair to the relay.
+
+Threads: one acceptor (epoll over the listening sockets, so it never waits on a client),
+a pool of hand-shake workers that grows on demand (a stalled header holds a worker, never
+the acceptor or another client), and the relay's epoll thread for established connections.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import select
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from mmproxy.config import Address, Config
+from mmproxy.networks import AllowedNetworks
+from mmproxy.proxy_protocol import (
+    PP2_TYPE_UNIQUE_ID,
+    IncompleteHeader,
+    InvalidHeader,
+    ProxyHeader,
+    parse,
+)
+from mmproxy.relay import Connection, Relay
+from mmproxy.transparent import (
+    LocalAddresses,
+    UpstreamError,
+    forbidden_source_reason,
+    open_upstream,
+    unmap,
+)
+
+log = logging.getLogger("mmproxy")
+
+# accept() errors that mean "out of a resource for now": back off, never exit.
+_ACCEPT_BACKOFF_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_ACCEPT_BACKOFF = 0.1
+_RECV_SIZE = 4096
+
+
+class Rejected(Exception):
+    """A connection is refused; `reason` is a short key for counters, str() the detail."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass
+class Stats:
+    """Live counters, read by the status reporter and the tests."""
+
+    active: int = 0
+    total: int = 0
+    bytes_in: int = 0  # client -> application
+    bytes_out: int = 0  # application -> client
+    rejected: Counter[str] = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def summary(self) -> str:
+        rejected = ", ".join(f"{k} {v}" for k, v in sorted(self.rejected.items())) or "none"
+        return (
+            f"{self.active} active, {self.total} total, rejected: {rejected}, "
+            f"{self.bytes_in} bytes in, {self.bytes_out} bytes out"
+        )
+
+
+@dataclass(slots=True)
+class ConnInfo:
+    """What the connection record says about a connection."""
+
+    balancer: tuple[str, int]
+    client: Address | None = None  # None: a health check (LOCAL / UNKNOWN), not spoofed
+    target: Address | None = None
+    unique_id: bytes | None = None
+
+
+class RateLimitedLog:
+    """At most `burst` warnings per reason per `window` seconds, then one summary line:
+    a flood of bad connections must not flood the journal."""
+
+    def __init__(self, burst: int = 10, window: float = 10.0) -> None:
+        self._burst = burst
+        self._window = window
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+        self._window_start = time.monotonic()
+
+    def warning(self, reason: str, message: str, extra: dict[str, object]) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._window_start >= self._window:
+                self._flush(now)
+            self._counts[reason] += 1
+            show = self._counts[reason] <= self._burst
+        if show:
+            log.warning(message, extra=extra)
+
+    def _flush(self, now: float) -> None:
+        for reason, count in self._counts.items():
+            if count > self._burst:
+                log.warning(
+                    "%d more connections rejected (%s) in the last %.0f s",
+                    count - self._burst,
+                    reason,
+                    now - self._window_start,
+                    extra={"CLOSE_REASON": reason, "SUPPRESSED": count - self._burst},
+                )
+        self._counts.clear()
+        self._window_start = now
+
+
+class WorkerPool:
+    """Threads that run hand-shakes; a new one starts only when none is idle, and one
+    idle for `idle_timeout` exits (thread start-up costs ~0.3 ms, so they are reused)."""
+
+    def __init__(
+        self, work: Callable[[socket.socket, tuple[str, int]], None], max_workers: int
+    ) -> None:
+        self._work = work
+        self._max = max_workers
+        self._queue: queue.SimpleQueue[tuple[socket.socket, tuple[str, int]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._queued = 0
+        self._threads = 0
+        self.idle_timeout = 30.0
+
+    def submit(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        with self._lock:
+            self._queued += 1
+            spawn = self._queued > self._idle and self._threads < self._max
+            if spawn:
+                self._threads += 1
+        if spawn:
+            threading.Thread(target=self._loop, name="handshake", daemon=True).start()
+        self._queue.put((sock, peer))
+
+    def stop(self) -> None:
+        with self._lock:
+            count = self._threads
+        for _ in range(count):
+            self._queue.put(None)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                self._idle += 1
+            try:
+                item = self._queue.get(timeout=self.idle_timeout)
+            except queue.Empty:
+                item = None
+            with self._lock:
+                self._idle -= 1
+                if item is None:
+                    self._threads -= 1
+                    return
+                self._queued -= 1
+            self._work(*item)
+
+
+class Forwarder:
+    """Accepts on the given listening sockets until stopped."""
+
+    def __init__(self, config: Config, listeners: Sequence[socket.socket]) -> None:
+        self.config = config
+        self.allowed: AllowedNetworks = config.allowed()
+        self.stats = Stats()
+        self._listeners = list(listeners)
+        self._local = LocalAddresses()
+        self._rejections = RateLimitedLog()
+        self._relay = Relay(self._on_close)
+        self._pool = WorkerPool(self._handshake, max_workers=config.max_connections)
+        self._below_max = threading.Event()
+        self._below_max.set()
+        self._stopping = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._acceptor = threading.Thread(target=self._accept_loop, name="accept", daemon=True)
+        self.on_accept: Callable[[], None] | None = None  # e.g. the systemd watchdog ping
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        for sock in self._listeners:
+            sock.setblocking(False)
+        self._relay.start()
+        self._acceptor.start()
+
+    def reconfigure(self, config: Config) -> None:
+        """Apply a reloaded config to new connections; established ones are untouched."""
+        allowed = config.allowed()
+        self.config, self.allowed = config, allowed
+
+    def stop_accepting(self) -> None:
+        self._stopping = True
+        self._below_max.set()
+        os.write(self._wake_w, b"x")
+        if self._acceptor.is_alive():
+            self._acceptor.join()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for connections to end by themselves; True if all did."""
+        deadline = time.monotonic() + timeout
+        while self.stats.active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not self.stats.active
+
+    def stop(self, drain_timeout: float = 0.0) -> None:
+        self.stop_accepting()
+        if not self.drain(drain_timeout):
+            log.warning(
+                "closing %d connections still open after the %g s drain time",
+                self.stats.active,
+                drain_timeout,
+            )
+            self._relay.close_all("mmproxy is stopping")
+            self.drain(1.0)
+        self._pool.stop()
+        self._relay.stop()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    # --- accept ----------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        epoll = select.epoll()
+        try:
+            by_fd = {sock.fileno(): sock for sock in self._listeners}
+            for fd in by_fd:
+                epoll.register(fd, select.EPOLLIN)
+            epoll.register(self._wake_r, select.EPOLLIN)
+            while not self._stopping:
+                self._below_max.wait()
+                try:
+                    events = epoll.poll()
+                except InterruptedError:
+                    continue
+                for fd, _ in events:
+                    if fd in by_fd:
+                        self._accept_all(by_fd[fd])
+        finally:
+            epoll.close()
+
+    def _accept_all(self, listener: socket.socket) -> None:
+        """Accept until the backlog is empty (one epoll wake-up serves many clients)."""
+        max_connections = self.config.max_connections
+        while not self._stopping:
+            if self.stats.active >= max_connections:
+                # Leave the rest in the backlog; _on_close lets the acceptor go on.
+                self._below_max.clear()
+                if self.stats.active >= max_connections:
+                    return
+                self._below_max.set()
+            try:
+                sock, peer = listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in _ACCEPT_BACKOFF_ERRNOS:
+                    self._rejections.warning(
+                        "accept-" + errno.errorcode[exc.errno],
+                        f"accept failed: {exc.strerror}; pausing {_ACCEPT_BACKOFF} s",
+                        {"CLOSE_REASON": "accept-failed"},
+                    )
+                    time.sleep(_ACCEPT_BACKOFF)
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue
+                raise
+            if self.on_accept is not None:
+                self.on_accept()
+            self._admit(sock, peer)
+
+    def _admit(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        balancer = (unmap(peer[0]), peer[1])
+        if balancer[0] not in self.allowed:
+            sock.close()  # before reading a byte: an untrusted peer may not send a header
+            self._reject(
+                ConnInfo(balancer),
+                Rejected("untrusted-balancer", "peer is not in allowed_networks"),
+            )
+            return
+        with self.stats.lock:
+            self.stats.active += 1
+            self.stats.total += 1
+        self._pool.submit(sock, balancer)
+
+    # --- hand-shake (worker threads) -------------------------------------------------
+
+    def _handshake(self, client: socket.socket, balancer: tuple[str, int]) -> None:
+        info = ConnInfo(balancer)
+        config = self.config
+        try:
+            header, early = read_header(client, config.header_timeout)
+            info.client, info.target = self._route(header, config)
+            if header.version == 2:
+                info.unique_id = header.tlv(PP2_TYPE_UNIQUE_ID)
+            upstream = open_upstream(info.target, info.client, config.mark, config.connect_timeout)
+        except Rejected as exc:
+            client.close()
+            self._handshake_failed(info, exc)
+            return
+        except UpstreamError as exc:
+            client.close()
+            self._handshake_failed(info, Rejected("target-unavailable", str(exc)))
+            return
+        except Exception as exc:  # a bug must cost one connection, not the daemon
+            log.exception("unexpected error during a hand-shake")
+            client.close()
+            self._handshake_failed(info, Rejected("internal-error", repr(exc)))
+            return
+        try:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if early:
+                upstream.sendall(early)  # bytes that came with the header go first
+        except OSError as exc:
+            client.close()
+            upstream.close()
+            self._handshake_failed(info, Rejected("early-data", f"sending early data: {exc}"))
+            return
+        conn = Connection(client, upstream, info)
+        conn.inbound.nbytes = len(early)
+        self._relay.add(conn)
+
+    def _route(self, header: ProxyHeader, config: Config) -> tuple[Address | None, Address]:
+        """(spoofed source or None, target) for a header."""
+        if header.command == "LOCAL" or header.family == "UNKNOWN":
+            # The balancer's own health check: it speaks for itself, not for a client.
+            target = config.ipv4 or config.ipv6
+            assert target is not None  # the config layer requires one
+            return None, target
+        if header.family not in ("TCP4", "TCP6") or header.source is None:
+            raise Rejected(
+                "unsupported-family",
+                f"header family {header.family} cannot be forwarded over TCP",
+            )
+        host = unmap(header.source[0])
+        source = Address(host, header.source[1])
+        target = config.ipv6 if ":" in host else config.ipv4
+        if target is None:
+            version = "ipv6" if ":" in host else "ipv4"
+            raise Rejected(
+                "no-target",
+                f"client {source} is {version} but no `{version}` target is configured",
+            )
+        if not config.allow_local_sources:
+            why = forbidden_source_reason(host, self._local)
+            if why is not None:
+                raise Rejected(
+                    "forged-local-source",
+                    f"header claims source {source}, which is {why} "
+                    "(set allow_local_sources: true to permit)",
+                )
+        return source, target
+
+    def _handshake_failed(self, info: ConnInfo, exc: Rejected) -> None:
+        with self.stats.lock:
+            self.stats.active -= 1
+        self._below_max.set()
+        self._reject(info, exc)
+
+    def _reject(self, info: ConnInfo, exc: Rejected) -> None:
+        with self.stats.lock:
+            self.stats.rejected[exc.reason] += 1
+        if exc.reason == "probe":
+            log.debug("health check from %s: %s", _format_peer(info.balancer), exc)
+            return
+        lb = _format_peer(info.balancer)
+        who = f"client {info.client} via {lb}" if info.client else lb
+        fields = _record_fields(info)
+        fields["CLOSE_REASON"] = exc.reason
+        self._rejections.warning(exc.reason, f"rejected {who}: {exc}", fields)
+
+    # --- end of a connection (relay thread) ------------------------------------------
+
+    def _on_close(self, conn: Connection, reason: str) -> None:
+        info = conn.info
+        assert isinstance(info, ConnInfo)
+        duration = time.monotonic() - conn.started
+        nin, nout = conn.inbound.nbytes, conn.outbound.nbytes
+        with self.stats.lock:
+            self.stats.active -= 1
+            self.stats.bytes_in += nin
+            self.stats.bytes_out += nout
+        self._below_max.set()
+        if not log.isEnabledFor(logging.INFO):
+            return
+        fields = _record_fields(info)
+        fields.update(BYTES_IN=nin, BYTES_OUT=nout, DURATION=f"{duration:.3f}", CLOSE_REASON=reason)
+        source = str(info.client) if info.client else "health check"
+        log.info(
+            "%s via %s -> %s: %s after %.3f s, %d bytes in, %d bytes out",
+            source,
+            _format_peer(info.balancer),
+            info.target,
+            reason,
+            duration,
+            nin,
+            nout,
+            extra=fields,
+        )
+
+
+def read_header(sock: socket.socket, timeout: float) -> tuple[ProxyHeader, bytes]:
+    """Read one PROXY header; return it and the bytes that arrived after it."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise Rejected(
+                "header-timeout",
+                f"no complete PROXY header within {timeout:g} s ({len(data)} bytes received)",
+            )
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(_RECV_SIZE)
+        except TimeoutError:
+            continue
+        except OSError as exc:
+            raise Rejected("balancer-error", f"reading the header: {exc.strerror}") from exc
+        if not chunk:
+            if not data:
+                # A balancer's plain TCP health check: connect, then close.
+                raise Rejected("probe", "balancer closed the connection without sending")
+            raise Rejected(
+                "closed-before-header",
+                f"balancer closed the connection after {len(data)} bytes, before a full header",
+            )
+        data += chunk
+        try:
+            header = parse(data)
+        except IncompleteHeader:
+            continue
+        except InvalidHeader as exc:
+            raise Rejected("invalid-header", f"invalid PROXY header: {exc}") from exc
+        return header, data[header.length :]
+
+
+def _format_peer(peer: tuple[str, int]) -> str:
+    return str(Address(peer[0], peer[1]))
+
+
+def _record_fields(info: ConnInfo) -> dict[str, object]:
+    """Journal fields (upper case) so that `journalctl CLIENT_ADDR=...` finds a record."""
+    fields: dict[str, object] = {"LB_ADDR": info.balancer[0], "LB_PORT": info.balancer[1]}
+    if info.client is not None:
+        fields["CLIENT_ADDR"] = info.client.host
+        fields["CLIENT_PORT"] = info.client.port
+    if info.target is not None:
+        fields["TARGET_ADDR"] = str(info.target)
+    if info.unique_id is not None:
+        fields["UNIQUE_ID"] = info.unique_id.hex()
+    return fields

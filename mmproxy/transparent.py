@@ -1,0 +1,175 @@
+"""Transparent sockets: connect to the application with the client's address as source.
+
+Linux lets a socket with IP_TRANSPARENT bind an address this host does not own; the
+replies find their way back only through the policy routing that the README describes
+(a `local` route in a table the marked or loopback-sourced replies are sent to).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+import threading
+import time
+
+from mmproxy.config import Address
+
+# Python 3.11's socket module lacks some of these on some builds: the kernel's numbers.
+IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+IPV6_TRANSPARENT = 75
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+SO_MARK = getattr(socket, "SO_MARK", 36)
+
+
+class UpstreamError(Exception):
+    """The connection to the application could not be opened; the message says why."""
+
+
+def unmap(host: str) -> str:
+    """'::ffff:192.0.2.1' -> '192.0.2.1': a dual-stack listener reports IPv4 peers mapped."""
+    if host.startswith("::ffff:") and "." in host:
+        return host[7:]
+    return host
+
+
+def open_upstream(
+    target: Address, source: Address | None, mark: int, timeout: float
+) -> socket.socket:
+    """Connect to `target`, from `source` when given (spoofed), else from this host.
+
+    The client's port is kept when it is free; a port in use (another connection from the
+    same client port, or one in TIME_WAIT) falls back to an ephemeral port.
+    """
+    try:
+        return _connect(target, source, mark, timeout, keep_port=source is not None)
+    except _PortBusy:
+        return _connect(target, source, mark, timeout, keep_port=False)
+
+
+class _PortBusy(Exception):
+    pass
+
+
+def _connect(
+    target: Address, source: Address | None, mark: int, timeout: float, keep_port: bool
+) -> socket.socket:
+    sock = socket.socket(target.family, socket.SOCK_STREAM)
+    try:
+        if source is not None:
+            _make_transparent(sock, target.family, mark)
+            _bind_source(sock, source, keep_port)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(timeout)
+        try:
+            sock.connect((target.host, target.port))
+        except OSError as exc:
+            if keep_port and exc.errno in (errno.EADDRNOTAVAIL, errno.EADDRINUSE):
+                raise _PortBusy from exc
+            raise UpstreamError(_describe_connect_error(target, exc, timeout)) from exc
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _make_transparent(sock: socket.socket, family: int, mark: int) -> None:
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+        else:
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+    except PermissionError as exc:
+        raise UpstreamError(
+            "cannot set IP_TRANSPARENT: the process needs CAP_NET_RAW (or CAP_NET_ADMIN)"
+        ) from exc
+    if mark:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        except PermissionError as exc:
+            raise UpstreamError(
+                f"cannot set SO_MARK {mark}: the process needs CAP_NET_ADMIN"
+            ) from exc
+
+
+def _bind_source(sock: socket.socket, source: Address, keep_port: bool) -> None:
+    if not keep_port:
+        # Let connect() pick the port, so the 4-tuple, not the 2-tuple, must be unique.
+        sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+    try:
+        sock.bind((source.host, source.port if keep_port else 0))
+    except OSError as exc:
+        if keep_port and exc.errno == errno.EADDRINUSE:
+            raise _PortBusy from exc
+        raise UpstreamError(f"cannot bind the client address {source}: {exc.strerror}") from exc
+
+
+def _describe_connect_error(target: Address, exc: OSError, timeout: float) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"target {target} did not answer within {timeout:g} s"
+    if exc.errno == errno.ECONNREFUSED:
+        return f"target {target} refused the connection (is the application running?)"
+    return f"cannot connect to target {target}: {exc.strerror or exc}"
+
+
+class LocalAddresses:
+    """The addresses of this host (in the current network namespace), re-read every few
+    seconds so that an address added after start-up is refused too."""
+
+    def __init__(self, max_age: float = 2.0) -> None:
+        self._max_age = max_age
+        self._lock = threading.Lock()
+        self._addresses: frozenset[str] = frozenset()
+        self._read_at = float("-inf")
+
+    def __contains__(self, host: str) -> bool:
+        now = time.monotonic()
+        if now - self._read_at > self._max_age:
+            with self._lock:
+                if now - self._read_at > self._max_age:
+                    self._addresses = frozenset(_read_local_addresses())
+                    self._read_at = now
+        return host in self._addresses
+
+
+def _read_local_addresses() -> set[str]:
+    found: set[str] = set()
+    try:
+        with open("/proc/net/fib_trie", encoding="ascii") as fib:
+            candidate = ""
+            for line in fib:
+                text = line.strip()
+                if text.startswith("|--"):
+                    candidate = text[3:].strip()
+                elif text.startswith("/32 host LOCAL") and candidate:
+                    found.add(candidate)
+    except OSError:
+        pass
+    try:
+        with open("/proc/net/if_inet6", encoding="ascii") as inet6:
+            for line in inet6:
+                hexaddr = line.split(" ", 1)[0]
+                found.add(str(ipaddress.IPv6Address(int(hexaddr, 16))))
+    except OSError:
+        pass
+    return found
+
+
+def forbidden_source_reason(host: str, local: LocalAddresses) -> str | None:
+    """Why a header may not claim `host` as its client, or None when it may.
+
+    Letting a header claim 127.0.0.1 or this host's own address would let anyone who can
+    reach the balancer appear to the application as a local user.
+    """
+    addr = ipaddress.ip_address(host)
+    if addr.is_loopback:
+        return "loopback"
+    if addr.is_unspecified:
+        return "unspecified"
+    if addr.is_multicast:
+        return "multicast"
+    if isinstance(addr, ipaddress.IPv4Address) and addr == ipaddress.IPv4Address("255.255.255.255"):
+        return "broadcast"
+    if host in local:
+        return "an address of this host"
+    return None

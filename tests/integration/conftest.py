@@ -1,0 +1,232 @@
+"""Integration harness: real sockets, a real mmproxy process, inside network namespaces
+made for each test (../shared/notes/testbed.md has the recipes)."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmproxy.netns import NetNS, apply, link
+from mmproxy.routing import lo_commands, mark_commands
+
+MARK, TABLE = 123, 100
+# The gateway namespace's end of the veth, and the balancer/client namespace's end.
+GW4, PEER4 = "198.51.100.1", "198.51.100.7"
+GW6, PEER6 = "2001:db8:1::1", "2001:db8:1::7"
+# Fake clients named in headers: documentation ranges not routed anywhere here.
+CLIENT4, CLIENT6 = "203.0.113.7", "2001:db8:99::7"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def _needs_root() -> None:
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("integration tests need root; CI runs as root")
+        pytest.skip("NOT RUN: integration tests need root (network namespaces); run as root")
+
+
+@dataclass
+class Net:
+    """A gateway namespace (mmproxy, the application) joined to a peer namespace (the
+    balancer's or client's side), with the routing variant applied in the gateway."""
+
+    gw: NetNS
+    peer: NetNS
+    variant: str
+
+
+def make_net(variant: str) -> Net:
+    gw, peer = NetNS("mmp-gw"), NetNS("mmp-peer")
+    link(gw, peer, [f"{GW4}/24", f"{GW6}/64"], [f"{PEER4}/24", f"{PEER6}/64"])
+    if variant == "lo":
+        apply(gw, lo_commands(TABLE))
+    else:
+        # The fwmark variant needs a default route: replies are dropped before the mangle
+        # rules see them otherwise (the original README says so too).
+        gw.ip("route", "add", "default", "via", PEER4)
+        gw.ip("-6", "route", "add", "default", "via", PEER6)
+        assert gw.veth is not None
+        gw.sysctl(f"net.ipv4.conf.{gw.veth}.route_localnet", "1")
+        apply(gw, mark_commands(MARK, TABLE))
+    return Net(gw, peer, variant)
+
+
+@pytest.fixture(params=["lo", "mark"])
+def net(request: pytest.FixtureRequest) -> Iterator[Net]:
+    n = make_net(request.param)
+    yield n
+    n.gw.delete()
+    n.peer.delete()
+
+
+@pytest.fixture
+def lo_net() -> Iterator[Net]:
+    n = make_net("lo")
+    yield n
+    n.gw.delete()
+    n.peer.delete()
+
+
+@dataclass
+class Seen:
+    peer: tuple[str, int]
+    received: bytes = b""
+
+
+Handler = Callable[[socket.socket, Seen], None]
+
+
+def echo(conn: socket.socket, seen: Seen) -> None:
+    """Echo until EOF, then close: the default application."""
+    while True:
+        data = conn.recv(65536)
+        if not data:
+            return
+        seen.received += data
+        conn.sendall(data)
+
+
+def tell_peer(conn: socket.socket, seen: Seen) -> None:
+    """Say who we think the peer is, then echo."""
+    host, port = seen.peer[:2]
+    conn.sendall(f"{host} {port}\n".encode())
+    echo(conn, seen)
+
+
+@dataclass
+class Backend:
+    """The application: accepts in the gateway namespace, records who connected."""
+
+    listener: socket.socket
+    handler: Handler
+    seen: list[Seen] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def address(self) -> str:
+        host, port = self.listener.getsockname()[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, peer = self.listener.accept()
+            except OSError:
+                return
+            seen = Seen(peer[:2])
+            self.seen.append(seen)
+            threading.Thread(target=self._serve, args=(conn, seen), daemon=True).start()
+
+    def _serve(self, conn: socket.socket, seen: Seen) -> None:
+        with conn:
+            try:
+                self.handler(conn, seen)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def start_backend(ns: NetNS, host: str, handler: Handler = tell_peer) -> Backend:
+    return Backend(ns.listen((host, 0)), handler)
+
+
+class Mmproxy:
+    """The real `python -m mmproxy` process in the gateway namespace."""
+
+    def __init__(self, ns: NetNS, config_path: Path, *extra: str) -> None:
+        self.ns = ns
+        cmd = ns.exec_args(sys.executable, "-m", "mmproxy", "-c", str(config_path), *extra)
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, pattern: str, timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if regex.search(line):
+                    return line
+            if self.proc.poll() is not None and not self._reader.is_alive():
+                break
+            time.sleep(0.02)
+        raise AssertionError(f"no log line matching {pattern!r}; log:\n" + "\n".join(self.lines))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def run_mmproxy(tmp_path: Path) -> Iterator[Callable[..., Mmproxy]]:
+    """start(ns, **config keys) -> a running mmproxy listening on 127.0.0.1:2222 by default."""
+    started: list[Mmproxy] = []
+
+    def start(ns: NetNS, *extra: str, **keys: object) -> Mmproxy:
+        config: dict[str, object] = {
+            "listen": ["127.0.0.1:2222", "[::1]:2222"],
+            "allowed_networks": ["127.0.0.0/8", "::1/128"],
+            "header_timeout": 3,
+            "connect_timeout": 2,
+            "mark": MARK,
+            "table": TABLE,
+        }
+        config.update(keys)
+        path = tmp_path / f"mmproxy-{len(started)}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        proc = Mmproxy(ns, path, "-v", *extra)
+        started.append(proc)
+        proc.wait_for("listening on")
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+def recv_all(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    """Everything until EOF (or a reset, which ends it the same way for these tests)."""
+    sock.settimeout(timeout)
+    chunks = []
+    while True:
+        try:
+            data = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    return b"".join(chunks)

@@ -1,0 +1,125 @@
+"""The splice relay on loopback TCP pairs (no root needed)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from mmproxy.relay import Connection, PipePool, Relay
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        a = socket.create_connection(server.getsockname())
+        b, _ = server.accept()
+    return a, b
+
+
+class Harness:
+    """client <-> [relay: client_side, upstream_side] <-> application"""
+
+    def __init__(self, relay: Relay, closed: list[tuple[Connection, str]]) -> None:
+        self.relay = relay
+        self.closed = closed
+        self.client, client_side = tcp_pair()
+        upstream_side, self.app = tcp_pair()
+        self.conn = Connection(client_side, upstream_side, info="test")
+        relay.add(self.conn)
+
+    def wait_closed(self, timeout: float = 5.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for conn, reason in self.closed:
+                if conn is self.conn:
+                    return reason
+            time.sleep(0.01)
+        raise AssertionError("connection not closed")
+
+
+@pytest.fixture
+def relay() -> Iterator[tuple[Relay, list[tuple[Connection, str]]]]:
+    closed: list[tuple[Connection, str]] = []
+    r = Relay(lambda conn, reason: closed.append((conn, reason)), pipe_size=65536)
+    r.start()
+    yield r, closed
+    r.stop()
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    sock.settimeout(5)
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, f"EOF after {len(data)} of {n} bytes"
+        data += chunk
+    return data
+
+
+def test_bytes_pass_both_ways_and_are_counted(relay: tuple[Relay, list]) -> None:
+    h = Harness(*relay)
+    up, down = os.urandom(300_000), os.urandom(200_000)
+    threading.Thread(target=h.client.sendall, args=(up,)).start()
+    assert recv_exactly(h.app, len(up)) == up
+    threading.Thread(target=h.app.sendall, args=(down,)).start()
+    assert recv_exactly(h.client, len(down)) == down
+    h.client.shutdown(socket.SHUT_WR)
+    assert h.app.recv(1) == b""  # the half-close was passed on
+    h.app.close()
+    assert h.client.recv(1) == b""
+    assert h.wait_closed() == "client closed first"
+    assert (h.conn.inbound.nbytes, h.conn.outbound.nbytes) == (len(up), len(down))
+
+
+def test_application_closing_first_is_reported(relay: tuple[Relay, list]) -> None:
+    h = Harness(*relay)
+    h.app.sendall(b"bye")
+    h.app.shutdown(socket.SHUT_WR)
+    assert recv_exactly(h.client, 3) == b"bye"
+    h.client.sendall(b"ok")
+    assert recv_exactly(h.app, 2) == b"ok"
+    h.client.close()
+    assert h.wait_closed() == "target closed first"
+
+
+def test_a_reset_is_passed_on(relay: tuple[Relay, list]) -> None:
+    h = Harness(*relay)
+    h.app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    h.app.close()  # RST
+    assert "reset" in h.wait_closed()
+    h.client.settimeout(5)
+    with pytest.raises(ConnectionResetError):
+        h.client.recv(1)
+
+
+def test_idle_connections_hold_no_pipe(relay: tuple[Relay, list]) -> None:
+    h = Harness(*relay)
+    h.client.sendall(b"x" * 1000)
+    recv_exactly(h.app, 1000)
+    time.sleep(0.05)
+    assert h.conn.inbound.pipe is None and h.conn.outbound.pipe is None
+
+
+def test_close_all_ends_every_connection(relay: tuple[Relay, list]) -> None:
+    r, closed = relay
+    harnesses = [Harness(r, closed) for _ in range(5)]
+    assert len(r) == 5
+    r.close_all("mmproxy is stopping")
+    for h in harnesses:
+        assert h.wait_closed() == "mmproxy is stopping"
+    assert len(r) == 0
+
+
+def test_pipe_pool_reuses_and_bounds_pipes() -> None:
+    pool = PipePool(65536, keep=2)
+    pipes = [pool.take() for _ in range(3)]
+    for p in pipes:
+        pool.give(p)
+    assert pool.take() in pipes[:2]
+    with pytest.raises(OSError):
+        os.fstat(pipes[2][0])  # the third was closed, not kept
+    pool.close()

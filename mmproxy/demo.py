@@ -58,7 +58,7 @@ def _connectable(address: Address) -> str:
     return address.host
 
 
-def send_through(ns: NetNS, config: Config, family: int, version: int) -> str:
+def send_through(ns: NetNS, config: Config, family: socket.AddressFamily, version: int) -> str:
     listen = config.listen[0]
     client = CLIENTS[family]
     destination = ("198.51.100.1" if family == socket.AF_INET else "2001:db8::1", listen.port)
@@ -69,7 +69,8 @@ def send_through(ns: NetNS, config: Config, family: int, version: int) -> str:
         header = encode_v2("PROXY", proto, client, destination)
     with ns.connect((_connectable(listen), listen.port)) as sock:
         sock.sendall(header + b"hello")
-        return sock.makefile("rb").readline().decode().strip()
+        line: bytes = sock.makefile("rb").readline()
+        return line.decode().strip()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

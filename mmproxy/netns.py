@@ -81,14 +81,16 @@ class NetNS:
             raise error[0]
         return result[0]
 
-    def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> socket.socket:
+    def open_socket(
+        self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM
+    ) -> socket.socket:
         return self.call(lambda: socket.socket(family, type))
 
     def connect(
         self, address: tuple[str, int], timeout: float = 5.0, source: str | None = None
     ) -> socket.socket:
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        sock = self.socket(family)
+        sock = self.open_socket(family)
         sock.settimeout(timeout)
         if source is not None:
             sock.bind((source, 0))
@@ -97,7 +99,7 @@ class NetNS:
 
     def listen(self, address: tuple[str, int], backlog: int = 1024) -> socket.socket:
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        sock = self.socket(family)
+        sock = self.open_socket(family)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
         sock.listen(backlog)

@@ -150,7 +150,12 @@ class Relay:
 
     def close_all(self, reason: str) -> None:
         """End every connection now (from any thread): used when a drain time runs out."""
-        self._request(lambda: [self._finish(c, reason) for c in self.connections()])
+
+        def finish_all() -> None:
+            for conn in self.connections():
+                self._finish(conn, reason)
+
+        self._request(finish_all)
 
     def stop(self) -> None:
         self._stopping = True

@@ -1,4 +1,9 @@
-"""Command line: builds a Config from the file and the flags, then runs the server.
+"""Command line: builds a Config from the file and the flags, then runs a command.
+
+    mmproxy [run] [options]          the gateway (the default command)
+    mmproxy check [options]          the self-checks; exit status 0 only if all pass
+    mmproxy routing up|down [options] --instance NAME
+                                     apply / remove the routing (systemd runs these)
 
 The original mmproxy's flags work verbatim:
     mmproxy --allowed-networks FILE -l 0.0.0.0:2222 -4 127.0.0.1:22 -6 [::1]:22
@@ -10,27 +15,37 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from mmproxy import __version__
-from mmproxy.config import ConfigError, Override, load_config
+from mmproxy.checks import plan_for, report, run_checks
+from mmproxy.config import Config, ConfigError, Override, load_config
 from mmproxy.log import setup_logging
-from mmproxy.routing import hint
+from mmproxy.routing import RoutingError, RoutingState, runtime_dir
 from mmproxy.server import Server, ServerError
 
 EX_CONFIG = 78  # sysexits.h: systemd shows it as "status=78/CONFIG"
+COMMANDS = ("run", "check", "routing")
 
 log = logging.getLogger("mmproxy")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str = "run") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mmproxy",
+        prog="mmproxy" if command == "run" else f"mmproxy {command}",
         description="Accept PROXY-protocol connections from a load balancer and connect to "
-        "the application with the real client's address as the source.",
+        "the application with the real client's address as the source. "
+        "Other commands: `mmproxy check`, `mmproxy routing up|down`.",
         epilog="Example: mmproxy --allowed-networks networks.txt -l 0.0.0.0:2222 "
         "-4 127.0.0.1:22 -6 [::1]:22   (flags override the --config file)",
     )
+    if command == "routing":
+        parser.add_argument("action", choices=("up", "down"))
     parser.add_argument("-c", "--config", metavar="FILE", help="YAML configuration file")
+    parser.add_argument(
+        "--instance", metavar="NAME",
+        help="instance name (default: the config file's name without .yaml)",
+    )  # fmt: skip
     parser.add_argument(
         "-a", "--allowed-networks", "--allowed-subnets", dest="allowed_networks_file",
         metavar="FILE", help="file of allowed balancer networks, one CIDR per line",
@@ -42,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-4", "--ipv4", metavar="ADDR", help="IPv4 target, e.g. 127.0.0.1:22")
     parser.add_argument("-6", "--ipv6", metavar="ADDR", help="IPv6 target, e.g. [::1]:22")
     parser.add_argument("--mark", type=int, help="SO_MARK for spoofed connections (123)")
-    parser.add_argument("--table", type=int, help="routing table in the printed rules (100)")
+    parser.add_argument("--table", type=int, help="routing table of the reply rules (100)")
     parser.add_argument(
         "-q", "--quiet", action="store_true",
         help="don't print the routing reminder; log warnings and errors only",
@@ -74,20 +89,72 @@ def overrides_from(args: argparse.Namespace) -> list[Override]:
     return found
 
 
+def instance_name(args: argparse.Namespace) -> str | None:
+    if args.instance:
+        return str(args.instance)
+    return Path(args.config).stem if args.config else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
+    args = build_parser(command).parse_args(argv)
+    if command == "routing" and args.action == "down":
+        return routing_down(args)
     try:
         config = load_config(args.config, overrides_from(args))
     except ConfigError as exc:
         print(f"mmproxy: {exc}", file=sys.stderr)
         return EX_CONFIG
+    if command == "check":
+        return check(config, args)
+    if command == "routing":
+        return routing_up(config, args)
+    return run(config, args)
+
+
+def run(config: Config, args: argparse.Namespace) -> int:
     setup_logging(config.log_level)
-    if not args.quiet:
-        log.info("%s", hint(config.mark, config.table))
-    server = Server(config)
+    server = Server(
+        config,
+        reload_config=lambda: load_config(args.config, overrides_from(args)),
+        instance=instance_name(args),
+    )
     try:
-        server.run()
+        return server.run()
     except ServerError as exc:
         log.error("%s", exc)
         return 1
+
+
+def check(config: Config, args: argparse.Namespace) -> int:
+    results = run_checks(config, instance_name(args))
+    print(report(results))
+    failed = sum(not r.ok for r in results)
+    print(f"{len(results) - failed} verified, {failed} failed")
+    return 1 if failed else 0
+
+
+def routing_up(config: Config, args: argparse.Namespace) -> int:
+    instance = instance_name(args)
+    if not config.manage_routing:
+        print(f"mmproxy: manage_routing is false for {instance}: routing left as it is")
+        return 0
+    if instance is None:
+        print("mmproxy routing: give --instance NAME or -c FILE", file=sys.stderr)
+        return 2
+    try:
+        RoutingState(runtime_dir()).up(instance, plan_for(config))
+    except RoutingError as exc:
+        print(f"mmproxy routing: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def routing_down(args: argparse.Namespace) -> int:
+    instance = instance_name(args)
+    if instance is None:
+        print("mmproxy routing: give --instance NAME or -c FILE", file=sys.stderr)
+        return 2
+    RoutingState(runtime_dir()).down(instance)
     return 0

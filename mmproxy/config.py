@@ -347,14 +347,28 @@ def _parse_connect_timeout(value: _Value) -> float:
     return seconds
 
 
-def _parse_log_level(value: _Value) -> str:
-    expected = "one of " + ", ".join(LOG_LEVELS)
-    level = _expect_str(value, expected).strip().lower()
-    if level in LOG_LEVELS:
-        return level
-    close = difflib.get_close_matches(level, LOG_LEVELS, n=1, cutoff=0.5)
-    suggestion = f"; did you mean {close[0]!r}?" if close else ""
-    _fail(value, f"expected {expected}, got {_describe(value)}{suggestion}")
+def _choice(*options: str) -> Callable[[_Value], str]:
+    expected = "one of " + ", ".join(options)
+
+    def parse(value: _Value) -> str:
+        word = _expect_str(value, expected).strip().lower()
+        if word in options:
+            return word
+        close = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
+        suggestion = f"; did you mean {close[0]!r}?" if close else ""
+        _fail(value, f"expected {expected}, got {_describe(value)}{suggestion}")
+
+    return parse
+
+
+_parse_log_level = _choice(*LOG_LEVELS)
+
+
+def _parse_drain_timeout(value: _Value) -> float:
+    seconds = _seconds(value)
+    if seconds > MAX_SECONDS:
+        _fail(value, f"{_show_seconds(seconds)} is too long: expected at most 3600s (1 hour)")
+    return seconds
 
 
 # --------------------------------------------------------------------------
@@ -609,6 +623,12 @@ KEYS: tuple[Key, ...] = (
     Key("max_connections", _integer(1, 1_000_000), 10000, "concurrent connections at most"),
     Key("allow_local_sources", _parse_bool, False, "accept loopback/unspecified client sources"),
     Key("log_level", _parse_log_level, "info", "one of debug, info, warning, error"),
+    Key("follow_destination_port", _parse_bool, False, "target port = the header's dest port"),
+    Key("drain_timeout", _parse_drain_timeout, 30.0, "how long a stop waits for connections"),
+    Key("check_failure", _choice("fail", "warn"), "fail", "what a failed self-check does"),
+    Key("manage_routing", _parse_bool, True, "apply and remove the routing rules"),
+    Key("routing", _choice("auto", "lo", "fwmark"), "auto", "which routing variant to use"),
+    Key("firewall", _choice("nftables", "iptables"), "nftables", "tool for the fwmark rules"),
 )
 _KEYS_BY_NAME = {key.name: key for key in KEYS}
 
@@ -630,9 +650,25 @@ class Config:
     max_connections: int = 10000
     allow_local_sources: bool = False
     log_level: str = "info"
+    follow_destination_port: bool = False
+    drain_timeout: float = 30.0
+    check_failure: str = "fail"
+    manage_routing: bool = True
+    routing: str = "auto"
+    firewall: str = "nftables"
 
     def allowed(self) -> AllowedNetworks:
         return AllowedNetworks(self.allowed_networks)
+
+    def targets(self) -> tuple[Address, ...]:
+        return tuple(t for t in (self.ipv4, self.ipv6) if t is not None)
+
+    def routing_variant(self) -> str:
+        """ "lo" when every target is on loopback, else "fwmark" (unless set explicitly)."""
+        if self.routing != "auto":
+            return self.routing
+        loopback = all(ipaddress.ip_address(t.host).is_loopback for t in self.targets())
+        return "lo" if loopback else "fwmark"
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ log = logging.getLogger("mmproxy")
 _ACCEPT_BACKOFF_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _ACCEPT_BACKOFF = 0.1
 _RECV_SIZE = 4096
+_ACCEPT_BATCH = 64
 
 
 class Rejected(Exception):
@@ -186,7 +187,11 @@ class Forwarder:
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._acceptor = threading.Thread(target=self._accept_loop, name="accept", daemon=True)
-        self.on_accept: Callable[[], None] | None = None  # e.g. the systemd watchdog ping
+        # Called from the accept loop at least every `heartbeat_interval` s (the systemd
+        # watchdog): if accepting wedges, the pings stop and systemd restarts us.
+        self.heartbeat: Callable[[], None] | None = None
+        self.heartbeat_interval = 0.0
+        self._last_beat = float("-inf")
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -239,10 +244,13 @@ class Forwarder:
             for fd in by_fd:
                 epoll.register(fd, select.EPOLLIN)
             epoll.register(self._wake_r, select.EPOLLIN)
+            timeout = self.heartbeat_interval or -1
             while not self._stopping:
-                self._below_max.wait()
+                self._beat()
+                if not self._below_max.wait(timeout if timeout > 0 else None):
+                    continue
                 try:
-                    events = epoll.poll()
+                    events = epoll.poll(timeout)
                 except InterruptedError:
                     continue
                 for fd, _ in events:
@@ -251,10 +259,21 @@ class Forwarder:
         finally:
             epoll.close()
 
+    def _beat(self) -> None:
+        if self.heartbeat is None:
+            return
+        now = time.monotonic()
+        if now - self._last_beat >= self.heartbeat_interval / 2 and self._relay.alive():
+            self._last_beat = now
+            self.heartbeat()
+
     def _accept_all(self, listener: socket.socket) -> None:
-        """Accept until the backlog is empty (one epoll wake-up serves many clients)."""
+        """Accept until the backlog is empty or a batch is done (one epoll wake-up serves
+        many clients; the batch limit keeps the heartbeat and other listeners served)."""
         max_connections = self.config.max_connections
-        while not self._stopping:
+        for _ in range(_ACCEPT_BATCH):
+            if self._stopping:
+                return
             if self.stats.active >= max_connections:
                 # Leave the rest in the backlog; _on_close lets the acceptor go on.
                 self._below_max.clear()
@@ -277,8 +296,6 @@ class Forwarder:
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue
                 raise
-            if self.on_accept is not None:
-                self.on_accept()
             self._admit(sock, peer)
 
     def _admit(self, sock: socket.socket, peer: tuple[str, int]) -> None:
@@ -361,6 +378,8 @@ class Forwarder:
                     f"header claims source {source}, which is {why} "
                     "(set allow_local_sources: true to permit)",
                 )
+        if config.follow_destination_port and header.destination is not None:
+            target = Address(target.host, header.destination[1])
         return source, target
 
     def _handshake_failed(self, info: ConnInfo, exc: Rejected) -> None:

@@ -1,9 +1,11 @@
-"""Logging set-up: plain lines on stderr (the systemd journal handler comes with the unit)."""
+"""Logging set-up: the journal (with structured fields) under systemd, else stderr."""
 
 from __future__ import annotations
 
 import logging
 import sys
+
+from mmproxy.systemd import journal_handler, under_journald
 
 LEVELS = {
     "debug": logging.DEBUG,
@@ -14,15 +16,21 @@ LEVELS = {
 
 
 def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    # A terminal wants timestamps; journald and CI logs add their own.
-    fmt = (
-        "%(asctime)s %(levelname)s %(message)s"
-        if sys.stderr.isatty()
-        else "%(levelname)s %(message)s"
-    )
-    handler.setFormatter(logging.Formatter(fmt))
+    handler: logging.Handler
+    if under_journald():
+        handler = journal_handler()
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        # A terminal wants timestamps; CI logs and pipes add their own or don't need them.
+        fmt = "%(levelname)s %(message)s"
+        if sys.stderr.isatty():
+            fmt = "%(asctime)s " + fmt
+        handler.setFormatter(logging.Formatter(fmt))
     root = logging.getLogger("mmproxy")
     root.handlers[:] = [handler]
     root.setLevel(LEVELS[level])
     root.propagate = False
+
+
+def set_level(level: str) -> None:
+    logging.getLogger("mmproxy").setLevel(LEVELS[level])

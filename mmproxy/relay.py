@@ -132,6 +132,9 @@ class Relay:
     def start(self) -> None:
         self._thread.start()
 
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def __len__(self) -> int:
         return len(self._by_fd) // 2
 

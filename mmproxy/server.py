@@ -1,4 +1,4 @@
-"""The daemon's lifecycle: bind, start the forwarder, run until a signal, shut down."""
+"""The daemon's lifecycle: sockets, self-checks, ready, reload, drain and stop."""
 
 from __future__ import annotations
 
@@ -6,14 +6,18 @@ import logging
 import signal
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from mmproxy.config import Address, Config
+from mmproxy.checks import run_checks
+from mmproxy.config import Address, Config, ConfigError
 from mmproxy.forwarder import Forwarder
+from mmproxy.log import set_level
+from mmproxy.systemd import Notifier, listen_sockets
 
 log = logging.getLogger("mmproxy")
 
 LISTEN_BACKLOG = 4096  # net.core.somaxconn's default on Debian 12; the kernel caps it anyway
+STATUS_INTERVAL = 2.0
 
 
 class ServerError(Exception):
@@ -50,40 +54,131 @@ def _bind_one(address: Address, v6only: bool) -> socket.socket:
 
 
 class Server:
-    """Runs one instance: owns the listening sockets and the forwarder."""
+    """Runs one instance until SIGTERM/SIGINT; SIGHUP reloads the configuration.
 
-    def __init__(self, config: Config, listeners: Sequence[socket.socket] | None = None) -> None:
+    `reload_config` re-reads the file with the same command-line overrides.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        reload_config: Callable[[], Config] | None = None,
+        instance: str | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
         self.config = config
-        self.listeners = list(listeners) if listeners is not None else None
+        self.instance = instance
+        self._reload_config = reload_config
+        self.notifier = notifier or Notifier()
         self.forwarder: Forwarder | None = None
-        self._stop = threading.Event()
+        self.listeners: list[socket.socket] = []
+        self._activated = False
+        self._wake = threading.Event()
+        self._stop_requested = False
+        self._reload_requested = False
 
-    def start(self) -> Forwarder:
-        if self.listeners is None:
-            self.listeners = bind_listeners(self.config.listen)
-        self.forwarder = Forwarder(self.config, self.listeners)
-        self.forwarder.start()
-        for sock in self.listeners:
-            log.info("listening on %s", _sockname(sock))
-        return self.forwarder
+    # --- signals ---------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
+        signal.signal(signal.SIGINT, lambda *_: self.request_stop())
+        signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
 
     def request_stop(self) -> None:
-        self._stop.set()
+        self._stop_requested = True
+        self._wake.set()
 
-    def run(self, drain_timeout: float = 0.0) -> None:
-        """Start, then block until SIGTERM or SIGINT, then shut down."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self._stop.set())
+    def request_reload(self) -> None:
+        self._reload_requested = True
+        self._wake.set()
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def self_check(self) -> bool:
+        """Run the checks and log them; False when a failure should stop the start."""
+        results = run_checks(self.config, self.instance)
+        failed = [r for r in results if not r.ok]
+        for result in results:
+            (log.info if result.ok else log.error)("%s", result.line())
+        if not failed:
+            return True
+        if self.config.check_failure == "warn":
+            log.warning("%d self-checks failed; starting anyway (check_failure: warn)", len(failed))
+            return True
+        self.notifier.status(f"self-check failed: {failed[0].what}")
+        log.error(
+            "%d self-checks failed; not starting (set check_failure: warn to start anyway)",
+            len(failed),
+        )
+        return False
+
+    def start(self) -> Forwarder:
+        """Take the listening sockets and start forwarding."""
+        activated = listen_sockets()
+        self._activated = activated is not None
+        self.listeners = activated if activated is not None else bind_listeners(self.config.listen)
+        self.forwarder = Forwarder(self.config, self.listeners)
+        if self.notifier.watchdog_interval:
+            self.forwarder.heartbeat = self.notifier.watchdog
+            self.forwarder.heartbeat_interval = self.notifier.watchdog_interval
+        self.forwarder.start()
+        how = "from systemd" if activated is not None else "bound"
+        for sock in self.listeners:
+            log.info("listening on %s (%s)", _sockname(sock), how)
+        return self.forwarder
+
+    def run(self) -> int:
+        """Check, start, report ready, then serve until stopped. Returns an exit status."""
+        self.install_signal_handlers()
+        if not self.self_check():
+            return 1
         forwarder = self.start()
-        while not self._stop.wait(3600):
-            pass
-        log.info("stopping: %s", forwarder.stats.summary())
-        self.shutdown(drain_timeout)
+        self.notifier.ready(self.status())
+        while True:
+            self._wake.wait(STATUS_INTERVAL)
+            self._wake.clear()
+            if self._stop_requested:
+                break
+            if self._reload_requested:
+                self._reload_requested = False
+                self.reload()
+            self.notifier.status(self.status())
+        self.notifier.stopping(f"stopping: {forwarder.stats.summary()}")
+        log.info(
+            "stopping: %s; waiting up to %g s for open connections",
+            forwarder.stats.summary(),
+            self.config.drain_timeout,
+        )
+        self.shutdown()
+        return 0
 
-    def shutdown(self, drain_timeout: float = 0.0) -> None:
+    def status(self) -> str:
+        assert self.forwarder is not None
+        return self.forwarder.stats.summary()
+
+    def reload(self) -> None:
+        """Re-read the configuration; a bad one keeps the running one and says why."""
+        if self._reload_config is None or self.forwarder is None:
+            return
+        self.notifier.reloading()
+        try:
+            new = self._reload_config()
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            self.notifier.ready(f"reload failed: {exc}; {self.status()}")
+            return
+        if new.listen != self.config.listen and not self._activated:
+            log.warning("listen addresses changed: they take effect at the next restart")
+        self.config = new
+        set_level(new.log_level)
+        self.forwarder.reconfigure(new)
+        log.info("configuration reloaded from %s", new.path or "the command line")
+        self.notifier.ready(self.status())
+
+    def shutdown(self) -> None:
         if self.forwarder is not None:
-            self.forwarder.stop(drain_timeout)
-        for sock in self.listeners or ():
+            self.forwarder.stop(self.config.drain_timeout)
+        for sock in self.listeners:
             sock.close()
 
 

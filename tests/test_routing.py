@@ -1,4 +1,4 @@
-from mmproxy.routing import hint, lo_commands, mark_commands
+from mmproxy.routing import lo_commands, mark_commands
 
 
 def test_lo_commands_use_the_table() -> None:
@@ -11,8 +11,3 @@ def test_mark_commands_use_mark_and_table() -> None:
     text = [" ".join(c) for c in mark_commands(7, 42)]
     assert "ip -4 rule add fwmark 7 lookup 42" in text
     assert any(t.startswith("ip6tables -t mangle -I OUTPUT -m connmark --mark 7") for t in text)
-
-
-def test_hint_names_both_variants() -> None:
-    text = hint(123, 100)
-    assert "iif lo table 100" in text and "fwmark 123 lookup 100" in text

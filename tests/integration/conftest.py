@@ -52,6 +52,12 @@ class Net:
     peer: NetNS
     variant: str
 
+    def config_keys(self) -> dict[str, object]:
+        """What mmproxy's config must say for its self-checks to find this routing."""
+        if self.variant == "lo":
+            return {"routing": "lo"}
+        return {"routing": "fwmark", "firewall": "iptables"}
+
 
 def make_net(variant: str) -> Net:
     gw, peer = NetNS("mmp-gw"), NetNS("mmp-peer")
@@ -148,8 +154,31 @@ class Backend:
         self.listener.close()
 
 
+BACKENDS: list[Backend] = []
+
+
+@pytest.fixture(autouse=True)
+def _forget_backends() -> Iterator[None]:
+    yield
+    for backend in BACKENDS:
+        backend.close()
+    BACKENDS.clear()
+
+
 def start_backend(ns: NetNS, host: str, handler: Handler = tell_peer) -> Backend:
-    return Backend(ns.listen((host, 0)), handler)
+    backend = Backend(ns.listen((host, 0)), handler)
+    BACKENDS.append(backend)
+    return backend
+
+
+def forget_self_checks(timeout: float = 5.0) -> None:
+    """mmproxy's start-up self-checks connect to each target twice (plain, then spoofed):
+    wait for those and drop them, so tests see only their own clients."""
+    deadline = time.monotonic() + timeout
+    while any(len(b.seen) < 2 for b in BACKENDS) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for backend in BACKENDS:
+        del backend.seen[:2]
 
 
 class Mmproxy:
@@ -192,11 +221,13 @@ class Mmproxy:
 
 @pytest.fixture
 def run_mmproxy(tmp_path: Path) -> Iterator[Callable[..., Mmproxy]]:
-    """start(ns, **config keys) -> a running mmproxy listening on 127.0.0.1:2222 by default."""
+    """start(net, **config keys) -> a running mmproxy in net.gw, on 127.0.0.1:2222 and
+    [::1]:2222 by default."""
     started: list[Mmproxy] = []
 
-    def start(ns: NetNS, *extra: str, **keys: object) -> Mmproxy:
+    def start(net: Net, *extra: str, **keys: object) -> Mmproxy:
         config: dict[str, object] = {
+            **net.config_keys(),
             "listen": ["127.0.0.1:2222", "[::1]:2222"],
             "allowed_networks": ["127.0.0.0/8", "::1/128"],
             "header_timeout": 3,
@@ -207,9 +238,11 @@ def run_mmproxy(tmp_path: Path) -> Iterator[Callable[..., Mmproxy]]:
         config.update(keys)
         path = tmp_path / f"mmproxy-{len(started)}.yaml"
         path.write_text(yaml.safe_dump(config))
-        proc = Mmproxy(ns, path, "-v", *extra)
+        proc = Mmproxy(net.gw, path, "-v", *extra)
         started.append(proc)
         proc.wait_for("listening on")
+        if keys.get("check_failure") != "warn":
+            forget_self_checks()
         return proc
 
     yield start

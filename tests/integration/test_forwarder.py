@@ -62,7 +62,7 @@ def test_application_sees_the_client_address(
 ) -> None:
     t4, t6 = targets(net)
     app4, app6 = start_backend(net.gw, t4), start_backend(net.gw, t6)
-    run_mmproxy(net.gw, ipv4=app4.address, ipv6=app6.address)
+    run_mmproxy(net, ipv4=app4.address, ipv6=app6.address)
     client = (CLIENT4, 40001) if family == "TCP4" else (CLIENT6, 40002)
     with connect(net, via_v6=family == "TCP6") as sock:
         sock.sendall(header(version, family, client) + b"ping")
@@ -73,7 +73,7 @@ def test_application_sees_the_client_address(
 
 def test_header_one_byte_at_a_time(lo_net: Net, run_mmproxy: StartMmproxy) -> None:
     app = start_backend(lo_net.gw, "127.0.0.1")
-    run_mmproxy(lo_net.gw, ipv4=app.address)
+    run_mmproxy(lo_net, ipv4=app.address)
     with connect(lo_net) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for byte in encode_v2("PROXY", "TCP4", (CLIENT4, 40003), (GW4, 2222)):
@@ -84,7 +84,7 @@ def test_header_one_byte_at_a_time(lo_net: Net, run_mmproxy: StartMmproxy) -> No
 
 def test_data_in_the_header_segment_arrives_intact(lo_net: Net, run_mmproxy: StartMmproxy) -> None:
     app = start_backend(lo_net.gw, "127.0.0.1")
-    run_mmproxy(lo_net.gw, ipv4=app.address)
+    run_mmproxy(lo_net, ipv4=app.address)
     payload = b"SSH-2.0-client\r\n" + bytes(range(256))
     with connect(lo_net) as sock:
         sock.sendall(header(1, "TCP4", (CLIENT4, 40004)) + payload)
@@ -98,7 +98,7 @@ def test_untrusted_balancer_is_closed_before_any_byte(
     lo_net: Net, run_mmproxy: StartMmproxy
 ) -> None:
     app = start_backend(lo_net.gw, "127.0.0.1")
-    proc = run_mmproxy(lo_net.gw, ipv4=app.address, allowed_networks=["192.0.2.0/24"])
+    proc = run_mmproxy(lo_net, ipv4=app.address, allowed_networks=["192.0.2.0/24"])
     with connect(lo_net) as sock:
         try:
             sock.sendall(header(1, "TCP4", (CLIENT4, 40005)) + b"data")
@@ -124,7 +124,7 @@ def test_forged_local_source_is_refused(
     lo_net: Net, run_mmproxy: StartMmproxy, family: str, source: str, why: str
 ) -> None:
     app4, app6 = start_backend(lo_net.gw, "127.0.0.1"), start_backend(lo_net.gw, "::1")
-    proc = run_mmproxy(lo_net.gw, ipv4=app4.address, ipv6=app6.address)
+    proc = run_mmproxy(lo_net, ipv4=app4.address, ipv6=app6.address)
     with connect(lo_net) as sock:
         sock.sendall(header(2, family, (source, 40006)))
         assert recv_all(sock) == b""
@@ -134,7 +134,7 @@ def test_forged_local_source_is_refused(
 
 def test_local_source_allowed_when_configured(lo_net: Net, run_mmproxy: StartMmproxy) -> None:
     app = start_backend(lo_net.gw, "127.0.0.1")
-    run_mmproxy(lo_net.gw, ipv4=app.address, allow_local_sources=True)
+    run_mmproxy(lo_net, ipv4=app.address, allow_local_sources=True)
     with connect(lo_net) as sock:
         sock.sendall(header(1, "TCP4", ("127.0.0.9", 40007)))
         assert read_line(sock) == "127.0.0.9 40007\n"
@@ -152,7 +152,7 @@ def test_health_checks_reach_the_target_unspoofed(
     lo_net: Net, run_mmproxy: StartMmproxy, health_check: bytes
 ) -> None:
     app = start_backend(lo_net.gw, "127.0.0.1")
-    run_mmproxy(lo_net.gw, ipv4=app.address)
+    run_mmproxy(lo_net, ipv4=app.address)
     with connect(lo_net) as sock:
         sock.sendall(health_check)
         host, _ = read_line(sock).split()
@@ -162,15 +162,21 @@ def test_health_checks_reach_the_target_unspoofed(
 def test_one_mib_each_way_arrives_byte_exact(net: Net, run_mmproxy: StartMmproxy) -> None:
     upload, download = os.urandom(1 << 20), os.urandom(1 << 20)
 
+    def send_download(conn: socket.socket) -> None:
+        try:
+            conn.sendall(download)
+        except OSError:
+            pass  # the self-check's connections hang up at once
+
     def application(conn: socket.socket, seen: Seen) -> None:
-        sender = threading.Thread(target=conn.sendall, args=(download,))
+        sender = threading.Thread(target=send_download, args=(conn,))
         sender.start()
         while data := conn.recv(65536):
             seen.received += data
         sender.join()
 
     app = start_backend(net.gw, targets(net)[0], application)
-    run_mmproxy(net.gw, ipv4=app.address)
+    run_mmproxy(net, ipv4=app.address)
     with connect(net) as sock:
         sock.sendall(header(2, "TCP4", (CLIENT4, 40008)))
         sender = threading.Thread(target=lambda: (sock.sendall(upload), sock.shutdown(1)))
@@ -188,7 +194,7 @@ def test_client_half_close_is_passed_on(lo_net: Net, run_mmproxy: StartMmproxy) 
         conn.sendall(b"reply after your EOF: " + seen.received)
 
     app = start_backend(lo_net.gw, "127.0.0.1", application)
-    run_mmproxy(lo_net.gw, ipv4=app.address)
+    run_mmproxy(lo_net, ipv4=app.address)
     with connect(lo_net) as sock:
         sock.sendall(header(1, "TCP4", (CLIENT4, 40009)) + b"question")
         sock.shutdown(socket.SHUT_WR)
@@ -201,10 +207,9 @@ def test_application_half_close_is_passed_on(lo_net: Net, run_mmproxy: StartMmpr
         conn.shutdown(socket.SHUT_WR)
         while data := conn.recv(65536):
             seen.received += data
-        conn.sendall(b"")  # still open for reading until the client is done
 
     app = start_backend(lo_net.gw, "127.0.0.1", application)
-    run_mmproxy(lo_net.gw, ipv4=app.address)
+    run_mmproxy(lo_net, ipv4=app.address)
     with connect(lo_net) as sock:
         sock.sendall(header(1, "TCP4", (CLIENT4, 40010)))
         assert recv_all(sock) == b"banner"  # EOF from the application reached us
@@ -217,7 +222,8 @@ def test_application_half_close_is_passed_on(lo_net: Net, run_mmproxy: StartMmpr
 
 
 def test_target_down_closes_the_client_promptly(lo_net: Net, run_mmproxy: StartMmproxy) -> None:
-    proc = run_mmproxy(lo_net.gw, ipv4="127.0.0.1:9")  # nothing listens there
+    # nothing listens there; the self-check says so, and only warns
+    proc = run_mmproxy(lo_net, ipv4="127.0.0.1:9", check_failure="warn")
     started = time.monotonic()
     with connect(lo_net) as sock:
         sock.sendall(header(1, "TCP4", (CLIENT4, 40011)))
@@ -240,7 +246,7 @@ def test_bad_header_is_closed_with_a_reason(
     lo_net: Net, run_mmproxy: StartMmproxy, data: bytes, reason: str
 ) -> None:
     app = start_backend(lo_net.gw, "127.0.0.1")
-    proc = run_mmproxy(lo_net.gw, ipv4=app.address)
+    proc = run_mmproxy(lo_net, ipv4=app.address)
     with connect(lo_net) as sock:
         sock.sendall(data)
         assert recv_all(sock) == b""
@@ -251,7 +257,7 @@ def test_bad_header_is_closed_with_a_reason(
 
 def test_stalled_header_is_closed_at_the_timeout(lo_net: Net, run_mmproxy: StartMmproxy) -> None:
     app = start_backend(lo_net.gw, "127.0.0.1")
-    proc = run_mmproxy(lo_net.gw, ipv4=app.address, header_timeout=3)
+    proc = run_mmproxy(lo_net, ipv4=app.address, header_timeout=3)
     with connect(lo_net) as sock:
         sock.sendall(b"PROXY TCP4 203.0.")
         started = time.monotonic()
@@ -264,7 +270,7 @@ def test_stalled_header_is_closed_at_the_timeout(lo_net: Net, run_mmproxy: Start
 
 def test_a_stalled_client_does_not_delay_others(lo_net: Net, run_mmproxy: StartMmproxy) -> None:
     app = start_backend(lo_net.gw, "127.0.0.1")
-    run_mmproxy(lo_net.gw, ipv4=app.address)
+    run_mmproxy(lo_net, ipv4=app.address)
     stalled = [connect(lo_net) for _ in range(20)]
     for sock in stalled:
         sock.sendall(b"PROXY TCP4 ")
@@ -278,7 +284,7 @@ def test_a_stalled_client_does_not_delay_others(lo_net: Net, run_mmproxy: StartM
 
 def test_connection_record_is_logged(lo_net: Net, run_mmproxy: StartMmproxy) -> None:
     app = start_backend(lo_net.gw, "127.0.0.1")
-    proc = run_mmproxy(lo_net.gw, ipv4=app.address)
+    proc = run_mmproxy(lo_net, ipv4=app.address)
     with connect(lo_net) as sock:
         sock.sendall(header(1, "TCP4", (CLIENT4, 40013)) + b"12345")
         read_line(sock)
@@ -287,3 +293,17 @@ def test_connection_record_is_logged(lo_net: Net, run_mmproxy: StartMmproxy) -> 
     line = proc.wait_for(r"203\.0\.113\.7:40013 via 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:\d+")
     assert "client closed first" in line
     assert "5 bytes in" in line
+
+
+def test_client_port_in_use_falls_back_to_an_ephemeral_port(
+    lo_net: Net, run_mmproxy: StartMmproxy
+) -> None:
+    app = start_backend(lo_net.gw, "127.0.0.1")
+    run_mmproxy(lo_net, ipv4=app.address)
+    first, second = connect(lo_net), connect(lo_net)
+    with first, second:
+        first.sendall(header(1, "TCP4", (CLIENT4, 40014)))
+        assert read_line(first) == f"{CLIENT4} 40014\n"
+        second.sendall(header(1, "TCP4", (CLIENT4, 40014)))  # same client address and port
+        host, port = read_line(second).split()
+    assert host == CLIENT4 and port != "40014"

@@ -35,7 +35,7 @@ def test_haproxy_in_front(
 ) -> None:
     haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
     app = start_backend(lo_net.gw, "127.0.0.1")
-    run_mmproxy(lo_net.gw, ipv4=app.address)
+    run_mmproxy(lo_net, ipv4=app.address)
     config = tmp_path / "haproxy.cfg"
     config.write_text(HAPROXY_CONFIG.format(bind=f"{GW4}:8080", send_proxy=send_proxy))
     proc = subprocess.Popen(

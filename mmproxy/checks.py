@@ -1,0 +1,201 @@
+"""Self-checks: is this host set up so that spoofed connections work?
+
+Run before the daemon reports ready, and by hand with `mmproxy check -c FILE`. Each check
+says VERIFIED or FAILED, and a failure carries the exact command or change that fixes it.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import socket
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mmproxy import routing
+from mmproxy.config import Address, Config
+from mmproxy.transparent import (
+    IP_TRANSPARENT,
+    IPV6_TRANSPARENT,
+    SO_MARK,
+    UpstreamError,
+    open_upstream,
+)
+
+# Sources for the spoofed test connection: documentation addresses, as the original uses.
+TEST_SOURCES = {4: "192.0.2.1", 6: "2001:db8::1"}
+CAPS_FIX = (
+    "run mmproxy as root, or give it CAP_NET_RAW and CAP_NET_ADMIN "
+    "(systemd: AmbientCapabilities=CAP_NET_RAW CAP_NET_ADMIN)"
+)
+
+
+@dataclass(frozen=True)
+class Result:
+    ok: bool
+    what: str  # the command or fact checked
+    detail: str = ""  # why it failed
+    fix: str = ""  # what to run or change
+
+    def line(self) -> str:
+        if self.ok:
+            return f"[+] VERIFIED  {self.what}"
+        text = f"[!] FAILED    {self.what}"
+        if self.detail:
+            text += f": {self.detail}"
+        if self.fix:
+            text += f"\n              fix: {self.fix}"
+        return text
+
+
+def _family(address: Address) -> int:
+    return 6 if address.family == socket.AF_INET6 else 4
+
+
+def check_capabilities(config: Config) -> list[Result]:
+    results = []
+    for family, level, option in (
+        (socket.AF_INET, socket.SOL_IP, IP_TRANSPARENT),
+        (socket.AF_INET6, socket.IPPROTO_IPV6, IPV6_TRANSPARENT),
+    ):
+        name = "IP_TRANSPARENT" if family == socket.AF_INET else "IPV6_TRANSPARENT"
+        results.append(_sockopt_check(f"can set {name}", family, level, option, 1, CAPS_FIX))
+    if config.mark:
+        results.append(
+            _sockopt_check(
+                f"can set SO_MARK {config.mark}",
+                socket.AF_INET,
+                socket.SOL_SOCKET,
+                SO_MARK,
+                config.mark,
+                CAPS_FIX,
+            )
+        )
+    return results
+
+
+def _sockopt_check(what: str, family: int, level: int, option: int, value: int, fix: str) -> Result:
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(level, option, value)
+    except OSError as exc:
+        return Result(False, what, exc.strerror or str(exc), fix)
+    return Result(True, what)
+
+
+def _show(cmd: list[str]) -> str:
+    return shlex.join(cmd)
+
+
+def check_routing(config: Config, instance: str | None) -> list[Result]:
+    plan = plan_for(config)
+    results: list[Result] = []
+    how = (
+        f"mmproxy routing up --instance {instance} -c {config.path}"
+        if instance and config.path
+        else None
+    )
+    for family in plan.families:
+        if plan.variant == "lo":
+            rule = routing.lo_rule(family, plan.table)
+        else:
+            rule = routing.mark_rule(family, plan.mark, plan.table)
+            results += _firewall_checks(plan, family, how)
+        route = routing.local_route(family, plan.table)
+        for cmd in (rule, route):
+            try:
+                present = routing.present(cmd)
+            except routing.RoutingError as exc:
+                results.append(Result(False, _show(cmd), str(exc), "apt install iproute2"))
+                continue
+            fix = _show(cmd) + (f"   (or: {how})" if how else "")
+            results.append(Result(present, _show(cmd), "" if present else "missing", fix))
+    return results
+
+
+def _firewall_checks(plan: routing.Plan, family: int, how: str | None) -> list[Result]:
+    if plan.firewall == "iptables":
+        out = []
+        for add in routing.iptables_rules(family, plan.mark):
+            ok = routing.succeeds([*add[:3], "-C", *add[4:]])
+            out.append(Result(ok, _show(add), "" if ok else "missing", _show(add)))
+        return out
+    if family == 6:
+        return []  # the inet table serves both families: checked once
+    ok = True
+    for chain in (f"pre_{plan.mark}", f"out_{plan.mark}"):
+        listing = routing.run(
+            ["nft", "list", "chain", "inet", routing.NFT_TABLE, chain], check=False
+        )
+        ok = ok and f"mark {plan.mark}" in listing.replace(f"0x{plan.mark:08x}", str(plan.mark))
+    script = routing.nft_script(plan.mark).strip().replace("\n", "; ")
+    fix = f"nft '{script}'" + (f"   (or: {how})" if how else "")
+    what = f"nftables connmark rules for mark {plan.mark} in table inet {routing.NFT_TABLE}"
+    return [Result(ok, what, "" if ok else "missing", fix)]
+
+
+def plan_for(config: Config) -> routing.Plan:
+    families = tuple(sorted({_family(t) for t in config.targets()}))
+    return routing.Plan(
+        config.routing_variant(), config.mark, config.table, families, config.firewall
+    )
+
+
+def check_target(config: Config, target: Address) -> list[Result]:
+    results = [_routes_locally(target)]
+    plain = _connect_check(
+        f"target {target} answers a plain connection",
+        lambda: open_upstream(target, None, 0, config.connect_timeout),
+        f"start the application on {target} (see: ss -tlnp 'sport = :{target.port}')",
+    )
+    results.append(plain)
+    if plain.ok:
+        source = Address(TEST_SOURCES[_family(target)], 0)
+        results.append(
+            _connect_check(
+                f"target {target} answers a spoofed connection from {source.host}",
+                lambda: open_upstream(target, source, config.mark, config.connect_timeout),
+                "the replies do not come back: apply the routing above",
+            )
+        )
+    return results
+
+
+def _routes_locally(target: Address) -> Result:
+    what = f"routing to {target.host} points to this host"
+    try:
+        proc = subprocess.run(
+            ["ip", "-j", "route", "get", target.host], capture_output=True, text=True, check=False
+        )
+        routes = json.loads(proc.stdout or "[]")
+    except (OSError, ValueError) as exc:
+        return Result(False, what, str(exc), "apt install iproute2")
+    if routes and routes[0].get("type") == "local":
+        return Result(True, what)
+    return Result(
+        False,
+        what,
+        "it is not a local address",
+        "mmproxy relays over loopback: use 127.0.0.1 / ::1 or an address of this host",
+    )
+
+
+def _connect_check(what: str, connect: Callable[[], socket.socket], fix: str) -> Result:
+    try:
+        connect().close()
+    except UpstreamError as exc:
+        return Result(False, what, str(exc), fix)
+    return Result(True, what)
+
+
+def run_checks(config: Config, instance: str | None = None) -> list[Result]:
+    results = check_capabilities(config)
+    results += check_routing(config, instance)
+    for target in config.targets():
+        results += check_target(config, target)
+    return results
+
+
+def report(results: list[Result]) -> str:
+    return "\n".join(r.line() for r in results)

@@ -1,0 +1,1 @@
+"""System tests: a real systemd booted in a systemd-nspawn container (needs root)."""

@@ -150,7 +150,8 @@ def present(add: Command) -> bool:
     if add[2] == "route":
         table = add[-1]
         dst = "default" if add[5] in ("0.0.0.0/0", "::/0") else add[5]
-        routes = json.loads(run([*add[:2], "-j", "route", "show", "table", table]) or "[]")
+        listing = run([*add[:2], "-j", "route", "show", "table", table], check=False)
+        routes = json.loads(listing or "[]")  # a table that does not exist yet: empty
         return any(r.get("type") == "local" and r.get("dst") == dst for r in routes)
     return bool(run(_as_query(add), check=False).strip())
 

@@ -135,7 +135,7 @@ class LocalAddresses:
 def _read_local_addresses() -> set[str]:
     found: set[str] = set()
     try:
-        with open("/proc/net/fib_trie", encoding="ascii") as fib:
+        with open("/proc/self/net/fib_trie", encoding="ascii") as fib:
             candidate = ""
             for line in fib:
                 text = line.strip()
@@ -146,7 +146,7 @@ def _read_local_addresses() -> set[str]:
     except OSError:
         pass
     try:
-        with open("/proc/net/if_inet6", encoding="ascii") as inet6:
+        with open("/proc/self/net/if_inet6", encoding="ascii") as inet6:
             for line in inet6:
                 hexaddr = line.split(" ", 1)[0]
                 found.add(str(ipaddress.IPv6Address(int(hexaddr, 16))))

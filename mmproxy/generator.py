@@ -1,0 +1,80 @@
+"""systemd generator: listen addresses of socket units from /etc/mmproxy/*.yaml.
+
+systemd cannot read a socket's address from a file, so at every daemon-reload (and
+`systemctl enable` reloads) this writes, for each /etc/mmproxy/NAME.yaml, a drop-in
+mmproxy@NAME.socket.d/50-listen.conf with the `listen:` addresses. A generator must
+never fail the boot: a file it cannot read is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from mmproxy.config import Address, ConfigError, parse_address
+
+CONFIG_DIR = "/etc/mmproxy"
+INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
+
+
+def listen_addresses(path: Path) -> list[Address]:
+    """Only the `listen:` key: a mistake elsewhere must not take the socket away (the
+    service reports that one, with its line, when it starts)."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read: {exc}", path=str(path)) from exc
+    listen = data.get("listen") if isinstance(data, dict) else None
+    items = [listen] if isinstance(listen, str) else listen
+    if not isinstance(items, list) or not items:
+        raise ConfigError("no `listen:` addresses", path=str(path), key="listen")
+    return [parse_address(str(item), what="listen") for item in items]
+
+
+def dropin(path: Path, addresses: Sequence[Address]) -> str:
+    instance = path.stem
+    lines = [
+        f"# Written by mmproxy-generator from {path}: edit that file, then run",
+        f"#   systemctl daemon-reload && systemctl restart mmproxy@{instance}.socket",
+        "[Socket]",
+        *(f"ListenStream={address}" for address in addresses),
+    ]
+    v4_ports = {a.port for a in addresses if ":" not in a.host}
+    if any(":" in a.host and a.port in v4_ports for a in addresses):
+        # [::]:P beside 0.0.0.0:P: the IPv6 socket must leave IPv4 to the other one.
+        lines.append("BindIPv6Only=ipv6-only")
+    return "\n".join(lines) + "\n"
+
+
+def generate(config_dir: Path, unit_dir: Path) -> list[str]:
+    """Write the drop-ins; return the problems found (one line each)."""
+    problems = []
+    for path in sorted(config_dir.glob("*.yaml")):
+        if not INSTANCE_NAME.fullmatch(path.stem):
+            problems.append(f"{path}: not a usable instance name, skipped")
+            continue
+        try:
+            addresses = listen_addresses(path)
+        except ConfigError as exc:
+            problems.append(f"{exc} (mmproxy@{path.stem}.socket gets no listen address)")
+            continue
+        target = unit_dir / f"mmproxy@{path.stem}.socket.d"
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "50-listen.conf").write_text(dropin(path, addresses))
+    return problems
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:
+        print("usage: mmproxy-generator NORMAL_DIR [EARLY_DIR LATE_DIR]", file=sys.stderr)
+        return 2
+    config_dir = Path(os.environ.get("MMPROXY_CONFIG_DIR", CONFIG_DIR))
+    for problem in generate(config_dir, Path(args[0])):
+        print(f"mmproxy-generator: {problem}", file=sys.stderr)
+    return 0

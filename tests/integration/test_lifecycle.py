@@ -1,0 +1,98 @@
+"""The daemon's lifecycle without systemd: refusing to start, reload, drain on stop."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from mmproxy.proxy_protocol import encode_v1
+
+from .conftest import CLIENT4, Mmproxy, Net, recv_all, start_backend
+
+StartMmproxy = Callable[..., Mmproxy]
+
+
+def hello(net: Net, port: int = 40100) -> socket.socket:
+    sock = net.gw.connect(("127.0.0.1", 2222))
+    sock.sendall(encode_v1("TCP4", (CLIENT4, port), ("198.51.100.1", 2222)))
+    return sock
+
+
+def test_a_failed_self_check_refuses_to_start_and_prints_the_fix(
+    lo_net: Net, tmp_path: Path
+) -> None:
+    lo_net.gw.sh("ip", "-4", "rule", "del", "from", "127.0.0.1/8", "iif", "lo", "table", "100")
+    app = start_backend(lo_net.gw, "127.0.0.1")
+    path = tmp_path / "ssh.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {"listen": "127.0.0.1:2222", "ipv4": app.address, "allowed_networks": "127.0.0.0/8"}
+        )
+    )
+    proc = Mmproxy(lo_net.gw, path)
+    assert proc.proc.wait(30) == 1
+    proc.wait_for(r"FAILED    ip -4 rule add from 127\.0\.0\.1/8 iif lo table 100")
+    proc.wait_for(r"fix: ip -4 rule add from 127\.0\.0\.1/8 iif lo table 100")
+    proc.wait_for("self-checks failed; not starting")
+    assert not any("listening on" in line for line in proc.lines)
+
+
+def test_sighup_reloads_and_a_bad_reload_keeps_the_running_config(
+    lo_net: Net, run_mmproxy: StartMmproxy, tmp_path: Path
+) -> None:
+    app = start_backend(lo_net.gw, "127.0.0.1")
+    proc = run_mmproxy(lo_net, ipv4=app.address, allowed_networks=["192.0.2.0/24"])
+    with hello(lo_net) as sock:
+        assert recv_all(sock) == b""  # 127.0.0.1 is not an allowed balancer yet
+    config_path = Path(proc.proc.args[-2])  # type: ignore[index]
+    config = yaml.safe_load(config_path.read_text())
+    config["allowed_networks"] = ["127.0.0.0/8"]
+    config_path.write_text(yaml.safe_dump(config))
+    proc.proc.send_signal(signal.SIGHUP)
+    proc.wait_for("configuration reloaded")
+    with hello(lo_net, 40101) as sock:
+        assert sock.makefile("rb").readline() == f"{CLIENT4} 40101\n".encode()
+
+    config_path.write_text(config_path.read_text() + "mark: lots\n")
+    proc.proc.send_signal(signal.SIGHUP)
+    proc.wait_for(r"reload failed, keeping the running configuration: .*mark")
+    with hello(lo_net, 40102) as sock:
+        assert sock.makefile("rb").readline() == f"{CLIENT4} 40102\n".encode()
+
+
+def test_sigterm_lets_open_connections_finish(lo_net: Net, run_mmproxy: StartMmproxy) -> None:
+    app = start_backend(lo_net.gw, "127.0.0.1")
+    proc = run_mmproxy(lo_net, ipv4=app.address, drain_timeout=20)
+    sock = hello(lo_net)
+    reader = sock.makefile("rb")
+    assert reader.readline() == f"{CLIENT4} 40100\n".encode()
+    proc.proc.send_signal(signal.SIGTERM)
+    proc.wait_for("stopping")
+    time.sleep(0.3)
+    sock.sendall(b"still here")  # the connection keeps working during the drain
+    assert reader.read(10) == b"still here"
+    sock.shutdown(socket.SHUT_WR)
+    assert reader.read() == b""
+    sock.close()
+    assert proc.proc.wait(10) == 0  # it ended as soon as the connection did, not at 20 s
+
+
+def test_sigterm_closes_what_is_left_after_the_drain_time(
+    lo_net: Net, run_mmproxy: StartMmproxy
+) -> None:
+    app = start_backend(lo_net.gw, "127.0.0.1")
+    proc = run_mmproxy(lo_net, ipv4=app.address, drain_timeout=1)
+    with hello(lo_net) as sock:
+        sock.makefile("rb").readline()
+        started = time.monotonic()
+        proc.proc.send_signal(signal.SIGTERM)
+        assert recv_all(sock) == b""
+        assert time.monotonic() - started < 5
+    assert proc.proc.wait(10) == 0
+    proc.wait_for("closing 1 connections still open after the 1 s drain time")
+    proc.wait_for("mmproxy is stopping")

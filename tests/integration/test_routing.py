@@ -1,0 +1,105 @@
+"""Managed routing (`mmproxy routing up|down`) and the self-checks, in namespaces."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmproxy.netns import NetNS, link
+
+from .conftest import GW4, GW6, PEER4, PEER6, Net, start_backend
+
+
+@pytest.fixture
+def bare() -> Iterator[Net]:
+    """Namespaces with addresses and default routes but no mmproxy routing at all."""
+    gw, peer = NetNS("mmp-gw"), NetNS("mmp-peer")
+    link(gw, peer, [f"{GW4}/24", f"{GW6}/64"], [f"{PEER4}/24", f"{PEER6}/64"])
+    gw.ip("route", "add", "default", "via", PEER4)
+    gw.ip("-6", "route", "add", "default", "via", PEER6)
+    assert gw.veth is not None
+    gw.sysctl(f"net.ipv4.conf.{gw.veth}.route_localnet", "1")
+    yield Net(gw, peer, "none")
+    gw.delete()
+    peer.delete()
+
+
+def mmproxy(net: Net, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MMPROXY_RUNTIME_DIR": str(tmp_path / "run")}
+    return subprocess.run(
+        net.gw.exec_args(sys.executable, "-m", "mmproxy", *args),
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+
+
+def write_config(tmp_path: Path, name: str, **keys: object) -> Path:
+    config: dict[str, object] = {
+        "listen": "127.0.0.1:2222",
+        "allowed_networks": ["127.0.0.0/8"],
+        "connect_timeout": 1,
+    }
+    config.update(keys)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def rules(net: Net, family: int = 4) -> str:
+    return net.gw.sh("ip", f"-{family}", "rule", "show").stdout
+
+
+def test_check_fails_with_the_fix_then_passes_after_routing_up(bare: Net, tmp_path: Path) -> None:
+    app4, app6 = start_backend(bare.gw, "127.0.0.1"), start_backend(bare.gw, "::1")
+    config = write_config(tmp_path, "ssh", ipv4=app4.address, ipv6=app6.address)
+    before = mmproxy(bare, tmp_path, "check", "-c", str(config))
+    assert before.returncode == 1
+    assert "[!] FAILED    ip -4 rule add from 127.0.0.1/8 iif lo table 100" in before.stdout
+    assert f"mmproxy routing up --instance ssh -c {config}" in before.stdout
+    assert "[+] VERIFIED  can set IP_TRANSPARENT" in before.stdout
+
+    up = mmproxy(bare, tmp_path, "routing", "up", "-c", str(config))
+    assert up.returncode == 0, up.stderr
+    after = mmproxy(bare, tmp_path, "check", "-c", str(config))
+    assert after.returncode == 0, after.stdout
+    assert "answers a spoofed connection from 192.0.2.1" in after.stdout
+    assert "answers a spoofed connection from 2001:db8::1" in after.stdout
+    assert "0 failed" in after.stdout
+
+
+def test_routing_up_is_idempotent_and_shared_rules_outlive_one_instance(
+    bare: Net, tmp_path: Path
+) -> None:
+    one = write_config(tmp_path, "one", ipv4="127.0.0.1:22")
+    two = write_config(tmp_path, "two", ipv4="127.0.0.1:23")
+    for config in (one, one, two):
+        assert mmproxy(bare, tmp_path, "routing", "up", "-c", str(config)).returncode == 0
+    assert rules(bare).count("iif lo lookup 100") == 1
+    mmproxy(bare, tmp_path, "routing", "down", "--instance", "one")
+    assert rules(bare).count("iif lo lookup 100") == 1  # "two" still needs it
+    mmproxy(bare, tmp_path, "routing", "down", "--instance", "two")
+    assert "lookup 100" not in rules(bare)
+    assert bare.gw.sh("ip", "route", "show", "table", "100").stdout == ""
+
+
+@pytest.mark.parametrize("firewall", ["nftables", "iptables"])
+def test_fwmark_variant_applied_by_mmproxy_carries_real_traffic(
+    bare: Net, tmp_path: Path, firewall: str
+) -> None:
+    app4, app6 = start_backend(bare.gw, GW4), start_backend(bare.gw, GW6)
+    config = write_config(tmp_path, "web", ipv4=app4.address, ipv6=app6.address, firewall=firewall)
+    assert mmproxy(bare, tmp_path, "check", "-c", str(config)).returncode == 1
+    up = mmproxy(bare, tmp_path, "routing", "up", "-c", str(config))
+    assert up.returncode == 0, up.stderr
+    check = mmproxy(bare, tmp_path, "check", "-c", str(config))
+    assert check.returncode == 0, check.stdout
+    assert "fwmark 0x7b lookup 100" in rules(bare) and "fwmark 0x7b lookup 100" in rules(bare, 6)
+    assert mmproxy(bare, tmp_path, "routing", "down", "--instance", "web").returncode == 0
+    assert "lookup 100" not in rules(bare) + rules(bare, 6)
+    assert "mmproxy" not in bare.gw.sh("nft", "list", "ruleset").stdout
+    assert "mmproxy" not in bare.gw.sh("iptables-save").stdout

@@ -68,6 +68,8 @@ install: venv
 	install -D -m 755 units/mmproxy-generator \
 		$(DESTDIR)$(PREFIX)/lib/systemd/system-generators/mmproxy-generator
 	install -D -m 644 etc/mmproxy/example.yaml $(DESTDIR)/etc/mmproxy/example.yaml
+	install -D -m 644 docs/mmproxy.8 $(DESTDIR)$(PREFIX)/share/man/man8/mmproxy.8
+	install -D -m 644 docs/mmproxy.yaml.5 $(DESTDIR)$(PREFIX)/share/man/man5/mmproxy.yaml.5
 
 test: lint typecheck
 	$(VENV)/bin/pytest -q

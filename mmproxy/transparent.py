@@ -93,7 +93,11 @@ def _make_transparent(sock: socket.socket, family: int, mark: int) -> None:
 
 
 def _bind_source(sock: socket.socket, source: Address, keep_port: bool) -> None:
-    if not keep_port:
+    if keep_port:
+        # The client's port may still be in TIME_WAIT towards another target: only the
+        # full 4-tuple has to be unique (connect() says EADDRNOTAVAIL if it is not).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    else:
         # Let connect() pick the port, so the 4-tuple, not the 2-tuple, must be unique.
         sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
     try:

@@ -43,10 +43,15 @@ BASE_PACKAGES = (
     "nftables",
     "python3",
     "python3-systemd",
+    # Every real Debian system has these: /bin/kill for ExecReload=, man for
+    # `systemd-analyze verify` to find the units' Documentation= pages.
+    "procps",
+    "man-db",
     "python3-yaml",
     "python3-sdnotify",
 )
-CACHE_DIR = Path("/var/cache/mmproxy-tests")
+# Outside the checkout, kept between runs (CI may point it at a persistent volume).
+CACHE_DIR = Path(os.environ.get("MMPROXY_TEST_CACHE", "/var/cache/mmproxy-tests"))
 # Part of the cache key: bump it when _finish_base() changes, so old roots are not reused.
 RECIPE_VERSION = 1
 SOURCES_DIR = Path("/etc/apt/sources.list.d")
@@ -104,7 +109,7 @@ def base_rootfs(
         return final
     ensure_host_tools()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with _locked(cache_dir / f".{final.name}.lock"):
+    with _locked(cache_dir / f".{final.name}.lock") as lock_fd:
         if final.is_dir():  # another process built it while we waited
             return final
         for stale in cache_dir.glob(f".{final.name}.build-*"):
@@ -117,7 +122,11 @@ def base_rootfs(
             cmd = ["debootstrap", "--variant=minbase", f"--include={','.join(packages)}"]
             cmd += [suite, str(tmp), mirror]
             with log.open("w") as out:
-                proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, check=False)
+                # debootstrap inherits the lock: if this process is killed, the next one
+                # waits for the orphaned debootstrap before removing its tree.
+                proc = subprocess.run(
+                    cmd, stdout=out, stderr=subprocess.STDOUT, check=False, pass_fds=(lock_fd,)
+                )
             if proc.returncode != 0:
                 tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
                 raise ContainerError(f"`{shlex.join(cmd)}` failed ({proc.returncode}):\n{tail}")
@@ -212,11 +221,12 @@ def _one_line_uri(text: str, suite: str) -> str | None:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def _locked(path: Path) -> Iterator[int]:
+    """flock(LOCK_EX) on `path` while in the block; yields the locked file descriptor."""
     with path.open("a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
+            yield f.fileno()
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -271,6 +281,7 @@ class Container:
         self.nspawn: subprocess.Popen[bytes] | None = None
         self.pid: int | None = None  # the container's systemd (PID 1 inside)
         self.boot_state = ""  # what `systemctl is-system-running` said at boot
+        self._cgroups: list[Path] = []
         self._make_root()
 
     def __enter__(self) -> Container:
@@ -291,9 +302,10 @@ class Container:
         mount = ["mount", "-t", "overlay", "overlay", "-o", opts, str(self.root)]
         if _run(mount, check=False).returncode == 0:
             self.overlay = True
-            return
-        self.root.rmdir()
-        _run(["cp", "-a", "--reflink=auto", str(self.base), str(self.root)], timeout=600)
+        else:
+            self.root.rmdir()
+            _run(["cp", "-a", "--reflink=auto", str(self.base), str(self.root)], timeout=600)
+        self.write("/etc/hostname", f"{self.name}\n")  # not the host's name
 
     # -- before boot ------------------------------------------------------------------
 
@@ -331,14 +343,25 @@ class Container:
         path.chmod(mode)
 
     def copy_in(self, src: Path, dest_in_container: str) -> None:
-        """Copy a file or directory tree to `dest_in_container` (the full destination path,
-        not its parent); the copies are owned by root and keep their modes."""
-        dest = self.host_path(dest_in_container)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dest, symlinks=True, dirs_exist_ok=True)
-        else:
-            shutil.copy2(src, dest)
+        """Copy a file, or merge a directory tree, to `dest_in_container` (the destination
+        itself, not its parent: copy_in(DESTDIR, "/") installs a staged tree). Copies are
+        owned by root and keep their modes; directories that exist keep theirs (so "/" or
+        /usr never take a temporary directory's mode); symlinks are copied as links and
+        existing files or links are replaced, never written through."""
+        if not src.is_dir():
+            dest = self.host_path(dest_in_container)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _replace_with_copy(src, dest)
+            return
+        top = dest_in_container.rstrip("/")
+        for dirpath, dirnames, filenames in os.walk(src):
+            rel = Path(dirpath).relative_to(src).as_posix()
+            here = self.host_path(top if rel == "." else f"{top}/{rel}")
+            if not here.is_dir():
+                here.mkdir(parents=True)
+                shutil.copymode(dirpath, here)
+            for name in [*filenames, *(d for d in dirnames if Path(dirpath, d).is_symlink())]:
+                _replace_with_copy(Path(dirpath, name), here / name)
 
     def run_offline(
         self, *cmd: str, timeout: float = 600, check: bool = True
@@ -381,10 +404,19 @@ class Container:
         as the test made them); without, in a private one with only `lo`."""
         if self.nspawn is not None:
             raise ContainerError(f"{self.name} is already booted")
-        cmd = ["systemd-nspawn", "-q", "-D", str(self.root), f"--machine={self.name}"]
+        self._cgroups = _own_cgroups(self.name)
+        for d in self._cgroups:
+            d.mkdir(parents=True, exist_ok=True)
+        # Enter those cgroups, then become nspawn (same pid).
+        enter = 'for d in $MMPROXY_CGROUPS; do echo $$ > "$d/cgroup.procs" || exit 125; done'
+        cmd = ["sh", "-c", f'{enter}; exec "$@"', "sh"]
+        cmd += ["systemd-nspawn", "-q", "-D", str(self.root), f"--machine={self.name}"]
         cmd += ["--register=no", "--keep-unit", "--settings=no", "--console=read-only"]
         if netns is not None:
+            # --private-network keeps CAP_NET_ADMIN in the container's bounding set, a
+            # given namespace does not: without it no unit could set a rule or route there.
             cmd.append(f"--network-namespace-path=/run/netns/{netns.name}")
+            cmd.append("--capability=CAP_NET_ADMIN")
         else:
             cmd.append("--private-network")
         cmd.append("-b")
@@ -397,6 +429,7 @@ class Container:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env={**os.environ, "MMPROXY_CGROUPS": " ".join(map(str, self._cgroups))},
             )
         deadline = time.monotonic() + timeout
         self.pid = self._find_init(deadline)
@@ -521,6 +554,13 @@ class Container:
                 nspawn.kill()
                 nspawn.wait()
         self.nspawn = self.pid = None
+        for d in self._cgroups:
+            for dirpath, _, _ in os.walk(d, topdown=False):
+                with contextlib.suppress(OSError):
+                    os.rmdir(dirpath)
+            with contextlib.suppress(OSError):  # the shared parent, when no one else uses it
+                d.parent.rmdir()
+        self._cgroups = []
 
     def cleanup(self) -> None:
         """Power off, unmount and remove the copy. Safe to call more than once."""
@@ -552,6 +592,32 @@ class Container:
                 parts.append(f"$ {shlex.join(cmd)}\n{proc.stdout}{proc.stderr}")
         parts.append(self._console_tail())
         return "\n".join(parts)
+
+
+def _replace_with_copy(src: Path, dest: Path) -> None:
+    if dest.is_symlink() or dest.is_file():
+        dest.unlink()
+    shutil.copy2(src, dest, follow_symlinks=False)
+
+
+def _own_cgroups(name: str) -> list[Path]:
+    """Fresh cgroups for one container, below ours, in the hierarchies systemd tracks units
+    in (v1 name=systemd, and the unified one of a hybrid host). Without them every nspawn
+    started from this process nests its systemd in the same `payload` cgroup, and
+    containers running at the same time would share (and clean up) each other's cgroups.
+    On a pure cgroup v2 host, nothing: nspawn is left to its default."""
+    found = []
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        hierarchy, controllers, path = line.split(":", 2)
+        if controllers == "name=systemd":
+            mount = Path("/sys/fs/cgroup/systemd")
+        elif hierarchy == "0" and Path("/sys/fs/cgroup/unified/cgroup.procs").exists():
+            mount = Path("/sys/fs/cgroup/unified")
+        else:
+            continue
+        if (mount / "cgroup.procs").exists():
+            found.append(mount / path.lstrip("/") / "mmproxy-tests" / name)
+    return found
 
 
 def _children(ppid: int) -> list[int]:

@@ -3,6 +3,8 @@ as ../shared/notes/testbed.md (section 3) describes, with a private network or o
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -109,6 +111,11 @@ def test_boot_in_netns(container: Container, net: Net) -> None:
     addrs = container.sh("ip", "-o", "addr", "show", "dev", net.server.veth).stdout
     assert SERVER4 in addrs and SERVER6 in addrs
 
+    # Units (not only nsenter, which has the host's capabilities) may change the routing.
+    rule = ["ip", "rule", "add", "from", "127.0.0.1/8", "iif", "lo", "table", "100"]
+    container.sh("systemd-run", "--wait", "-q", *rule)
+    assert "iif lo lookup 100" in container.sh("ip", "rule", "show").stdout
+
     container.systemctl("enable", "--now", "demo@7001.socket")
     with net.peer.connect((SERVER4, 7001)) as sock:
         assert sock.makefile().readline() == f"demo 7001 answers ::ffff:{PEER4}\n"
@@ -131,8 +138,8 @@ def test_install_is_private_to_the_container(
     (pkg / "usr/share/mmproxy-harness-probe").mkdir(parents=True)
     (pkg / "usr/share/mmproxy-harness-probe/ok").write_text("ok\n")
     deb = tmp_path / "mmproxy-harness-probe_1.0_all.deb"
-    subprocess.run(["dpkg-deb", "--build", "--root-owner-group", str(pkg), str(deb)],
-                   check=True, capture_output=True)  # fmt: skip
+    build = ["dpkg-deb", "--build", "--root-owner-group", str(pkg), str(deb)]
+    subprocess.run(build, check=True, capture_output=True)
 
     container.install(["hello"], debs=[deb])
     container.write("/etc/mmproxy/probe.yaml", "listen: 127.0.0.1:1\n")
@@ -142,3 +149,24 @@ def test_install_is_private_to_the_container(
     assert container.host_path("/etc/mmproxy/probe.yaml").is_file()
     for path in ("usr/bin/hello", "usr/share/mmproxy-harness-probe", "etc/mmproxy"):
         assert not (base / path).exists()
+
+
+def test_copy_in_merges_a_staged_tree(container: Container, tmp_path: Path) -> None:
+    """copy_in(DESTDIR, "/") adds files but leaves existing directories' modes alone, and
+    follows the container's own symlinks (/lib -> usr/lib), never the host's."""
+    stage = tmp_path / "stage"  # mkdtemp-like 0700 directories, as a DESTDIR often is
+    (stage / "lib/systemd/system").mkdir(parents=True)
+    (stage / "lib/systemd/system/probe.service").write_text("[Service]\nExecStart=/bin/true\n")
+    (stage / "etc").mkdir()
+    (stage / "etc/probe.conf").symlink_to("/usr/share/probe/conf")
+    for d in (stage, stage / "lib", stage / "etc"):
+        d.chmod(0o700)
+
+    container.copy_in(stage, "/")
+
+    root = container.root
+    assert (root / "lib").is_symlink()
+    assert (root / "usr/lib/systemd/system/probe.service").is_file()
+    assert os.readlink(root / "etc/probe.conf") == "/usr/share/probe/conf"
+    for d in (root, root / "etc", root / "usr/lib"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o755, d

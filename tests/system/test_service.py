@@ -259,3 +259,28 @@ def test_hardening_score_and_verify(world: World) -> None:
         check=False,
     )
     assert verify.returncode == 0 and verify.stderr.strip() == "", verify.stderr
+
+
+def test_watchdog_pings_while_idle_and_restarts_a_wedged_instance(world: World) -> None:
+    world.box.write("/etc/mmproxy/ssh.yaml", instance_yaml(2222, 9000))
+    world.box.write(
+        "/etc/systemd/system/mmproxy@ssh.service.d/watchdog.conf", "[Service]\nWatchdogSec=2s\n"
+    )
+    world.enable("ssh")
+    world.ask(client_port=40030)
+
+    def main_pid() -> str:
+        return world.box.sh(
+            "systemctl", "show", "-P", "MainPID", "mmproxy@ssh.service"
+        ).stdout.strip()
+
+    pid = main_pid()
+    time.sleep(5)  # idle for more than twice the watchdog interval
+    assert main_pid() == pid, "restarted although it was only idle"
+    world.box.sh("kill", "-STOP", pid)  # wedged: no more pings
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and main_pid() in (pid, "0"):
+        time.sleep(0.2)
+    assert main_pid() not in (pid, "0")
+    assert "Watchdog timeout" in world.box.journal("mmproxy@ssh")
+    assert world.ask(client_port=40031) == f"{CLIENT4} 40031"

@@ -364,7 +364,7 @@ def _choice(*options: str) -> Callable[[_Value], str]:
 _parse_log_level = _choice(*LOG_LEVELS)
 
 
-def _parse_drain_timeout(value: _Value) -> float:
+def _parse_duration(value: _Value) -> float:
     seconds = _seconds(value)
     if seconds > MAX_SECONDS:
         _fail(value, f"{_show_seconds(seconds)} is too long: expected at most 3600s (1 hour)")
@@ -624,11 +624,14 @@ KEYS: tuple[Key, ...] = (
     Key("allow_local_sources", _parse_bool, False, "accept loopback/unspecified client sources"),
     Key("log_level", _parse_log_level, "info", "one of debug, info, warning, error"),
     Key("follow_destination_port", _parse_bool, False, "target port = the header's dest port"),
-    Key("drain_timeout", _parse_drain_timeout, 30.0, "how long a stop waits for connections"),
+    Key("drain_timeout", _parse_duration, 30.0, "how long a stop waits for connections"),
     Key("check_failure", _choice("fail", "warn"), "fail", "what a failed self-check does"),
     Key("manage_routing", _parse_bool, True, "apply and remove the routing rules"),
     Key("routing", _choice("auto", "lo", "fwmark"), "auto", "which routing variant to use"),
     Key("firewall", _choice("nftables", "iptables"), "nftables", "tool for the fwmark rules"),
+    Key("idle_timeout", _parse_duration, 0.0, "close after this long without traffic"),
+    Key("half_close_timeout", _parse_duration, 60.0, "close a half-closed one after"),
+    Key("tcp_keepalive", _parse_bool, True, "TCP keepalive towards client and target"),
 )
 _KEYS_BY_NAME = {key.name: key for key in KEYS}
 
@@ -656,6 +659,9 @@ class Config:
     manage_routing: bool = True
     routing: str = "auto"
     firewall: str = "nftables"
+    idle_timeout: float = 0.0
+    half_close_timeout: float = 60.0
+    tcp_keepalive: bool = True
 
     def allowed(self) -> AllowedNetworks:
         return AllowedNetworks(self.allowed_networks)

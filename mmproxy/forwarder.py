@@ -35,6 +35,7 @@ from mmproxy.transparent import (
     UpstreamError,
     forbidden_source_reason,
     open_upstream,
+    set_keepalive,
     unmap,
 )
 
@@ -181,6 +182,7 @@ class Forwarder:
         self._local = LocalAddresses()
         self._rejections = RateLimitedLog()
         self._relay = Relay(self._on_close)
+        self._apply_timeouts(config)
         self._pool = WorkerPool(self._handshake, max_workers=config.max_connections)
         self._below_max = threading.Event()
         self._below_max.set()
@@ -195,9 +197,15 @@ class Forwarder:
 
     # --- lifecycle -------------------------------------------------------------------
 
+    def _apply_timeouts(self, config: Config) -> None:
+        self._relay.idle_timeout = config.idle_timeout
+        self._relay.half_close_timeout = config.half_close_timeout
+
     def start(self) -> None:
         for sock in self._listeners:
             sock.setblocking(False)
+            if self.config.tcp_keepalive:
+                set_keepalive(sock)  # inherited by every accepted client socket
         self._relay.start()
         self._acceptor.start()
 
@@ -205,6 +213,7 @@ class Forwarder:
         """Apply a reloaded config to new connections; established ones are untouched."""
         allowed = config.allowed()
         self.config, self.allowed = config, allowed
+        self._apply_timeouts(config)
 
     def stop_accepting(self) -> None:
         self._stopping = True
@@ -322,7 +331,13 @@ class Forwarder:
             info.client, info.target = self._route(header, config)
             if header.version == 2:
                 info.unique_id = header.tlv(PP2_TYPE_UNIQUE_ID)
-            upstream = open_upstream(info.target, info.client, config.mark, config.connect_timeout)
+            upstream = open_upstream(
+                info.target,
+                info.client,
+                config.mark,
+                config.connect_timeout,
+                keepalive=config.tcp_keepalive,
+            )
         except Rejected as exc:
             client.close()
             self._handshake_failed(info, exc)

@@ -27,6 +27,7 @@ EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 WRITE_EVENTS = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 LINGER_RESET = struct.pack("ii", 1, 0)
+SWEEP_INTERVAL = 1.0  # seconds between checks of the idle and half-close timeouts
 
 log = logging.getLogger("mmproxy.relay")
 
@@ -86,8 +87,10 @@ class Connection:
         "client",
         "closed",
         "first_eof",
+        "half_closed_at",
         "inbound",
         "info",
+        "last_active",
         "outbound",
         "started",
         "upstream",
@@ -97,7 +100,8 @@ class Connection:
         self.client = client
         self.upstream = upstream
         self.info = info
-        self.started = time.monotonic()
+        self.started = self.last_active = time.monotonic()
+        self.half_closed_at = 0.0
         self.inbound = Flow("client", client, upstream)  # client -> application
         self.outbound = Flow("target", upstream, client)  # application -> client
         self.closed = False
@@ -118,8 +122,17 @@ class _Abort(Exception):
 class Relay:
     """Owns established connections until both directions have ended."""
 
-    def __init__(self, on_close: OnClose, pipe_size: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        on_close: OnClose,
+        pipe_size: int = 1 << 20,
+        idle_timeout: float = 0.0,
+        half_close_timeout: float = 0.0,
+    ) -> None:
         self._on_close = on_close
+        # 0 turns a timeout off; both may be changed while running (a reload).
+        self.idle_timeout = idle_timeout
+        self.half_close_timeout = half_close_timeout
         self._pipes = PipePool(pipe_size)
         self._epoll = select.epoll()
         self._by_fd: dict[int, Connection] = {}
@@ -177,11 +190,18 @@ class Relay:
     def _run(self) -> None:
         by_fd = self._by_fd
         wake = self._wake
+        monotonic = time.monotonic
+        next_sweep = monotonic() + SWEEP_INTERVAL
         while not self._stopping:
+            timed = self.idle_timeout or self.half_close_timeout
             try:
-                events = self._epoll.poll()
+                events = self._epoll.poll(SWEEP_INTERVAL if timed else -1)
             except InterruptedError:
                 continue
+            now = monotonic()
+            if timed and now >= next_sweep:
+                next_sweep = now + SWEEP_INTERVAL
+                self._sweep(now)
             for fd, ev in events:
                 if fd == wake:
                     self._on_wake()
@@ -189,6 +209,7 @@ class Relay:
                 conn = by_fd.get(fd)
                 if conn is None or conn.closed:
                     continue
+                conn.last_active = now
                 try:
                     self._on_event(conn, fd, ev)
                 except _Abort as abort:
@@ -196,6 +217,16 @@ class Relay:
                 except Exception:  # never let one connection take the relay down
                     log.exception("relay error on one connection; closing it")
                     self._finish(conn, "internal error")
+
+    def _sweep(self, now: float) -> None:
+        """Close connections idle, or half-closed, for longer than allowed."""
+        idle, half = self.idle_timeout, self.half_close_timeout
+        for conn in self.connections():
+            if idle and now - conn.last_active > idle:
+                self._finish(conn, f"idle for more than {idle:g} s", reset_peer=True)
+            elif half and conn.half_closed_at and now - conn.half_closed_at > half:
+                reason = f"half-closed by the {conn.first_eof} for more than {half:g} s"
+                self._finish(conn, reason, reset_peer=True)
 
     def _on_wake(self) -> None:
         try:
@@ -249,6 +280,7 @@ class Relay:
                 flow.done = True
                 if conn.first_eof is None:
                     conn.first_eof = flow.name
+                    conn.half_closed_at = time.monotonic()
                 # Pass the half-close on: the peer may still answer the other way.
                 try:
                     flow.dst_sock.shutdown(socket.SHUT_WR)

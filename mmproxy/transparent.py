@@ -33,8 +33,24 @@ def unmap(host: str) -> str:
     return host
 
 
+# Keepalive: a peer that vanished (power loss, a dropped NAT entry) is found after
+# 60 s idle + 6 probes 10 s apart, instead of the kernel's default of over two hours.
+KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 6))
+
+
+def set_keepalive(sock: socket.socket) -> None:
+    """Turn TCP keepalive on; set on a listening socket, accepted sockets inherit it."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in KEEPALIVE:
+        sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
 def open_upstream(
-    target: Address, source: Address | None, mark: int, timeout: float
+    target: Address,
+    source: Address | None,
+    mark: int,
+    timeout: float,
+    keepalive: bool = False,
 ) -> socket.socket:
     """Connect to `target`, from `source` when given (spoofed), else from this host.
 
@@ -42,9 +58,12 @@ def open_upstream(
     same client port, or one in TIME_WAIT) falls back to an ephemeral port.
     """
     try:
-        return _connect(target, source, mark, timeout, keep_port=source is not None)
+        sock = _connect(target, source, mark, timeout, keep_port=source is not None)
     except _PortBusy:
-        return _connect(target, source, mark, timeout, keep_port=False)
+        sock = _connect(target, source, mark, timeout, keep_port=False)
+    if keepalive:
+        set_keepalive(sock)
+    return sock
 
 
 class _PortBusy(Exception):

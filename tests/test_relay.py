@@ -123,3 +123,31 @@ def test_pipe_pool_reuses_and_bounds_pipes() -> None:
     with pytest.raises(OSError):
         os.fstat(pipes[2][0])  # the third was closed, not kept
     pool.close()
+
+
+@pytest.fixture
+def timed_relay() -> Iterator[tuple[Relay, list[tuple[Connection, str]]]]:
+    closed: list[tuple[Connection, str]] = []
+    r = Relay(lambda c, reason: closed.append((c, reason)), idle_timeout=0.5)
+    r.half_close_timeout = 0.5
+    r.start()
+    yield r, closed
+    r.stop()
+
+
+def test_an_idle_connection_is_closed_after_idle_timeout(timed_relay: tuple[Relay, list]) -> None:
+    h = Harness(*timed_relay)
+    h.client.sendall(b"hi")
+    assert recv_exactly(h.app, 2) == b"hi"
+    assert h.wait_closed(timeout=5) == "idle for more than 0.5 s"
+
+
+def test_a_half_closed_connection_is_closed_after_its_timeout(
+    timed_relay: tuple[Relay, list],
+) -> None:
+    r, _ = timed_relay
+    r.idle_timeout = 0  # only the half-close timeout applies
+    h = Harness(*timed_relay)
+    h.client.shutdown(socket.SHUT_WR)
+    assert h.app.recv(1) == b""
+    assert h.wait_closed(timeout=5) == "half-closed by the client for more than 0.5 s"

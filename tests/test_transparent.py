@@ -12,6 +12,7 @@ from mmproxy.transparent import (
     UpstreamError,
     forbidden_source_reason,
     open_upstream,
+    set_keepalive,
     unmap,
 )
 
@@ -59,3 +60,16 @@ def test_plain_connect_works() -> None:
         sock = open_upstream(Address("127.0.0.1", s.getsockname()[1]), None, 0, 1.0)
         with sock:
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+def test_keepalive_on_upstream_and_inherited_from_the_listener() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        set_keepalive(server)
+        upstream = open_upstream(
+            Address("127.0.0.1", server.getsockname()[1]), None, 0, 1.0, keepalive=True
+        )
+        accepted, _ = server.accept()
+        with upstream, accepted:
+            for sock in (upstream, accepted):
+                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60

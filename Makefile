@@ -10,8 +10,11 @@ PREFIX ?= /usr
 DESTDIR ?=
 LIBDIR := $(PREFIX)/lib/mmproxy
 PYTRICIA := pytricia==1.3.0
+# debian/rules installs with Debian's own pip and no virtualenv (INSTALL_NEEDS empty).
+PIP := $(VENV)/bin/pip
+INSTALL_NEEDS := venv
 
-.PHONY: all deps venv demo test lint typecheck unit integration system install clean
+.PHONY: all deps venv demo test lint typecheck unit integration system install deb clean
 
 all: test
 
@@ -52,10 +55,10 @@ system: venv
 
 # The installed layout (the Debian package is built from it): the program and what
 # Debian lacks (pytricia) in a private directory, run by Debian's python3.
-install: venv
+install: $(INSTALL_NEEDS)
 	install -d $(DESTDIR)$(LIBDIR)/mmproxy $(DESTDIR)$(PREFIX)/bin
 	install -m 644 mmproxy/*.py $(DESTDIR)$(LIBDIR)/mmproxy/
-	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-compile \
+	$(PIP) install -q --disable-pip-version-check --no-deps --no-compile \
 		--target $(DESTDIR)$(LIBDIR) $(PYTRICIA)
 	rm -rf $(DESTDIR)$(LIBDIR)/bin
 	printf '%s\n' '#!/usr/bin/python3' 'import sys' \
@@ -68,8 +71,30 @@ install: venv
 	install -D -m 755 units/mmproxy-generator \
 		$(DESTDIR)$(PREFIX)/lib/systemd/system-generators/mmproxy-generator
 	install -D -m 644 etc/mmproxy/example.yaml $(DESTDIR)/etc/mmproxy/example.yaml
+	install -D -m 644 etc/mmproxy/README $(DESTDIR)/etc/mmproxy/README
 	install -D -m 644 docs/mmproxy.8 $(DESTDIR)$(PREFIX)/share/man/man8/mmproxy.8
 	install -D -m 644 docs/mmproxy.yaml.5 $(DESTDIR)$(PREFIX)/share/man/man5/mmproxy.yaml.5
+
+# The Debian package (debian/): dist/mmproxy_<version>_<arch>.deb. Installs its build
+# dependencies with apt, then builds from a copy of the tree in DEB_BUILD, so that
+# dpkg-buildpackage's by-products stay out of the checkout. pytricia's source is
+# fetched at build time, pinned by its SHA-256 (debian/pytricia.txt).
+DEB_DIST := dist
+DEB_BUILD := build/deb
+DEB_TREE := Makefile README.md pyproject.toml mmproxy units docs etc debian
+deb:
+	@if ! command -v dpkg-checkbuilddeps >/dev/null || ! dpkg-checkbuilddeps >/dev/null 2>&1; then \
+		echo "installing the build dependencies in debian/control"; \
+		DEBIAN_FRONTEND=noninteractive apt-get build-dep -y -qq ./ >/dev/null 2>&1 || { apt-get update -qq && \
+			DEBIAN_FRONTEND=noninteractive apt-get build-dep -y -qq ./ >/dev/null; }; \
+	fi
+	rm -rf $(DEB_BUILD) && mkdir -p $(DEB_BUILD)/src $(DEB_DIST)
+	cp -r $(DEB_TREE) $(DEB_BUILD)/src/
+	cd $(DEB_BUILD)/src && dpkg-buildpackage -b -us -uc >../build.log 2>&1 \
+		|| { tail -n 40 ../build.log; exit 1; }
+	rm -f $(DEB_DIST)/mmproxy_*.deb
+	cp $(DEB_BUILD)/mmproxy_*.deb $(DEB_DIST)/
+	@ls -l $(DEB_DIST)/mmproxy_*.deb
 
 test: lint typecheck
 	$(VENV)/bin/pytest -q

@@ -33,9 +33,10 @@ from mmproxy.relay import Connection, Relay
 from mmproxy.transparent import (
     LocalAddresses,
     UpstreamError,
+    finish_upstream,
     forbidden_source_reason,
-    open_upstream,
     set_keepalive,
+    start_upstream,
     unmap,
 )
 
@@ -121,24 +122,20 @@ class RateLimitedLog:
 
 
 class WorkerPool:
-    """Threads that run hand-shakes; a new one starts only when none is idle, and one
-    idle for `idle_timeout` exits (thread start-up costs ~0.3 ms, so they are reused)."""
+    """Threads for hand-shakes that must wait (a header still on its way, a slow target);
+    a new one starts only when none is idle, and one idle for `idle_timeout` exits
+    (thread start-up costs ~0.3 ms, so they are reused)."""
 
-    def __init__(
-        self, work: Callable[[socket.socket, tuple[str, int]], None], max_workers: int
-    ) -> None:
-        self._work = work
+    def __init__(self, max_workers: int) -> None:
         self._max = max_workers
-        self._queue: queue.SimpleQueue[tuple[socket.socket, tuple[str, int]] | None] = (
-            queue.SimpleQueue()
-        )
+        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._idle = 0
         self._queued = 0
         self._threads = 0
         self.idle_timeout = 30.0
 
-    def submit(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+    def submit(self, work: Callable[[], None]) -> None:
         with self._lock:
             self._queued += 1
             spawn = self._queued > self._idle and self._threads < self._max
@@ -146,7 +143,7 @@ class WorkerPool:
                 self._threads += 1
         if spawn:
             threading.Thread(target=self._loop, name="handshake", daemon=True).start()
-        self._queue.put((sock, peer))
+        self._queue.put(work)
 
     def stop(self) -> None:
         with self._lock:
@@ -159,16 +156,16 @@ class WorkerPool:
             with self._lock:
                 self._idle += 1
             try:
-                item = self._queue.get(timeout=self.idle_timeout)
+                work = self._queue.get(timeout=self.idle_timeout)
             except queue.Empty:
-                item = None
+                work = None
             with self._lock:
                 self._idle -= 1
-                if item is None:
+                if work is None:
                     self._threads -= 1
                     return
                 self._queued -= 1
-            self._work(*item)
+            work()
 
 
 class Forwarder:
@@ -183,7 +180,7 @@ class Forwarder:
         self._rejections = RateLimitedLog()
         self._relay = Relay(self._on_close)
         self._apply_timeouts(config)
-        self._pool = WorkerPool(self._handshake, max_workers=config.max_connections)
+        self._pool = WorkerPool(max_workers=config.max_connections)
         self._below_max = threading.Event()
         self._below_max.set()
         self._stopping = False
@@ -204,8 +201,10 @@ class Forwarder:
     def start(self) -> None:
         for sock in self._listeners:
             sock.setblocking(False)
+            # Accepted sockets inherit these from the listener: no syscalls per client.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.config.tcp_keepalive:
-                set_keepalive(sock)  # inherited by every accepted client socket
+                set_keepalive(sock)
         self._relay.start()
         self._acceptor.start()
 
@@ -319,50 +318,113 @@ class Forwarder:
         with self.stats.lock:
             self.stats.active += 1
             self.stats.total += 1
-        self._pool.submit(sock, balancer)
-
-    # --- hand-shake (worker threads) -------------------------------------------------
-
-    def _handshake(self, client: socket.socket, balancer: tuple[str, int]) -> None:
         info = ConnInfo(balancer)
-        config = self.config
         try:
-            header, early = read_header(client, config.header_timeout)
-            info.client, info.target = self._route(header, config)
-            if header.version == 2:
-                info.unique_id = header.tlv(PP2_TYPE_UNIQUE_ID)
-            upstream = open_upstream(
-                info.target,
-                info.client,
-                config.mark,
-                config.connect_timeout,
-                keepalive=config.tcp_keepalive,
+            self._handshake_now(sock, info)
+        except Exception as exc:  # a bug must cost one connection, not the acceptor
+            log.exception("unexpected error during a hand-shake")
+            sock.close()
+            self._handshake_failed(info, Rejected("internal-error", repr(exc)))
+
+    # --- hand-shake ------------------------------------------------------------------
+    # Usually the header arrives with the connection and the local target accepts at
+    # once: then the acceptor thread does it all (no thread hand-off, the cheapest path).
+    # Whatever would wait moves to a worker, so the accept loop never waits on a client.
+
+    def _handshake_now(self, client: socket.socket, info: ConnInfo) -> None:
+        client.setblocking(False)
+        try:
+            data = client.recv(_RECV_SIZE)
+        except BlockingIOError:
+            self._pool.submit(lambda: self._handshake_later(client, info, b""))
+            return
+        except OSError as exc:
+            self._fail(client, None, info, _read_error(exc))
+            return
+        try:
+            header = parse(data) if data else None
+        except IncompleteHeader:
+            self._pool.submit(lambda: self._handshake_later(client, info, data))
+            return
+        except InvalidHeader as exc:
+            self._fail(
+                client, None, info, Rejected("invalid-header", f"invalid PROXY header: {exc}")
             )
+            return
+        if header is None:
+            self._fail(client, None, info, _closed_before_header(data))
+            return
+        early = data[header.length :]
+        try:
+            upstream = self._start_upstream(header, info)
+            connected = finish_upstream(upstream, _target(info), 0)
         except Rejected as exc:
-            client.close()
-            self._handshake_failed(info, exc)
+            self._fail(client, None, info, exc)
             return
         except UpstreamError as exc:
-            client.close()
-            self._handshake_failed(info, Rejected("target-unavailable", str(exc)))
+            self._fail(client, upstream, info, Rejected("target-unavailable", str(exc)))
             return
-        except Exception as exc:  # a bug must cost one connection, not the daemon
-            log.exception("unexpected error during a hand-shake")
-            client.close()
-            self._handshake_failed(info, Rejected("internal-error", repr(exc)))
-            return
+        if connected:
+            self._established(client, upstream, info, early)
+        else:
+            self._pool.submit(lambda: self._connect_later(client, upstream, info, early))
+
+    def _handshake_later(self, client: socket.socket, info: ConnInfo, data: bytes) -> None:
+        """On a worker: finish reading the header, with the header timeout."""
         try:
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if early:
-                upstream.sendall(early)  # bytes that came with the header go first
-        except OSError as exc:
-            client.close()
-            upstream.close()
-            self._handshake_failed(info, Rejected("early-data", f"sending early data: {exc}"))
+            header, early = read_header(client, self.config.header_timeout, data)
+            upstream = self._start_upstream(header, info)
+        except Rejected as exc:
+            self._fail(client, None, info, exc)
             return
+        self._connect_later(client, upstream, info, early)
+
+    def _connect_later(
+        self, client: socket.socket, upstream: socket.socket, info: ConnInfo, early: bytes
+    ) -> None:
+        """On a worker: wait for the target, with the connect timeout."""
+        try:
+            finish_upstream(upstream, _target(info), self.config.connect_timeout)
+        except UpstreamError as exc:
+            self._fail(client, upstream, info, Rejected("target-unavailable", str(exc)))
+            return
+        self._established(client, upstream, info, early)
+
+    def _start_upstream(self, header: ProxyHeader, info: ConnInfo) -> socket.socket:
+        config = self.config
+        info.client, info.target = self._route(header, config)
+        if header.version == 2:
+            info.unique_id = header.tlv(PP2_TYPE_UNIQUE_ID)
+        try:
+            return start_upstream(info.target, info.client, config.mark, config.tcp_keepalive)
+        except UpstreamError as exc:
+            raise Rejected("target-unavailable", str(exc)) from exc
+
+    def _established(
+        self, client: socket.socket, upstream: socket.socket, info: ConnInfo, early: bytes
+    ) -> None:
+        if early:
+            try:
+                send_all(upstream, early, self.config.connect_timeout)
+            except OSError as exc:
+                reason = Rejected("early-data", f"sending the bytes after the header: {exc}")
+                self._fail(client, upstream, info, reason)
+                return
         conn = Connection(client, upstream, info)
         conn.inbound.nbytes = len(early)
         self._relay.add(conn)
+
+    def _fail(
+        self,
+        client: socket.socket,
+        upstream: socket.socket | None,
+        info: ConnInfo,
+        reason: Rejected,
+    ) -> None:
+        client.close()
+        if upstream is not None:
+            upstream.close()
+        self._handshake_failed(info, reason)
 
     def _route(self, header: ProxyHeader, config: Config) -> tuple[Address | None, Address]:
         """(spoofed source or None, target) for a header."""
@@ -445,10 +507,12 @@ class Forwarder:
         )
 
 
-def read_header(sock: socket.socket, timeout: float) -> tuple[ProxyHeader, bytes]:
-    """Read one PROXY header; return it and the bytes that arrived after it."""
+def read_header(
+    sock: socket.socket, timeout: float, data: bytes = b""
+) -> tuple[ProxyHeader, bytes]:
+    """Read one PROXY header (after `data`, already read); return it and the bytes that
+    arrived after it."""
     deadline = time.monotonic() + timeout
-    data = b""
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -462,15 +526,9 @@ def read_header(sock: socket.socket, timeout: float) -> tuple[ProxyHeader, bytes
         except TimeoutError:
             continue
         except OSError as exc:
-            raise Rejected("balancer-error", f"reading the header: {exc.strerror}") from exc
+            raise _read_error(exc) from exc
         if not chunk:
-            if not data:
-                # A balancer's plain TCP health check: connect, then close.
-                raise Rejected("probe", "balancer closed the connection without sending")
-            raise Rejected(
-                "closed-before-header",
-                f"balancer closed the connection after {len(data)} bytes, before a full header",
-            )
+            raise _closed_before_header(data)
         data += chunk
         try:
             header = parse(data)
@@ -479,6 +537,38 @@ def read_header(sock: socket.socket, timeout: float) -> tuple[ProxyHeader, bytes
         except InvalidHeader as exc:
             raise Rejected("invalid-header", f"invalid PROXY header: {exc}") from exc
         return header, data[header.length :]
+
+
+def _read_error(exc: OSError) -> Rejected:
+    return Rejected("balancer-error", f"reading the header: {exc.strerror or exc}")
+
+
+def _closed_before_header(data: bytes) -> Rejected:
+    if not data:
+        # A balancer's plain TCP health check: connect, then close.
+        return Rejected("probe", "balancer closed the connection without sending")
+    return Rejected(
+        "closed-before-header",
+        f"balancer closed the connection after {len(data)} bytes, before a full header",
+    )
+
+
+def _target(info: ConnInfo) -> Address:
+    assert info.target is not None  # set by _start_upstream before any connect
+    return info.target
+
+
+def send_all(sock: socket.socket, data: bytes, timeout: float) -> None:
+    """Send all of `data` on a non-blocking socket, waiting up to `timeout` s for room."""
+    view = memoryview(data)
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            if not poller.poll(timeout * 1000):
+                raise TimeoutError(f"no room to send within {timeout:g} s") from None
 
 
 def _format_peer(peer: tuple[str, int]) -> str:

@@ -152,9 +152,7 @@ class Relay:
         return len(self._by_fd) // 2
 
     def add(self, conn: Connection) -> None:
-        """Hand a connection over; safe to call from any thread."""
-        conn.client.setblocking(False)
-        conn.upstream.setblocking(False)
+        """Hand a connection over (both sockets non-blocking); safe from any thread."""
         # Published before registration: the relay thread may see events at once.
         self._by_fd[conn.inbound.src] = conn
         self._by_fd[conn.outbound.src] = conn

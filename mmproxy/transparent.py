@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
+import select
 import socket
 import threading
 import time
@@ -52,41 +54,68 @@ def open_upstream(
     timeout: float,
     keepalive: bool = False,
 ) -> socket.socket:
-    """Connect to `target`, from `source` when given (spoofed), else from this host.
+    """Connect to `target`, from `source` when given (spoofed), else from this host, and
+    wait up to `timeout` s. The socket returned is non-blocking."""
+    sock = start_upstream(target, source, mark, keepalive)
+    try:
+        finish_upstream(sock, target, timeout)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def start_upstream(
+    target: Address, source: Address | None, mark: int, keepalive: bool = False
+) -> socket.socket:
+    """A non-blocking socket whose connect to `target` is under way (or done).
 
     The client's port is kept when it is free; a port in use (another connection from the
-    same client port, or one in TIME_WAIT) falls back to an ephemeral port.
+    same client port to the same target, or one in TIME_WAIT) falls back to an ephemeral one.
     """
     try:
-        sock = _connect(target, source, mark, timeout, keep_port=source is not None)
+        return _start(target, source, mark, keepalive, keep_port=source is not None)
     except _PortBusy:
-        sock = _connect(target, source, mark, timeout, keep_port=False)
-    if keepalive:
-        set_keepalive(sock)
-    return sock
+        return _start(target, source, mark, keepalive, keep_port=False)
+
+
+def finish_upstream(sock: socket.socket, target: Address, timeout: float) -> bool:
+    """Wait up to `timeout` s for the connect; True once connected. With timeout 0 it only
+    looks (False: still under way); otherwise running out of time is an UpstreamError."""
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    if not poller.poll(timeout * 1000):
+        if timeout == 0:
+            return False
+        raise UpstreamError(f"target {target} did not answer within {timeout:g} s")
+    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if error:
+        raise UpstreamError(_describe_connect_error(target, error))
+    return True
 
 
 class _PortBusy(Exception):
     pass
 
 
-def _connect(
-    target: Address, source: Address | None, mark: int, timeout: float, keep_port: bool
+def _start(
+    target: Address, source: Address | None, mark: int, keepalive: bool, keep_port: bool
 ) -> socket.socket:
-    sock = socket.socket(target.family, socket.SOCK_STREAM)
+    sock = socket.socket(target.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
         if source is not None:
             _make_transparent(sock, target.family, mark)
             _bind_source(sock, source, keep_port)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(timeout)
-        try:
-            sock.connect((target.host, target.port))
-        except OSError as exc:
-            if keep_port and exc.errno in (errno.EADDRNOTAVAIL, errno.EADDRINUSE):
-                raise _PortBusy from exc
-            raise UpstreamError(_describe_connect_error(target, exc, timeout)) from exc
-        return sock
+        if keepalive:
+            # Towards a local application the kernel's timings do: it answers or resets.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        error = sock.connect_ex((target.host, target.port))
+        if error in (0, errno.EINPROGRESS):
+            return sock
+        if keep_port and error in (errno.EADDRNOTAVAIL, errno.EADDRINUSE):
+            raise _PortBusy
+        raise UpstreamError(_describe_connect_error(target, error))
     except BaseException:
         sock.close()
         raise
@@ -127,12 +156,10 @@ def _bind_source(sock: socket.socket, source: Address, keep_port: bool) -> None:
         raise UpstreamError(f"cannot bind the client address {source}: {exc.strerror}") from exc
 
 
-def _describe_connect_error(target: Address, exc: OSError, timeout: float) -> str:
-    if isinstance(exc, TimeoutError):
-        return f"target {target} did not answer within {timeout:g} s"
-    if exc.errno == errno.ECONNREFUSED:
+def _describe_connect_error(target: Address, error: int) -> str:
+    if error == errno.ECONNREFUSED:
         return f"target {target} refused the connection (is the application running?)"
-    return f"cannot connect to target {target}: {exc.strerror or exc}"
+    return f"cannot connect to target {target}: {os.strerror(error)}"
 
 
 class LocalAddresses:

@@ -28,6 +28,8 @@ class Harness:
         self.closed = closed
         self.client, client_side = tcp_pair()
         upstream_side, self.app = tcp_pair()
+        client_side.setblocking(False)  # the relay's contract: non-blocking sockets
+        upstream_side.setblocking(False)
         self.conn = Connection(client_side, upstream_side, info="test")
         relay.add(self.conn)
 

@@ -72,4 +72,4 @@ def test_keepalive_on_upstream_and_inherited_from_the_listener() -> None:
         with upstream, accepted:
             for sock in (upstream, accepted):
                 assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
-                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60

@@ -1,0 +1,129 @@
+"""docs/performance.md and bench/results/results.md, written from a run's results."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.report import floors_table, tables
+
+Results = dict[str, Any]
+
+HOW = """\
+`make bench` reproduces this page on a Debian 12 machine, as root: it installs its own tools
+(Debian's `haproxy`, `go-mmproxy`, `python3-matplotlib`, `gcc`), builds two network
+namespaces, runs every workload against every target, and rewrites this file together
+with `bench/results/` (`results.md`, `chart.png`, the raw `results.json`).
+`make bench-quick` runs everything at a reduced size (two rounds, in about a minute) and
+writes to `bench/results/quick/` only. Wall-clock figures are reported here, never asserted
+in tests."""
+
+METHOD = """\
+## How it is measured
+
+- **Network.** A client namespace (the load generator, standing in for the balancer:
+  198.51.100.7 plus 32 more source addresses) and a gateway namespace (198.51.100.1, the
+  gateway and the application) joined by a veth pair. The gateway namespace has mmproxy's
+  loopback routing (`ip rule add from 127.0.0.1/8 iif lo table 100`,
+  `ip route add local 0.0.0.0/0 dev lo table 100`), which all three gateways use.
+- **Targets**, each started fresh for every run, interleaved (A B C D E A B C D E …):
+  - *direct*: the client connects straight to the application, no header — the limit of
+    this machine for connections (for one bulk stream, see below);
+  - *mmproxy*: `python -m mmproxy -l 198.51.100.1:8001 -4 127.0.0.1:9000 -a FILE --mark 123 -q`,
+    unpinned, as the CLI runs it (`-q`: no per-connection log line; the peers log none);
+  - *mmproxy (taskset -c 1)*: the same, under `taskset -c 1` (one CPU: no GIL hand-over
+    between cores);
+  - *go-mmproxy*: Debian's package, `-l … -4 127.0.0.1:9000 -allowed-subnets FILE -mark 123 -v 0`;
+  - *HAProxy*: Debian's 2.6, `bind … accept-proxy`, `server app 127.0.0.1:9000 source 0.0.0.0
+    usesrc clientip`, `option splice-request`, `option splice-response`, `maxconn` above the
+    concurrency test's count, `maxpipes 256` (to stay under the 20,000-fd limit).
+- **Load generator and application** are small C programs in `bench/c/` (epoll,
+  `sendfile` from a memfd to send, `recv(MSG_TRUNC)` to discard), so that neither is the
+  bottleneck: the *direct* rows show how far above every gateway they go. Every
+  connection claims a client address — with a header, a fake one from 203.0.113.0/24 or
+  192.0.2.0/24, never the same 4-tuple twice in a run; direct, its own — and the
+  application answers OK only if it accepted the connection from that address
+  ("verified"). Its PROXY headers are checked byte for byte against mmproxy's encoder.
+- **1. Bulk**: one connection, the given size each way, upload and download separately.
+- **2. Rate**: closed loop; each client connects, sends the PROXY v1 header and a 64-byte
+  request in one write, reads the 64-byte reply, closes, and starts again. Latency is from
+  `connect()` to the last reply byte.
+- **3. Concurrency**: the idle connections are opened (at most 200 hand-shakes at a time)
+  and held; the gateway's RSS, threads and open fds are read from /proc while all are
+  held, then every connection is pinged through the gateway and must echo. Per-connection
+  figures are the growth since start-up divided by the connections held. The load
+  generator and the application are separate processes, because each holds one socket
+  per connection and the gateway holds two, under a limit of 20,000 fds per process.
+- **4. Efficiency**: the gateway process's own utime+stime from `/proc/PID/stat` (all its
+  threads), read just before and after each workload: CPU-s per GiB moved (both ways
+  together) and per 1,000 connections of the rate test. This is the figure least distorted
+  by the shared 2-core machine and by the load generator, which runs on the same cores.
+- Nothing is pinned except the *taskset* variant; the CPU affinity each gateway ran with is
+  in the concurrency table and in the JSON.
+
+## Reading the figures
+
+- *Direct* is the limit for connections, not for one bulk stream: over a veth pair the
+  sender's CPU also does the receiver's protocol work, while a gateway splits one stream's
+  work over both CPUs (client → gateway on one, gateway → application on the other), so a
+  gateway can move one stream faster than the two ends alone.
+- In the rate test every gateway is saturated (32 clients in a closed loop): conn/s and
+  latency measure how much work a connection costs it, and so does CPU per 1,000
+  connections, which is the steadier figure of the two.
+- The machine is shared (2 cores): the line under "Latest run" says how much CPU other
+  processes used during the run (an upper bound); with more than a few tenths, repeat it.
+- All figures are medians; every run is in `bench/results/results.json` with the load
+  generator's and the application's own counters. `python -m bench --from-json FILE
+  --docs docs/performance.md` rewrites the tables, chart and this page from such a file.
+
+## Profiling mmproxy under the same load
+
+    .venv/bin/pip install py-spy
+    .venv/bin/python -m bench --workloads rate --targets mmproxy --rounds 1 \\
+        --rate-seconds 30 --out /tmp/profile-run &
+    sleep 5; PID=$(pgrep -f 'mmproxy -l 198.51.100.1:8001')
+    .venv/bin/py-spy record --nonblocking --threads -d 10 -p $PID -o /tmp/mmproxy.svg
+    perf stat -e context-switches,cpu-migrations,task-clock -p $PID -- sleep 5
+"""
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    return (
+        f"{m['date']}: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_gib']} GiB, "
+        f"kernel {m['kernel']}, fd limit {m['fd_limit']:,}; Python {m['python']}, "
+        f"mmproxy {m['mmproxy']} ({m['mmproxy_revision']}), HAProxy {m['haproxy']}, "
+        f"go-mmproxy {m['go-mmproxy']}. Load average before the run "
+        f"{m.get('load_average_before', '?')}, after {m.get('load_average_after', '?')}; "
+        f"other processes used {m.get('foreign_cpus', '?')} CPUs on average during it"
+    )
+
+
+def results_markdown(results: Results) -> str:
+    """bench/results/results.md: the tables and floors alone."""
+    return "\n\n".join([
+        "# mmproxy benchmark: latest run",
+        f"Taken {machine_line(results['machine'])}. Medians of {results['rounds']} "
+        "interleaved rounds.",
+        tables(results["summary"], results["order"], results["settings"]),
+        "**Floors of issue 6** (ratio = mmproxy / best of go-mmproxy and HAProxy, same run)",
+        floors_table(results["floors"]),
+        "![chart](chart.png)",
+    ]) + "\n"  # fmt: skip
+
+
+def performance_page(results: Results) -> str:
+    """docs/performance.md."""
+    return "\n\n".join([
+        "# Performance",
+        HOW,
+        f"**Latest run**: {machine_line(results['machine'])}. "
+        f"Medians of {results['rounds']} interleaved rounds.",
+        "## Results",
+        tables(results["summary"], results["order"], results["settings"]),
+        "![mmproxy beside go-mmproxy and HAProxy](../bench/results/chart.png)",
+        "## The floors of issue 6",
+        "Ratio = mmproxy's figure / the better of go-mmproxy's and HAProxy's in the same run. "
+        "The issue's floors apply to mmproxy as the CLI runs it; the pinned variant is shown "
+        "for comparison.",
+        floors_table(results["floors"]),
+        METHOD,
+    ]) + "\n"  # fmt: skip

@@ -1,16 +1,18 @@
 """The forwarder: accept balancer connections, read the PROXY header, connect to the
 application with the client's address, and hand the pair to the relay.
 
-Threads: one acceptor (epoll over the listening sockets, so it never waits on a client),
-a pool of hand-shake workers that grows on demand (a stalled header holds a worker, never
-the acceptor or another client), and the relay's epoll thread for established connections.
+Threads: the relay's epoll thread also accepts, and does the whole hand-shake when
+nothing has to wait (the usual case: the header came with the connection, the local
+target accepts at once); a pool of hand-shake workers that grows on demand takes any
+connection that must wait (a header still on its way, a slow target), so the loop never
+waits on a client.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import logging
-import os
 import queue
 import select
 import socket
@@ -181,13 +183,11 @@ class Forwarder:
         self._relay = Relay(self._on_close)
         self._apply_timeouts(config)
         self._pool = WorkerPool(max_workers=config.max_connections)
-        self._below_max = threading.Event()
-        self._below_max.set()
         self._stopping = False
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._acceptor = threading.Thread(target=self._accept_loop, name="accept", daemon=True)
+        self._paused = False  # at max_connections: new clients wait in the backlog
+        self._resume_at = 0.0  # after an accept error such as EMFILE: back off until then
         # Called from the accept loop at least every `heartbeat_interval` s (the systemd
-        # watchdog): if accepting wedges, the pings stop and systemd restarts us.
+        # watchdog): if the loop wedges, the pings stop and systemd restarts us.
         self.heartbeat: Callable[[], None] | None = None
         self.heartbeat_interval = 0.0
         self._last_beat = float("-inf")
@@ -205,8 +205,11 @@ class Forwarder:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.config.tcp_keepalive:
                 set_keepalive(sock)
+        for sock in self._listeners:
+            self._relay.add_listener(sock.fileno(), functools.partial(self._accept_all, sock))
+        self._relay.on_tick = self._tick
+        self._relay.tick_interval = min(self.heartbeat_interval / 2 or 1.0, 1.0)
         self._relay.start()
-        self._acceptor.start()
 
     def reconfigure(self, config: Config) -> None:
         """Apply a reloaded config to new connections; established ones are untouched."""
@@ -216,10 +219,7 @@ class Forwarder:
 
     def stop_accepting(self) -> None:
         self._stopping = True
-        self._below_max.set()
-        os.write(self._wake_w, b"x")
-        if self._acceptor.is_alive():
-            self._acceptor.join()
+        self._relay.remove_listeners()
 
     def drain(self, timeout: float) -> bool:
         """Wait up to `timeout` s for connections to end by themselves; True if all did."""
@@ -240,38 +240,15 @@ class Forwarder:
             self.drain(1.0)
         self._pool.stop()
         self._relay.stop()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
 
     # --- accept ----------------------------------------------------------------------
 
-    def _accept_loop(self) -> None:
-        epoll = select.epoll()
-        try:
-            by_fd = {sock.fileno(): sock for sock in self._listeners}
-            for fd in by_fd:
-                epoll.register(fd, select.EPOLLIN)
-            epoll.register(self._wake_r, select.EPOLLIN)
-            timeout = self.heartbeat_interval or -1
-            while not self._stopping:
-                self._beat()
-                if not self._below_max.wait(timeout if timeout > 0 else None):
-                    continue
-                try:
-                    events = epoll.poll(timeout)
-                except InterruptedError:
-                    continue
-                for fd, _ in events:
-                    if fd in by_fd:
-                        self._accept_all(by_fd[fd])
-        finally:
-            epoll.close()
-
-    def _beat(self) -> None:
-        if self.heartbeat is None:
-            return
-        now = time.monotonic()
-        if now - self._last_beat >= self.heartbeat_interval / 2 and self._relay.alive():
+    def _tick(self, now: float) -> None:
+        """On the relay thread, at least every second: the watchdog, the accept back-off."""
+        if self._resume_at and now >= self._resume_at and not self._stopping:
+            self._resume_at = 0.0
+            self._relay.listening(True)
+        if self.heartbeat is not None and now - self._last_beat >= self.heartbeat_interval / 2:
             self._last_beat = now
             self.heartbeat()
 
@@ -282,12 +259,12 @@ class Forwarder:
         for _ in range(_ACCEPT_BATCH):
             if self._stopping:
                 return
-            if self.stats.active >= max_connections:
-                # Leave the rest in the backlog; _on_close lets the acceptor go on.
-                self._below_max.clear()
+            with self.stats.lock:
                 if self.stats.active >= max_connections:
+                    # Leave the rest in the backlog; _released() resumes accepting.
+                    self._paused = True
+                    self._relay.listening(False)
                     return
-                self._below_max.set()
             try:
                 sock, peer = listener.accept()
             except BlockingIOError:
@@ -299,7 +276,8 @@ class Forwarder:
                         f"accept failed: {exc.strerror}; pausing {_ACCEPT_BACKOFF} s",
                         {"CLOSE_REASON": "accept-failed"},
                     )
-                    time.sleep(_ACCEPT_BACKOFF)
+                    self._relay.listening(False)
+                    self._resume_at = time.monotonic() + _ACCEPT_BACKOFF
                     return
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue
@@ -462,8 +440,15 @@ class Forwarder:
     def _handshake_failed(self, info: ConnInfo, exc: Rejected) -> None:
         with self.stats.lock:
             self.stats.active -= 1
-        self._below_max.set()
+            self._released()
         self._reject(info, exc)
+
+    def _released(self) -> None:
+        """A connection ended (stats.lock held): accept again if that was the limit."""
+        if self._paused and self.stats.active < self.config.max_connections:
+            self._paused = False
+            if not self._stopping:
+                self._relay.listening(True)
 
     def _reject(self, info: ConnInfo, exc: Rejected) -> None:
         with self.stats.lock:
@@ -488,7 +473,7 @@ class Forwarder:
             self.stats.active -= 1
             self.stats.bytes_in += nin
             self.stats.bytes_out += nout
-        self._below_max.set()
+            self._released()
         if not log.isEnabledFor(logging.INFO):
             return
         fields = _record_fields(info)
@@ -560,7 +545,13 @@ def _target(info: ConnInfo) -> Address:
 
 def send_all(sock: socket.socket, data: bytes, timeout: float) -> None:
     """Send all of `data` on a non-blocking socket, waiting up to `timeout` s for room."""
-    view = memoryview(data)
+    try:
+        sent = sock.send(data)  # a new connection's buffer is empty: this nearly always does
+    except BlockingIOError:
+        sent = 0
+    view = memoryview(data)[sent:]
+    if not view:
+        return
     poller = select.poll()
     poller.register(sock, select.POLLOUT)
     while view:

@@ -16,6 +16,12 @@ LEVELS = {
 
 
 def setup_logging(level: str) -> None:
+    # One record per connection: skip what no line shows (the caller's source location is
+    # a stack walk, the process and thread lookups are more calls on the hot path).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler: logging.Handler
     if under_journald():
         handler = journal_handler()

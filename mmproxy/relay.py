@@ -141,9 +141,34 @@ class Relay:
         self._epoll.register(self._wake, select.EPOLLIN)
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="relay", daemon=True)
+        # Listening sockets share the loop: accepting and relaying on one thread spares
+        # a GIL hand-off per connection. `on_tick` runs at least every `tick_interval` s.
+        self._listeners: dict[int, Callable[[], None]] = {}
+        self.on_tick: Callable[[float], None] | None = None
+        self.tick_interval = 0.0
 
     def start(self) -> None:
         self._thread.start()
+
+    def add_listener(self, fd: int, on_ready: Callable[[], None]) -> None:
+        self._listeners[fd] = on_ready
+        self._epoll.register(fd, select.EPOLLIN)
+
+    def listening(self, on: bool) -> None:
+        """Pause or resume accepting (the listen backlog holds new clients meanwhile)."""
+        for fd in list(self._listeners):
+            try:
+                self._epoll.modify(fd, select.EPOLLIN if on else 0)
+            except OSError:
+                pass  # removed meanwhile
+
+    def remove_listeners(self) -> None:
+        for fd in list(self._listeners):
+            self._listeners.pop(fd, None)
+            try:
+                self._epoll.unregister(fd)
+            except OSError:
+                pass
 
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -188,24 +213,32 @@ class Relay:
     def _run(self) -> None:
         by_fd = self._by_fd
         wake = self._wake
+        listeners = self._listeners
         monotonic = time.monotonic
-        next_sweep = monotonic() + SWEEP_INTERVAL
+        next_sweep = next_tick = monotonic()
         while not self._stopping:
             timed = self.idle_timeout or self.half_close_timeout
+            timeout = min(SWEEP_INTERVAL if timed else 3600.0, self.tick_interval or 3600.0)
             try:
-                events = self._epoll.poll(SWEEP_INTERVAL if timed else -1)
+                events = self._epoll.poll(timeout)
             except InterruptedError:
                 continue
             now = monotonic()
             if timed and now >= next_sweep:
                 next_sweep = now + SWEEP_INTERVAL
                 self._sweep(now)
+            if self.on_tick is not None and now >= next_tick:
+                next_tick = now + self.tick_interval
+                self.on_tick(now)
             for fd, ev in events:
-                if fd == wake:
-                    self._on_wake()
-                    continue
                 conn = by_fd.get(fd)
-                if conn is None or conn.closed:
+                if conn is None:
+                    if fd == wake:
+                        self._on_wake()
+                    elif fd in listeners:
+                        listeners[fd]()
+                    continue
+                if conn.closed:
                     continue
                 conn.last_active = now
                 try:

@@ -8,6 +8,7 @@ replies find their way back only through the policy routing that the README desc
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import os
 import select
@@ -211,6 +212,15 @@ def forbidden_source_reason(host: str, local: LocalAddresses) -> str | None:
     Letting a header claim 127.0.0.1 or this host's own address would let anyone who can
     reach the balancer appear to the application as a local user.
     """
+    reason = _special_address(host)
+    if reason is None and host in local:
+        return "an address of this host"
+    return reason
+
+
+@functools.lru_cache(maxsize=4096)
+def _special_address(host: str) -> str | None:
+    # Cached: parsing an address costs more than the rest of the check, and clients recur.
     addr = ipaddress.ip_address(host)
     if addr.is_loopback:
         return "loopback"
@@ -220,6 +230,4 @@ def forbidden_source_reason(host: str, local: LocalAddresses) -> str | None:
         return "multicast"
     if isinstance(addr, ipaddress.IPv4Address) and addr == ipaddress.IPv4Address("255.255.255.255"):
         return "broadcast"
-    if host in local:
-        return "an address of this host"
     return None

@@ -19,6 +19,7 @@ import yaml
 from mmproxy.config import Address, ConfigError, parse_address
 
 CONFIG_DIR = "/etc/mmproxy"
+EXAMPLE = "example.yaml"
 INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
 
 
@@ -55,6 +56,8 @@ def generate(config_dir: Path, unit_dir: Path) -> list[str]:
     """Write the drop-ins; return the problems found (one line each)."""
     problems = []
     for path in sorted(config_dir.glob("*.yaml")):
+        if path.name == EXAMPLE:
+            continue  # the documented template the package ships, not an instance
         if not INSTANCE_NAME.fullmatch(path.stem):
             problems.append(f"{path}: not a usable instance name, skipped")
             continue

@@ -16,7 +16,9 @@ def test_one_dropin_per_instance(tmp_path: Path) -> None:
     etc.mkdir()
     write(etc, "ssh.yaml", 'listen: "0.0.0.0:2222"\nipv4: "127.0.0.1:22"\n')
     write(etc, "web.yaml", 'listen: ["0.0.0.0:80", "[::]:80", "[::]:8080"]\n')
+    write(etc, "example.yaml", 'listen: "0.0.0.0:2222"\n')
     assert generate(etc, out) == []
+    assert not (out / "mmproxy@example.socket.d").exists()  # the shipped template
     ssh = (out / "mmproxy@ssh.socket.d" / "50-listen.conf").read_text()
     assert "[Socket]\nListenStream=0.0.0.0:2222\n" in ssh
     assert "BindIPv6Only" not in ssh

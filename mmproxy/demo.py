@@ -34,6 +34,8 @@ def serve_demo_app(listener: socket.socket, seen: list[str]) -> None:
             return
         with conn:
             request = conn.recv(1024)
+            if not request:
+                continue  # mmproxy's start-up self-check: it connects, then hangs up
             seen.append(str(Address(peer[0], peer[1])))
             conn.sendall(b"application saw " + seen[-1].encode() + b", got " + request + b"\n")
 

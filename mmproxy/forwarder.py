@@ -126,7 +126,7 @@ class RateLimitedLog:
 class WorkerPool:
     """Threads for hand-shakes that must wait (a header still on its way, a slow target);
     a new one starts only when none is idle, and one idle for `idle_timeout` exits
-    (thread start-up costs ~0.3 ms, so they are reused)."""
+    (thread start-up costs ~0.3 ms, so they are reused meanwhile)."""
 
     def __init__(self, max_workers: int) -> None:
         self._max = max_workers
@@ -135,7 +135,7 @@ class WorkerPool:
         self._idle = 0
         self._queued = 0
         self._threads = 0
-        self.idle_timeout = 30.0
+        self.idle_timeout = 5.0
 
     def submit(self, work: Callable[[], None]) -> None:
         with self._lock:

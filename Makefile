@@ -14,7 +14,7 @@ PYTRICIA := pytricia==1.3.0
 PIP := $(VENV)/bin/pip
 INSTALL_NEEDS := venv
 
-.PHONY: all deps venv demo test lint typecheck unit integration system install deb clean
+.PHONY: all deps venv demo test lint typecheck unit integration system install deb fuzz clean
 
 all: test
 
@@ -95,6 +95,16 @@ deb:
 	rm -f $(DEB_DIST)/mmproxy_*.deb
 	cp $(DEB_BUILD)/mmproxy_*.deb $(DEB_DIST)/
 	@ls -l $(DEB_DIST)/mmproxy_*.deb
+
+# Coverage-guided fuzzing (atheris) of the codec and the config loader, 1,000,000 runs
+# each; new interesting inputs are added to tests/fuzz/corpus/. `make test` runs a short
+# version (tests/test_fuzz.py).
+FUZZ_RUNS ?= 1000000
+fuzz: venv
+	$(PY) tests/fuzz/fuzz_proxy_protocol.py -runs=$(FUZZ_RUNS) -max_len=1024 -print_final_stats=1 \
+		tests/fuzz/corpus/proxy_protocol
+	$(PY) tests/fuzz/fuzz_config.py -runs=$(FUZZ_RUNS) -max_len=1024 -print_final_stats=1 \
+		tests/fuzz/corpus/config
 
 test: lint typecheck
 	$(VENV)/bin/pytest -q

@@ -102,7 +102,10 @@ class _PortBusy(Exception):
 def _start(
     target: Address, source: Address | None, mark: int, keepalive: bool, keep_port: bool
 ) -> socket.socket:
-    sock = socket.socket(target.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    try:
+        sock = socket.socket(target.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    except OSError as exc:  # EMFILE, ENOBUFS: this connection fails, the daemon goes on
+        raise UpstreamError(f"cannot open a socket to {target}: {exc.strerror}") from exc
     try:
         if source is not None:
             _make_transparent(sock, target.family, mark)

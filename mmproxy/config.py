@@ -756,6 +756,9 @@ def _compose(path: str, text: str) -> Node | None:
         if isinstance(character, int):
             reason = f"unacceptable character #x{character:04x}: {reason}"
         raise ConfigError(f"YAML syntax error: {reason}", path=path, line=line) from None
+    except (ValueError, OverflowError) as exc:
+        # PyYAML lets some escapes through unchecked: "\U4DDDDDDD" is beyond Unicode.
+        raise ConfigError(f"YAML syntax error: {exc}", path=path) from None
 
 
 def _read_file(path: str) -> dict[str, _Setting]:

@@ -28,7 +28,7 @@ def listen_addresses(path: Path) -> list[Address]:
     service reports that one, with its line, when it starts)."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+    except (OSError, ValueError, OverflowError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read: {exc}", path=str(path)) from exc
     listen = data.get("listen") if isinstance(data, dict) else None
     items = [listen] if isinstance(listen, str) else listen

@@ -851,3 +851,11 @@ def test_example_networks_file_line_works_when_uncommented(tmp_path: Path) -> No
     )
     config = load_text(tmp_path, text)
     assert ip_network("192.0.2.0/24") in config.allowed_networks
+
+
+def test_an_escape_beyond_unicode_is_a_syntax_error(tmp_path: Path) -> None:
+    # Found by the fuzzer: PyYAML raised a bare ValueError from chr().
+    path = tmp_path / "bad.yaml"
+    path.write_text('listen: "\\U4DDDDDDD"\n')
+    with pytest.raises(ConfigError, match="YAML syntax error"):
+        load_config(str(path))

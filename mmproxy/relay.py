@@ -1,4 +1,5 @@
-"""The relay: one epoll thread moves the bytes of every established connection.
+"""The relay: one epoll thread moves the bytes of every established connection (and,
+through add_listener, runs the forwarder's accept loop too).
 
 Bytes go socket -> pipe -> socket with splice(2), so they never enter Python. An idle
 connection holds its two sockets and nothing else: a pipe is taken from a shared pool

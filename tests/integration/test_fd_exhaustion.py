@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 
 from mmproxy.proxy_protocol import encode_v1
@@ -28,9 +29,14 @@ def test_emfile_backs_off_and_recovers(lo_net: Net, run_mmproxy: Callable[..., M
     assert proc.proc.poll() is None  # still running
     for sock in held:
         sock.close()
-    # Once the fds are back, a new client is served as usual.
-    with lo_net.gw.connect(("127.0.0.1", 2222), timeout=20) as sock:
-        sock.sendall(encode_v1("TCP4", (CLIENT4, 44999), ("198.51.100.1", 2222)))
-        assert sock.makefile("rb").readline() == f"{CLIENT4} 44999\n".encode()
+    # Once mmproxy has closed its side of those (asynchronously), new clients are served.
+    deadline = time.monotonic() + 15
+    answer = b""
+    while not answer and time.monotonic() < deadline:
+        with lo_net.gw.connect(("127.0.0.1", 2222), timeout=20) as sock:
+            sock.sendall(encode_v1("TCP4", (CLIENT4, 44999), ("198.51.100.1", 2222)))
+            answer = sock.makefile("rb").readline()  # b"": closed for lack of fds, retry
+        time.sleep(0.1)
+    assert answer == f"{CLIENT4} 44999\n".encode()
     proc.proc.send_signal(signal.SIGTERM)
     assert proc.proc.wait(30) == 0

@@ -325,9 +325,7 @@ class Forwarder:
             self._pool.submit(lambda: self._handshake_later(client, info, data))
             return
         except InvalidHeader as exc:
-            self._fail(
-                client, None, info, Rejected("invalid-header", f"invalid PROXY header: {exc}")
-            )
+            self._fail(client, None, info, _invalid_header(exc))
             return
         if header is None:
             self._fail(client, None, info, _closed_before_header(data))
@@ -340,7 +338,7 @@ class Forwarder:
             self._fail(client, None, info, exc)
             return
         except UpstreamError as exc:
-            self._fail(client, upstream, info, Rejected("target-unavailable", str(exc)))
+            self._fail(client, upstream, info, _unavailable(exc))
             return
         if connected:
             self._established(client, upstream, info, early)
@@ -364,7 +362,7 @@ class Forwarder:
         try:
             finish_upstream(upstream, _target(info), self.config.connect_timeout)
         except UpstreamError as exc:
-            self._fail(client, upstream, info, Rejected("target-unavailable", str(exc)))
+            self._fail(client, upstream, info, _unavailable(exc))
             return
         self._established(client, upstream, info, early)
 
@@ -376,7 +374,7 @@ class Forwarder:
         try:
             return start_upstream(info.target, info.client, config.mark, config.tcp_keepalive)
         except UpstreamError as exc:
-            raise Rejected("target-unavailable", str(exc)) from exc
+            raise _unavailable(exc) from exc
 
     def _established(
         self, client: socket.socket, upstream: socket.socket, info: ConnInfo, early: bytes
@@ -520,8 +518,16 @@ def read_header(
         except IncompleteHeader:
             continue
         except InvalidHeader as exc:
-            raise Rejected("invalid-header", f"invalid PROXY header: {exc}") from exc
+            raise _invalid_header(exc) from exc
         return header, data[header.length :]
+
+
+def _invalid_header(exc: InvalidHeader) -> Rejected:
+    return Rejected("invalid-header", f"invalid PROXY header: {exc}")
+
+
+def _unavailable(exc: UpstreamError) -> Rejected:
+    return Rejected("target-unavailable", str(exc))
 
 
 def _read_error(exc: OSError) -> Rejected:

@@ -35,6 +35,7 @@ from mmproxy.relay import Connection, Relay
 from mmproxy.transparent import (
     LocalAddresses,
     UpstreamError,
+    connect_failure,
     finish_upstream,
     forbidden_source_reason,
     set_keepalive,
@@ -182,7 +183,6 @@ class Forwarder:
         self._rejections = RateLimitedLog()
         self._relay = Relay(self._on_close)
         self._apply_timeouts(config)
-        self._pool = WorkerPool(max_workers=config.max_connections)
         self._stopping = False
         self._paused = False  # at max_connections: new clients wait in the backlog
         self._resume_at = 0.0  # after an accept error such as EMFILE: back off until then
@@ -238,7 +238,6 @@ class Forwarder:
             )
             self._relay.close_all("mmproxy is stopping")
             self.drain(1.0)
-        self._pool.stop()
         self._relay.stop()
 
     # --- accept ----------------------------------------------------------------------
@@ -300,71 +299,165 @@ class Forwarder:
         try:
             self._handshake_now(sock, info)
         except Exception as exc:  # a bug must cost one connection, not the acceptor
-            log.exception("unexpected error during a hand-shake")
-            sock.close()
-            self._handshake_failed(info, Rejected("internal-error", repr(exc)))
+            self._internal_error(info, (sock,), exc)
 
     # --- hand-shake ------------------------------------------------------------------
-    # Usually the header arrives with the connection and the local target accepts at
-    # once: then the acceptor thread does it all (no thread hand-off, the cheapest path).
-    # Whatever would wait moves to a worker, so the accept loop never waits on a client.
+    # All of it runs on the relay thread. Usually the header came with the connection and
+    # the local target accepts at once, so nothing waits; a step that must wait (a header
+    # still on its way, a connect under way) has the loop watch the socket and resumes
+    # when it is ready (Relay.watch), with the header or connect timeout as its deadline.
+    # No thread hand-off, hence no GIL hand-off, on any path.
 
     def _handshake_now(self, client: socket.socket, info: ConnInfo) -> None:
         client.setblocking(False)
+        self._read_header(client, info, b"", 0.0)
+
+    def _read_header(
+        self, client: socket.socket, info: ConnInfo, data: bytes, deadline: float
+    ) -> None:
+        """Read what the client sent so far; `deadline` 0: not waited yet."""
         try:
-            data = client.recv(_RECV_SIZE)
+            chunk = client.recv(_RECV_SIZE)
         except BlockingIOError:
-            self._pool.submit(lambda: self._handshake_later(client, info, b""))
+            self._wait_for_header(client, info, data, deadline)
             return
         except OSError as exc:
             self._fail(client, None, info, _read_error(exc))
             return
+        if not chunk:
+            self._fail(client, None, info, _closed_before_header(data))
+            return
+        data += chunk
         try:
-            header = parse(data) if data else None
+            header = parse(data)
         except IncompleteHeader:
-            self._pool.submit(lambda: self._handshake_later(client, info, data))
+            self._wait_for_header(client, info, data, deadline)
             return
         except InvalidHeader as exc:
             self._fail(client, None, info, _invalid_header(exc))
             return
-        if header is None:
-            self._fail(client, None, info, _closed_before_header(data))
-            return
-        early = data[header.length :]
+        self._connect(client, info, header, data[header.length :])
+
+    def _wait_for_header(
+        self, client: socket.socket, info: ConnInfo, data: bytes, deadline: float
+    ) -> None:
+        timeout = self.config.header_timeout
+        deadline = deadline or time.monotonic() + timeout
+        expired = Rejected(
+            "header-timeout",
+            f"no complete PROXY header within {timeout:g} s ({len(data)} bytes received)",
+        )
+        self._relay.watch(
+            client.fileno(),
+            select.EPOLLIN | select.EPOLLRDHUP,
+            deadline,
+            self._later(info, (client,), self._read_header, client, info, data, deadline),
+            self._later(info, (client,), self._fail, client, None, info, expired),
+        )
+
+    def _connect(
+        self, client: socket.socket, info: ConnInfo, header: ProxyHeader, early: bytes
+    ) -> None:
         try:
             upstream = self._start_upstream(header, info)
-            connected = finish_upstream(upstream, _target(info), 0)
         except Rejected as exc:
             self._fail(client, None, info, exc)
             return
+        if early:
+            self._send_early(client, upstream, info, early, len(early), 0.0)
+        else:
+            self._await_connect(client, upstream, info, 0.0)
+
+    def _send_early(
+        self,
+        client: socket.socket,
+        upstream: socket.socket,
+        info: ConnInfo,
+        early: bytes,
+        total: int,
+        deadline: float,
+    ) -> None:
+        """Send the bytes that came after the header. Sent at once, they also prove the
+        connect done, which spares a poll() and a getsockopt(): a socket still connecting
+        says EAGAIN, one whose connect failed gives the reason."""
+        try:
+            sent = upstream.send(early)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._fail(client, upstream, info, _early_send_failed(_target(info), exc))
+            return
+        if sent < len(early):
+            self._wait_for_target(
+                client, upstream, info, deadline,
+                self._send_early, client, upstream, info, early[sent:], total,
+            )  # fmt: skip
+            return
+        self._established(client, upstream, info, total)
+
+    def _await_connect(
+        self, client: socket.socket, upstream: socket.socket, info: ConnInfo, deadline: float
+    ) -> None:
+        try:
+            connected = finish_upstream(upstream, _target(info), 0)
         except UpstreamError as exc:
             self._fail(client, upstream, info, _unavailable(exc))
             return
         if connected:
-            self._established(client, upstream, info, early)
+            self._established(client, upstream, info, 0)
         else:
-            self._pool.submit(lambda: self._connect_later(client, upstream, info, early))
+            self._wait_for_target(
+                client, upstream, info, deadline, self._await_connect, client, upstream, info
+            )
 
-    def _handshake_later(self, client: socket.socket, info: ConnInfo, data: bytes) -> None:
-        """On a worker: finish reading the header, with the header timeout."""
-        try:
-            header, early = read_header(client, self.config.header_timeout, data)
-            upstream = self._start_upstream(header, info)
-        except Rejected as exc:
-            self._fail(client, None, info, exc)
-            return
-        self._connect_later(client, upstream, info, early)
-
-    def _connect_later(
-        self, client: socket.socket, upstream: socket.socket, info: ConnInfo, early: bytes
+    def _wait_for_target(
+        self,
+        client: socket.socket,
+        upstream: socket.socket,
+        info: ConnInfo,
+        deadline: float,
+        step: Callable[..., None],
+        *args: object,
     ) -> None:
-        """On a worker: wait for the target, with the connect timeout."""
-        try:
-            finish_upstream(upstream, _target(info), self.config.connect_timeout)
-        except UpstreamError as exc:
-            self._fail(client, upstream, info, _unavailable(exc))
-            return
-        self._established(client, upstream, info, early)
+        """Resume `step(*args, deadline)` when the target's socket is writable."""
+        timeout = self.config.connect_timeout
+        deadline = deadline or time.monotonic() + timeout
+        expired = _unavailable(
+            UpstreamError(f"target {_target(info)} did not answer within {timeout:g} s")
+        )
+        socks = (client, upstream)
+        self._relay.watch(
+            upstream.fileno(),
+            select.EPOLLOUT,
+            deadline,
+            self._later(info, socks, step, *args, deadline),
+            self._later(info, socks, self._fail, client, upstream, info, expired),
+        )
+
+    def _later(
+        self,
+        info: ConnInfo,
+        socks: tuple[socket.socket, ...],
+        step: Callable[..., None],
+        *args: object,
+    ) -> Callable[[], None]:
+        """`step(*args)` for the relay to call later, with _admit's guard around it."""
+
+        def run() -> None:
+            try:
+                step(*args)
+            except Exception as exc:  # a bug must cost one connection, not the relay
+                self._internal_error(info, socks, exc)
+
+        return run
+
+    def _internal_error(
+        self, info: ConnInfo, socks: tuple[socket.socket, ...], exc: Exception
+    ) -> None:
+        log.exception("unexpected error during a hand-shake")
+        for sock in socks:
+            sock.close()
+        self._handshake_failed(info, Rejected("internal-error", repr(exc)))
 
     def _start_upstream(self, header: ProxyHeader, info: ConnInfo) -> socket.socket:
         config = self.config
@@ -377,17 +470,10 @@ class Forwarder:
             raise _unavailable(exc) from exc
 
     def _established(
-        self, client: socket.socket, upstream: socket.socket, info: ConnInfo, early: bytes
+        self, client: socket.socket, upstream: socket.socket, info: ConnInfo, early: int
     ) -> None:
-        if early:
-            try:
-                send_all(upstream, early, self.config.connect_timeout)
-            except OSError as exc:
-                reason = Rejected("early-data", f"sending the bytes after the header: {exc}")
-                self._fail(client, upstream, info, reason)
-                return
         conn = Connection(client, upstream, info)
-        conn.inbound.nbytes = len(early)
+        conn.inbound.nbytes = early
         self._relay.add(conn)
 
     def _fail(
@@ -530,6 +616,23 @@ def _unavailable(exc: UpstreamError) -> Rejected:
     return Rejected("target-unavailable", str(exc))
 
 
+# What sending on a socket whose connect failed says (the error the connect met).
+_CONNECT_ERRNOS = {
+    errno.ECONNREFUSED,
+    errno.ETIMEDOUT,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.EHOSTDOWN,
+    errno.ENETDOWN,
+}
+
+
+def _early_send_failed(target: Address, exc: OSError) -> Rejected:
+    if exc.errno in _CONNECT_ERRNOS:
+        return _unavailable(connect_failure(target, exc.errno))
+    return Rejected("early-data", f"sending the bytes after the header: {exc}")
+
+
 def _read_error(exc: OSError) -> Rejected:
     return Rejected("balancer-error", f"reading the header: {exc.strerror or exc}")
 
@@ -547,25 +650,6 @@ def _closed_before_header(data: bytes) -> Rejected:
 def _target(info: ConnInfo) -> Address:
     assert info.target is not None  # set by _start_upstream before any connect
     return info.target
-
-
-def send_all(sock: socket.socket, data: bytes, timeout: float) -> None:
-    """Send all of `data` on a non-blocking socket, waiting up to `timeout` s for room."""
-    try:
-        sent = sock.send(data)  # a new connection's buffer is empty: this nearly always does
-    except BlockingIOError:
-        sent = 0
-    view = memoryview(data)[sent:]
-    if not view:
-        return
-    poller = select.poll()
-    poller.register(sock, select.POLLOUT)
-    while view:
-        try:
-            view = view[sock.send(view) :]
-        except BlockingIOError:
-            if not poller.poll(timeout * 1000):
-                raise TimeoutError(f"no room to send within {timeout:g} s") from None
 
 
 def _format_peer(peer: tuple[str, int]) -> str:

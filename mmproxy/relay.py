@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import heapq
+import itertools
 import logging
 import os
 import queue
@@ -113,6 +115,22 @@ class Connection:
 OnClose = Callable[[Connection, str], None]
 
 
+class _Watch:
+    """A socket the loop waits on before it becomes a connection (a header still on its
+    way, a connect under way): `on_ready` at its first event, else `on_expire` at the
+    deadline. Waiting here instead of on a thread spares two GIL hand-offs."""
+
+    __slots__ = ("deadline", "fd", "on_expire", "on_ready")
+
+    def __init__(
+        self, fd: int, deadline: float, on_ready: Callable[[], None], on_expire: Callable[[], None]
+    ) -> None:
+        self.fd = fd
+        self.deadline = deadline
+        self.on_ready = on_ready
+        self.on_expire = on_expire
+
+
 class _Abort(Exception):
     def __init__(self, reason: str, reset_peer: bool) -> None:
         super().__init__(reason)
@@ -147,6 +165,10 @@ class Relay:
         self._listeners: dict[int, Callable[[], None]] = {}
         self.on_tick: Callable[[float], None] | None = None
         self.tick_interval = 0.0
+        self._watches: dict[int, _Watch] = {}
+        # (deadline, sequence, watch): a heap, entries of watches already gone are skipped.
+        self._deadlines: list[tuple[float, int, _Watch]] = []
+        self._sequence = itertools.count()
 
     def start(self) -> None:
         self._thread.start()
@@ -185,6 +207,25 @@ class Relay:
         self._epoll.register(conn.inbound.src, EVENTS)
         self._epoll.register(conn.outbound.src, EVENTS)
 
+    def watch(
+        self,
+        fd: int,
+        events: int,
+        deadline: float,
+        on_ready: Callable[[], None],
+        on_expire: Callable[[], None],
+    ) -> None:
+        """Relay thread only: call `on_ready` once `fd` has one of `events` (or an error),
+        or `on_expire` at `deadline` (time.monotonic()); the fd is unregistered first."""
+        watch = _Watch(fd, deadline, on_ready, on_expire)
+        self._watches[fd] = watch
+        heapq.heappush(self._deadlines, (deadline, next(self._sequence), watch))
+        self._epoll.register(fd, events)
+
+    def waiting(self) -> int:
+        """Sockets watched now (not yet connections)."""
+        return len(self._watches)
+
     def connections(self) -> list[Connection]:
         return list(set(self._by_fd.values()))
 
@@ -194,6 +235,8 @@ class Relay:
         def finish_all() -> None:
             for conn in self.connections():
                 self._finish(conn, reason)
+            for watch in list(self._watches.values()):
+                self._unwatch(watch)[1]()
 
         self._request(finish_all)
 
@@ -215,16 +258,22 @@ class Relay:
         by_fd = self._by_fd
         wake = self._wake
         listeners = self._listeners
+        watches = self._watches
+        deadlines = self._deadlines
         monotonic = time.monotonic
         next_sweep = next_tick = monotonic()
         while not self._stopping:
             timed = self.idle_timeout or self.half_close_timeout
             timeout = min(SWEEP_INTERVAL if timed else 3600.0, self.tick_interval or 3600.0)
+            if deadlines:
+                timeout = max(0.0, min(timeout, deadlines[0][0] - monotonic()))
             try:
                 events = self._epoll.poll(timeout)
             except InterruptedError:
                 continue
             now = monotonic()
+            if deadlines and deadlines[0][0] <= now:
+                self._expire(now)
             if timed and now >= next_sweep:
                 next_sweep = now + SWEEP_INTERVAL
                 self._sweep(now)
@@ -234,7 +283,10 @@ class Relay:
             for fd, ev in events:
                 conn = by_fd.get(fd)
                 if conn is None:
-                    if fd == wake:
+                    watch = watches.get(fd)
+                    if watch is not None:
+                        self._call(self._unwatch(watch)[0])
+                    elif fd == wake:
                         self._on_wake()
                     elif fd in listeners:
                         listeners[fd]()
@@ -249,6 +301,32 @@ class Relay:
                 except Exception:  # never let one connection take the relay down
                     log.exception("relay error on one connection; closing it")
                     self._finish(conn, "internal error")
+
+    def _unwatch(self, watch: _Watch) -> tuple[Callable[[], None], Callable[[], None]]:
+        """Stop watching; returns (on_ready, on_expire). The heap keeps the entry until
+        its deadline, so the callbacks (and the sockets they hold) are let go now."""
+        del self._watches[watch.fd]
+        try:
+            self._epoll.unregister(watch.fd)
+        except OSError:
+            pass  # closed meanwhile
+        callbacks = watch.on_ready, watch.on_expire
+        watch.on_ready = watch.on_expire = _nothing
+        return callbacks
+
+    def _expire(self, now: float) -> None:
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            watch = heapq.heappop(deadlines)[2]
+            if self._watches.get(watch.fd) is watch:
+                self._call(self._unwatch(watch)[1])
+
+    @staticmethod
+    def _call(fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception:  # never let one hand-shake take the relay down
+            log.exception("error in a hand-shake step on the relay thread")
 
     def _sweep(self, now: float) -> None:
         """Close connections idle, or half-closed, for longer than allowed."""
@@ -344,6 +422,10 @@ class Relay:
             self._on_close(conn, reason)
         except Exception:
             log.exception("error while recording a closed connection")
+
+
+def _nothing() -> None:
+    pass
 
 
 def _side(conn: Connection, fd: int) -> str:

@@ -160,6 +160,11 @@ def _bind_source(sock: socket.socket, source: Address, keep_port: bool) -> None:
         raise UpstreamError(f"cannot bind the client address {source}: {exc.strerror}") from exc
 
 
+def connect_failure(target: Address, error: int) -> UpstreamError:
+    """The UpstreamError for a connect that failed with errno `error`."""
+    return UpstreamError(_describe_connect_error(target, error))
+
+
 def _describe_connect_error(target: Address, error: int) -> str:
     if error == errno.ECONNREFUSED:
         return f"target {target} refused the connection (is the application running?)"

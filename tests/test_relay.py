@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import socket
 import threading
 import time
@@ -153,3 +154,49 @@ def test_a_half_closed_connection_is_closed_after_its_timeout(
     h.client.shutdown(socket.SHUT_WR)
     assert h.app.recv(1) == b""
     assert h.wait_closed(timeout=5) == "half-closed by the client for more than 0.5 s"
+
+
+def watch_on_loop(r: Relay, fd: int, events: int, timeout: float) -> list[str]:
+    """Relay.watch, called on the relay thread as its contract says; returns what fired."""
+    fired: list[str] = []
+    deadline = time.monotonic() + timeout
+
+    def arm() -> None:
+        r.watch(fd, events, deadline, lambda: fired.append("ready"), lambda: fired.append("x"))
+
+    r._request(arm)
+    return fired
+
+
+def wait_for(fired: list[str], timeout: float = 5.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while not fired and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return fired
+
+
+def test_a_watched_socket_is_reported_once_when_ready(relay: tuple[Relay, list]) -> None:
+    r, _ = relay
+    a, b = tcp_pair()
+    fired = watch_on_loop(r, b.fileno(), select.EPOLLIN, 5.0)
+    time.sleep(0.05)
+    assert fired == []
+    a.sendall(b"x")
+    assert wait_for(fired) == ["ready"]
+    a.sendall(b"y")  # unregistered after the first event: no second call
+    time.sleep(0.05)
+    assert fired == ["ready"] and r.waiting() == 0
+    a.close()
+    b.close()
+
+
+def test_a_watched_socket_expires_at_its_deadline(relay: tuple[Relay, list]) -> None:
+    r, _ = relay
+    a, b = tcp_pair()
+    started = time.monotonic()
+    fired = watch_on_loop(r, b.fileno(), select.EPOLLIN, 0.2)
+    assert wait_for(fired) == ["x"]
+    assert 0.15 < time.monotonic() - started < 2.0
+    assert r.waiting() == 0
+    a.close()
+    b.close()

@@ -269,6 +269,14 @@ def _integer(low: int, high: int, extra: str = "") -> Callable[[_Value], int]:
     return parse
 
 
+def _parse_workers(value: _Value) -> int:
+    """ "auto" is 0 (one worker process per CPU mmproxy may run on), else the count."""
+    data = value.data
+    if value.kind == "scalar" and isinstance(data, str) and data.strip().lower() == "auto":
+        return 0
+    return _integer(1, 256, ' or "auto"')(value)
+
+
 def _parse_table(value: _Value) -> int:
     table = _integer(1, U32_MAX, " other than 253, 254 and 255")(value)
     if table in RESERVED_TABLES:
@@ -621,6 +629,7 @@ KEYS: tuple[Key, ...] = (
     Key("header_timeout", _parse_header_timeout, 5.0, "how long to wait for the PROXY header"),
     Key("connect_timeout", _parse_connect_timeout, 5.0, "how long to wait for the backend"),
     Key("max_connections", _integer(1, 1_000_000), 10000, "concurrent connections at most"),
+    Key("workers", _parse_workers, 0, "worker processes; 0 is auto: one per CPU"),
     Key("allow_local_sources", _parse_bool, False, "accept loopback/unspecified client sources"),
     Key("log_level", _parse_log_level, "info", "one of debug, info, warning, error"),
     Key("follow_destination_port", _parse_bool, False, "target port = the header's dest port"),
@@ -651,6 +660,7 @@ class Config:
     header_timeout: float = 5.0
     connect_timeout: float = 5.0
     max_connections: int = 10000
+    workers: int = 0  # "auto": one per CPU
     allow_local_sources: bool = False
     log_level: str = "info"
     follow_destination_port: bool = False

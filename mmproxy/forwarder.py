@@ -71,6 +71,27 @@ class Stats:
     rejected: Counter[str] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    def snapshot(self) -> dict[str, object]:
+        """The counters as plain data (a worker process sends them to the supervisor)."""
+        with self.lock:
+            return {
+                "active": self.active,
+                "total": self.total,
+                "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out,
+                "rejected": dict(self.rejected),
+            }
+
+    def add(self, snapshot: dict[str, object]) -> None:
+        """Add another process's snapshot to these counters."""
+        for name in ("active", "total", "bytes_in", "bytes_out"):
+            value = snapshot.get(name, 0)
+            assert isinstance(value, int)
+            setattr(self, name, getattr(self, name) + value)
+        rejected = snapshot.get("rejected", {})
+        assert isinstance(rejected, dict)
+        self.rejected.update(rejected)
+
     def summary(self) -> str:
         rejected = ", ".join(f"{k} {v}" for k, v in sorted(self.rejected.items())) or "none"
         return (

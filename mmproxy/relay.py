@@ -175,15 +175,23 @@ class Relay:
 
     def add_listener(self, fd: int, on_ready: Callable[[], None]) -> None:
         self._listeners[fd] = on_ready
-        self._epoll.register(fd, select.EPOLLIN)
+        self._listen(fd)
+
+    def _listen(self, fd: int) -> None:
+        # Worker processes share the listening sockets: EPOLLEXCLUSIVE wakes one of them
+        # per new client, not all (the others would find the backlog empty).
+        self._epoll.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
 
     def listening(self, on: bool) -> None:
         """Pause or resume accepting (the listen backlog holds new clients meanwhile)."""
         for fd in list(self._listeners):
+            # An exclusive registration cannot be modified: it is removed and added again.
             try:
-                self._epoll.modify(fd, select.EPOLLIN if on else 0)
+                self._epoll.unregister(fd)
             except OSError:
-                pass  # removed meanwhile
+                pass  # paused already
+            if on:
+                self._listen(fd)
 
     def remove_listeners(self) -> None:
         for fd in list(self._listeners):

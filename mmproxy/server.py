@@ -13,6 +13,7 @@ from mmproxy.config import Address, Config, ConfigError
 from mmproxy.forwarder import Forwarder
 from mmproxy.log import set_level
 from mmproxy.systemd import Notifier, listen_sockets
+from mmproxy.workers import Supervisor, worker_count
 
 log = logging.getLogger("mmproxy")
 
@@ -112,17 +113,22 @@ class Server:
         )
         return False
 
-    def start(self) -> Forwarder:
-        """Take the listening sockets and start forwarding."""
+    def open_listeners(self) -> None:
+        """Take the listening sockets from systemd, or bind them."""
         activated = listen_sockets()
         self._activated = activated is not None
         self.listeners = activated if activated is not None else bind_listeners(self.config.listen)
+
+    def start(self) -> Forwarder:
+        """Take the listening sockets (unless a worker inherited them) and start forwarding."""
+        if not self.listeners:
+            self.open_listeners()
         self.forwarder = Forwarder(self.config, self.listeners)
         if self.notifier.watchdog_interval:
             self.forwarder.heartbeat = self.notifier.watchdog
             self.forwarder.heartbeat_interval = self.notifier.watchdog_interval
         self.forwarder.start()
-        how = "from systemd" if activated is not None else "bound"
+        how = "from systemd" if self._activated else "bound"
         for sock in self.listeners:
             log.info("listening on %s (%s)", _sockname(sock), how)
         return self.forwarder
@@ -132,6 +138,8 @@ class Server:
         self.install_signal_handlers()
         if not self.self_check():
             return 1
+        if worker_count(self.config) > 1:
+            return Supervisor(self, self._reload_config).run()
         forwarder = self.start()
         self.notifier.ready(self.status())
         while True:

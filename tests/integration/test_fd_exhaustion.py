@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from mmproxy.proxy_protocol import encode_v1
 
@@ -16,10 +17,19 @@ from .conftest import CLIENT4, Mmproxy, Net, start_backend
 FD_LIMIT = 64  # mmproxy needs ~10 of its own; each connection takes 2
 
 
+def process_tree(pid: int) -> list[int]:
+    found = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            found += process_tree(int(child))
+    return found
+
+
 def test_emfile_backs_off_and_recovers(lo_net: Net, run_mmproxy: Callable[..., Mmproxy]) -> None:
     app = start_backend(lo_net.gw, "127.0.0.1")
     proc = run_mmproxy(lo_net, ipv4=app.address)
-    subprocess.run(["prlimit", f"--pid={proc.proc.pid}", f"--nofile={FD_LIMIT}"], check=True)
+    for pid in process_tree(proc.proc.pid):  # the supervisor and its worker processes
+        subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={FD_LIMIT}"], check=True)
     held = []
     for i in range(60):  # far more than FD_LIMIT allows at once
         sock = lo_net.gw.connect(("127.0.0.1", 2222), timeout=20)

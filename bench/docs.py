@@ -29,9 +29,9 @@ METHOD = """\
   - *direct*: the client connects straight to the application, no header — the limit of
     this machine for connections (for one bulk stream, see below);
   - *mmproxy*: `python -m mmproxy -l 198.51.100.1:8001 -4 127.0.0.1:9000 -a FILE --mark 123 -q`,
-    unpinned, as the CLI runs it (`-q`: no per-connection log line; the peers log none);
-  - *mmproxy (taskset -c 1)*: the same, under `taskset -c 1` (one CPU: no GIL hand-over
-    between cores);
+    unpinned, as the CLI runs it (`-q`: no per-connection log line; the peers log none;
+    `workers: auto`, its default: one worker process per CPU, two here);
+  - *mmproxy (taskset -c 1)*: the same, under `taskset -c 1` (one CPU, so one process);
   - *go-mmproxy*: Debian's package, `-l … -4 127.0.0.1:9000 -allowed-subnets FILE -mark 123 -v 0`;
   - *HAProxy*: Debian's 2.6, `bind … accept-proxy`, `server app 127.0.0.1:9000 source 0.0.0.0
     usesrc clientip`, `option splice-request`, `option splice-response`, `maxconn` above the
@@ -48,15 +48,17 @@ METHOD = """\
   request in one write, reads the 64-byte reply, closes, and starts again. Latency is from
   `connect()` to the last reply byte.
 - **3. Concurrency**: the idle connections are opened (at most 200 hand-shakes at a time)
-  and held; the gateway's RSS, threads and open fds are read from /proc while all are
-  held, then every connection is pinged through the gateway and must echo. Per-connection
-  figures are the growth since start-up divided by the connections held. The load
-  generator and the application are separate processes, because each holds one socket
-  per connection and the gateway holds two, under a limit of 20,000 fds per process.
-- **4. Efficiency**: the gateway process's own utime+stime from `/proc/PID/stat` (all its
-  threads), read just before and after each workload: CPU-s per GiB moved (both ways
-  together) and per 1,000 connections of the rate test. This is the figure least distorted
-  by the shared 2-core machine and by the load generator, which runs on the same cores.
+  and held; the gateway's RSS, threads and open fds (of all its processes, added up) are
+  read from /proc while all are held, then every connection is pinged through the
+  gateway and must echo. Per-connection figures are the growth since start-up divided by
+  the connections held. The load generator and the application are separate processes,
+  because each holds one socket per connection and the gateway holds two, under a limit
+  of 20,000 fds per process.
+- **4. Efficiency**: the gateway's own utime+stime from `/proc/PID/stat` (all its
+  threads, and its child processes: mmproxy's workers), read just before and after each
+  workload: CPU-s per GiB moved (both ways together) and per 1,000 connections of the
+  rate test. This is the figure least distorted by the shared 2-core machine and by the
+  load generator, which runs on the same cores.
 - Nothing is pinned except the *taskset* variant; the CPU affinity each gateway ran with is
   in the concurrency table and in the JSON.
 

@@ -11,12 +11,42 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 TCP_LISTEN = "0A"
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of the whole process (threads that ended included)."""
+def _stat_fields(pid: int) -> list[str]:
     with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    # fields[0] is field 3 (state): utime and stime are fields 14 and 15.
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        # fields[0] is field 3 (state): utime, stime, cutime, cstime are fields 14 to 17.
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (a gateway may fork worker processes)."""
+    found = [pid]
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as f:
+                children = f.read().split()
+        except OSError:
+            continue
+        for child in children:
+            found += process_tree(int(child))
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the whole gateway: the process (threads that ended included),
+    its live child processes, and the children it has reaped (cutime + cstime)."""
+    fields = _stat_fields(pid)
+    ticks = sum(int(v) for v in fields[11:15])
+    for child in process_tree(pid)[1:]:
+        try:
+            child_fields = _stat_fields(child)
+        except OSError:
+            continue  # ended meanwhile: its time is in its parent's cutime once reaped
+        ticks += int(child_fields[11]) + int(child_fields[12])
+    return ticks / CLK_TCK
 
 
 @dataclass(frozen=True)
@@ -30,18 +60,34 @@ class Footprint:
         return asdict(self)
 
 
-def footprint(pid: int) -> Footprint:
+def _status(pid: int) -> dict[str, str]:
     status: dict[str, str] = {}
     with open(f"/proc/{pid}/status", encoding="ascii") as f:
         for line in f:
             key, _, value = line.partition(":")
             status[key] = value.strip()
-    return Footprint(
-        rss_kib=int(status["VmRSS"].split()[0]),
-        threads=int(status["Threads"]),
-        fds=len(os.listdir(f"/proc/{pid}/fd")),
-        cpus_allowed=status["Cpus_allowed_list"],
-    )
+    return status
+
+
+def footprint(pid: int) -> Footprint:
+    """RSS, threads and fds of the process and its child processes added up (shared
+    pages counted in each: per-connection figures are growths, which this does not
+    inflate); the CPU affinity is the process's own."""
+    rss = threads = fds = 0
+    cpus = ""
+    for member in process_tree(pid):
+        try:
+            status = _status(member)
+            member_fds = len(os.listdir(f"/proc/{member}/fd"))
+        except OSError:
+            if member == pid:
+                raise
+            continue  # a child that ended meanwhile
+        rss += int(status["VmRSS"].split()[0])
+        threads += int(status["Threads"])
+        fds += member_fds
+        cpus = cpus or status["Cpus_allowed_list"]
+    return Footprint(rss_kib=rss, threads=threads, fds=fds, cpus_allowed=cpus)
 
 
 def comm(pid: int) -> str:

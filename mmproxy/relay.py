@@ -26,7 +26,11 @@ from collections.abc import Callable
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 # Edge-triggered: a direction is pumped until the kernel says EAGAIN, so no wake-up is lost.
-EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+# EPOLLOUT is added to a socket only once a write to it has met a full buffer: a fresh
+# socket is writable, and asking for EPOLLOUT from the start costs one useless event per
+# socket (two per connection, most of which never fill a buffer).
+EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+EVENTS_AND_OUT = EVENTS | select.EPOLLOUT
 READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 WRITE_EVENTS = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 LINGER_RESET = struct.pack("ii", 1, 0)
@@ -70,13 +74,24 @@ class PipePool:
 class Flow:
     """One direction of a connection: bytes read from `src` and written to `dst`."""
 
-    __slots__ = ("done", "dst", "dst_sock", "name", "nbytes", "pending", "pipe", "src")
+    __slots__ = (
+        "done",
+        "dst",
+        "dst_sock",
+        "dst_watched",
+        "name",
+        "nbytes",
+        "pending",
+        "pipe",
+        "src",
+    )
 
     def __init__(self, name: str, src: socket.socket, dst: socket.socket) -> None:
         self.name = name  # who sends on this flow: "client" or "target"
         self.src = src.fileno()
         self.dst = dst.fileno()
         self.dst_sock = dst
+        self.dst_watched = False  # EPOLLOUT asked for on dst
         self.pipe: tuple[int, int] | None = None
         self.pending = 0
         self.nbytes = 0
@@ -376,7 +391,10 @@ class Relay:
                 try:
                     n = splice(flow.pipe[0], flow.dst, flow.pending, flags=SPLICE_FLAGS)
                 except BlockingIOError:
-                    return  # destination full: resumes on its EPOLLOUT
+                    if not flow.dst_watched:  # resumes on its EPOLLOUT from now on
+                        flow.dst_watched = True
+                        self._epoll.modify(flow.dst, EVENTS_AND_OUT)
+                    return
                 except OSError as exc:
                     raise _write_abort(flow, conn, exc) from exc
                 flow.pending -= n
@@ -399,6 +417,8 @@ class Relay:
                 if conn.first_eof is None:
                     conn.first_eof = flow.name
                     conn.half_closed_at = time.monotonic()
+                elif conn.inbound.done and conn.outbound.done:
+                    return  # both ways ended: closing the sockets, next, says it
                 # Pass the half-close on: the peer may still answer the other way.
                 try:
                     flow.dst_sock.shutdown(socket.SHUT_WR)

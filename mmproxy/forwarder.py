@@ -62,7 +62,12 @@ class Rejected(Exception):
 
 @dataclass
 class Stats:
-    """Live counters, read by the status reporter and the tests."""
+    """Live counters, read by the status reporter and the tests.
+
+    The forwarder changes them on its relay thread only, without the lock (each read of
+    an int is atomic under the GIL; a status line may be a connection out of step);
+    `lock` is for counters changed from several threads.
+    """
 
     active: int = 0
     total: int = 0
@@ -280,15 +285,15 @@ class Forwarder:
         # twice per client, which costs more than the accept4() itself.
         accept = listener._accept  # type: ignore[attr-defined]
         family = int(listener.family)
+        stats = self.stats
         for _ in range(_ACCEPT_BATCH):
             if self._stopping:
                 return
-            with self.stats.lock:
-                if self.stats.active >= max_connections:
-                    # Leave the rest in the backlog; _released() resumes accepting.
-                    self._paused = True
-                    self._relay.listening(False)
-                    return
+            if stats.active >= max_connections:
+                # Leave the rest in the backlog; _released() resumes accepting.
+                self._paused = True
+                self._relay.listening(False)
+                return
             try:
                 fd, peer = accept()
             except BlockingIOError:
@@ -317,9 +322,9 @@ class Forwarder:
                 Rejected("untrusted-balancer", "peer is not in allowed_networks"),
             )
             return
-        with self.stats.lock:
-            self.stats.active += 1
-            self.stats.total += 1
+        stats = self.stats
+        stats.active += 1
+        stats.total += 1
         info = ConnInfo(balancer)
         try:
             self._handshake_now(sock, info)
@@ -551,21 +556,19 @@ class Forwarder:
         return source, target
 
     def _handshake_failed(self, info: ConnInfo, exc: Rejected) -> None:
-        with self.stats.lock:
-            self.stats.active -= 1
-            self._released()
+        self.stats.active -= 1
+        self._released()
         self._reject(info, exc)
 
     def _released(self) -> None:
-        """A connection ended (stats.lock held): accept again if that was the limit."""
+        """A connection ended: accept again if that was the limit."""
         if self._paused and self.stats.active < self.config.max_connections:
             self._paused = False
             if not self._stopping:
                 self._relay.listening(True)
 
     def _reject(self, info: ConnInfo, exc: Rejected) -> None:
-        with self.stats.lock:
-            self.stats.rejected[exc.reason] += 1
+        self.stats.rejected[exc.reason] += 1
         if exc.reason == "probe":
             log.debug("health check from %s: %s", _format_peer(info.balancer), exc)
             return
@@ -578,17 +581,18 @@ class Forwarder:
     # --- end of a connection (relay thread) ------------------------------------------
 
     def _on_close(self, conn: Connection, reason: str) -> None:
-        info = conn.info
-        assert isinstance(info, ConnInfo)
-        duration = time.monotonic() - conn.started
         nin, nout = conn.inbound.nbytes, conn.outbound.nbytes
-        with self.stats.lock:
-            self.stats.active -= 1
-            self.stats.bytes_in += nin
-            self.stats.bytes_out += nout
+        stats = self.stats
+        stats.active -= 1
+        stats.bytes_in += nin
+        stats.bytes_out += nout
+        if self._paused:
             self._released()
         if not log.isEnabledFor(logging.INFO):
             return
+        info = conn.info
+        assert isinstance(info, ConnInfo)
+        duration = time.monotonic() - conn.started
         fields = _record_fields(info)
         fields.update(BYTES_IN=nin, BYTES_OUT=nout, DURATION=f"{duration:.3f}", CLOSE_REASON=reason)
         source = str(info.client) if info.client else "health check"

@@ -32,6 +32,8 @@ SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 EVENTS_AND_OUT = EVENTS | select.EPOLLOUT
 READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+END_EVENTS = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 WRITE_EVENTS = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 LINGER_RESET = struct.pack("ii", 1, 0)
 SWEEP_INTERVAL = 1.0  # seconds between checks of the idle and half-close timeouts
@@ -46,6 +48,10 @@ class PipePool:
         self.size = size
         self._keep = keep
         self._free: list[tuple[int, int]] = []
+        # A splice from a socket that moved fewer bytes than this has emptied the
+        # socket's queue: each byte takes at most one of the pipe's page slots, so the
+        # pipe cannot be what stopped it. 0 once a pipe could not be sized.
+        self.short_read = size // PAGE_SIZE
 
     def take(self) -> tuple[int, int]:
         if self._free:
@@ -54,7 +60,8 @@ class PipePool:
         try:
             fcntl.fcntl(w, F_SETPIPE_SZ, self.size)
         except OSError:
-            pass  # over the per-user pipe budget: a smaller pipe still works, only slower
+            # Over the per-user pipe budget: a smaller pipe still works, only slower.
+            self.short_read = 0
         return r, w
 
     def give(self, pipe: tuple[int, int]) -> None:
@@ -376,15 +383,21 @@ class Relay:
             reading, writing = conn.outbound, conn.inbound
         # A flow blocked on its destination resumes reading when that becomes writable.
         if ev & READ_EVENTS and not reading.pending and not reading.done:
-            self._pump(reading, conn)
+            # Unless the peer has closed (its EOF is still to be read), a short read may
+            # end the pump: data that arrives later is a new edge-triggered event.
+            self._pump(reading, conn, not ev & END_EVENTS)
         if ev & WRITE_EVENTS and writing.pending:
-            self._pump(writing, conn)
+            self._pump(writing, conn, False)
         if conn.inbound.done and conn.outbound.done:
             self._finish(conn, f"{conn.first_eof} closed first")
 
-    def _pump(self, flow: Flow, conn: Connection) -> None:
+    def _pump(self, flow: Flow, conn: Connection, short_read_ends: bool) -> None:
+        """Move bytes until the source says EAGAIN or EOF, or the destination is full.
+        `short_read_ends`: a read that emptied the socket's queue ends it too, which
+        spares a splice() that would say EAGAIN (and the exception it raises here)."""
         pipes = self._pipes
         splice = os.splice
+        drained = False
         while True:
             if flow.pending:
                 assert flow.pipe is not None
@@ -399,6 +412,10 @@ class Relay:
                     raise _write_abort(flow, conn, exc) from exc
                 flow.pending -= n
                 flow.nbytes += n
+                if drained and not flow.pending:
+                    pipes.give(flow.pipe)
+                    flow.pipe = None
+                    return
                 continue
             if flow.pipe is None:
                 flow.pipe = pipes.take()
@@ -426,6 +443,7 @@ class Relay:
                     pass
                 return
             flow.pending = n
+            drained = short_read_ends and n < pipes.short_read
 
     def _finish(self, conn: Connection, reason: str, reset_peer: bool = False) -> None:
         if conn.closed:

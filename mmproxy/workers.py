@@ -315,12 +315,13 @@ class Supervisor:
                 self._spawn(slot)
 
     def _all_beating(self, now: float, interval: float) -> bool:
-        """Every worker reported lately and its relay loop beat lately (else systemd's
-        watchdog is left to restart the whole service)."""
+        """Every worker reported, and its relay loop beat, within the watchdog time
+        (`interval` is half of it), else systemd's watchdog restarts the whole service."""
         if len(self.workers) < self.count and not self._respawn_at:
             return False
+        limit = 2 * interval
         return all(
-            now - w.reported_at < interval and w.beat_age < interval for w in self.workers.values()
+            now - w.reported_at < limit and w.beat_age < limit for w in self.workers.values()
         )
 
 
@@ -368,11 +369,13 @@ def _worker_main(
         _send(reports, (kind, forwarder.stats.snapshot(), time.monotonic() - notifier.last_beat))
 
     signalled = _signal_pipe()[0]
+    # Under a watchdog, reports come often enough for the supervisor to ping in time.
+    every = min(REPORT_INTERVAL, beat / 2) if beat else REPORT_INTERVAL
     report("ready")
     while not stop:
         kind, payload = "", None
         try:
-            for ready in wait([orders, signalled], REPORT_INTERVAL):
+            for ready in wait([orders, signalled], every):
                 if ready is orders:
                     kind, payload = orders.recv()
                 else:

@@ -79,10 +79,13 @@ METHOD = """\
 
 ## Profiling mmproxy under the same load
 
+The pinned variant is one process (`workers: auto` follows the CPU affinity), which
+py-spy and perf can follow whole; unpinned, profile one worker (`pgrep -P PARENT`).
+
     .venv/bin/pip install py-spy
-    .venv/bin/python -m bench --workloads rate --targets mmproxy --rounds 1 \\
+    .venv/bin/python -m bench --workloads rate --targets mmproxy-pinned --rounds 1 \\
         --rate-seconds 30 --out /tmp/profile-run &
-    sleep 5; PID=$(pgrep -f 'mmproxy -l 198.51.100.1:8001')
+    sleep 5; PID=$(pgrep -f 'mmproxy -l 198.51.100.1:8002')
     .venv/bin/py-spy record --nonblocking --threads -d 10 -p $PID -o /tmp/mmproxy.svg
     perf stat -e context-switches,cpu-migrations,task-clock -p $PID -- sleep 5
 """

@@ -11,7 +11,7 @@ import shlex
 import socket
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mmproxy import routing
 from mmproxy.config import Address, Config
@@ -25,6 +25,7 @@ from mmproxy.transparent import (
 
 # Sources for the spoofed test connection: documentation addresses, as the original uses.
 TEST_SOURCES = {4: "192.0.2.1", 6: "2001:db8::1"}
+CAP_NET_ADMIN, CAP_NET_RAW = 12, 13  # bits of the capability masks (linux/capability.h)
 CAPS_FIX = (
     "run mmproxy as root, or give it CAP_NET_RAW and CAP_NET_ADMIN "
     "(systemd: AmbientCapabilities=CAP_NET_RAW CAP_NET_ADMIN)"
@@ -53,7 +54,26 @@ def _family(address: Address) -> int:
     return 6 if address.family == socket.AF_INET6 else 4
 
 
+def _effective_capabilities() -> int | None:
+    """The CapEff mask of this process (None if /proc does not say)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def check_capabilities(config: Config) -> list[Result]:
+    # IP_TRANSPARENT and SO_MARK accept either capability (SO_MARK since Linux 5.17);
+    # reading the fwmark variant's firewall rules needs CAP_NET_ADMIN.
+    caps = _effective_capabilities()
+    lacks = "" if caps is None else " and ".join(
+        name for name, bit in (("CAP_NET_RAW", CAP_NET_RAW), ("CAP_NET_ADMIN", CAP_NET_ADMIN))
+        if not caps >> bit & 1
+    )  # fmt: skip
     results = []
     for family, level, option in (
         (socket.AF_INET, socket.SOL_IP, IP_TRANSPARENT),
@@ -69,6 +89,20 @@ def check_capabilities(config: Config) -> list[Result]:
                 socket.SOL_SOCKET,
                 SO_MARK,
                 config.mark,
+                CAPS_FIX,
+            )
+        )
+    if lacks:  # name what is missing
+        results = [
+            r if r.ok else replace(r, detail=f"{r.detail} (the process lacks {lacks})")
+            for r in results
+        ]
+    if config.routing_variant() == "fwmark" and caps is not None and not caps >> CAP_NET_ADMIN & 1:
+        results.append(
+            Result(
+                False,
+                "has CAP_NET_ADMIN (needed to read the firewall rules of the fwmark routing)",
+                "missing CAP_NET_ADMIN",
                 CAPS_FIX,
             )
         )

@@ -6,9 +6,11 @@ says VERIFIED or FAILED, and a failure carries the exact command or change that 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import shlex
 import socket
+import struct
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -20,6 +22,7 @@ from mmproxy.transparent import (
     IPV6_TRANSPARENT,
     SO_MARK,
     UpstreamError,
+    open_datagram,
     open_upstream,
 )
 
@@ -223,11 +226,67 @@ def _connect_check(what: str, connect: Callable[[], socket.socket], fix: str) ->
     return Result(True, what)
 
 
+def check_udp_target(config: Config, target: Address) -> list[Result]:
+    """UDP has no hand-shake to try without speaking the application's protocol, so:
+    is a socket bound to the target's port, and can a transparent one be bound?"""
+    bound = _udp_bound(target)
+    results = [
+        Result(
+            bound,
+            f"a UDP socket is bound to {target} (the application)",
+            "" if bound else "nothing is bound there",
+            f"start the application on udp {target} (see: ss -ulnp 'sport = :{target.port}')",
+        )
+    ]
+    source = Address(TEST_SOURCES[_family(target)], 0)
+    what = f"a UDP socket towards {target} can be bound to {source.host} (spoofed)"
+    try:
+        open_datagram(target, source, config.mark).close()
+    except UpstreamError as exc:
+        results.append(Result(False, what, str(exc), CAPS_FIX))
+    else:
+        results.append(Result(True, what))
+    return results
+
+
+def _udp_bound(target: Address) -> bool:
+    """Whether /proc/self/net/udp[6] lists a socket on the target's port, bound to its
+    address or to the wildcard one (this process's network namespace)."""
+    v6 = target.family == socket.AF_INET6
+    wanted = {ipaddress.ip_address(target.host), ipaddress.ip_address("::" if v6 else "0.0.0.0")}
+    tables = ["/proc/self/net/udp6"] if v6 else ["/proc/self/net/udp", "/proc/self/net/udp6"]
+    for table in tables:
+        try:
+            with open(table, encoding="ascii") as lines:
+                next(lines, None)  # the column names
+                for line in lines:
+                    host_hex, port_hex = line.split()[1].split(":")
+                    if int(port_hex, 16) != target.port:
+                        continue
+                    host = _proc_address(host_hex)
+                    if host in wanted or (not v6 and host == ipaddress.ip_address("::")):
+                        return True
+        except OSError:
+            continue
+    return False
+
+
+def _proc_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    # The kernel prints each 32-bit word of the address as a host-order integer.
+    words = [int(text[i : i + 8], 16) for i in range(0, len(text), 8)]
+    packed = struct.pack(f"={len(words)}I", *words)
+    return ipaddress.ip_address(packed)
+
+
 def run_checks(config: Config, instance: str | None = None) -> list[Result]:
     results = check_capabilities(config)
     results += check_routing(config, instance)
+    transports = {address.transport for address in config.listen}
     for target in config.targets():
-        results += check_target(config, target)
+        if "tcp" in transports:
+            results += check_target(config, target)
+        if "udp" in transports:
+            results += check_udp_target(config, target)
     return results
 
 

@@ -125,6 +125,38 @@ def _start(
         raise
 
 
+def open_datagram(target: Address, source: Address | None, mark: int) -> socket.socket:
+    """A non-blocking UDP socket connected to `target`, bound to `source` when given
+    (spoofed), else to an address of this host.
+
+    Connected, so that the kernel delivers to it only the target's replies. The client's
+    port is kept when free; when another flow holds it (the same client behind two
+    balancers), the kernel picks a port: never SO_REUSEADDR, which would let two sockets
+    share one 4-tuple and the replies of one reach the other.
+    """
+    try:
+        sock = socket.socket(target.family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+    except OSError as exc:
+        raise UpstreamError(f"cannot open a UDP socket to {target}: {exc.strerror}") from exc
+    try:
+        if source is not None:
+            _make_transparent(sock, target.family, mark)
+            try:
+                sock.bind((source.host, source.port))
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                sock.bind((source.host, 0))
+        sock.connect(target.sockaddr)
+    except UpstreamError:
+        sock.close()
+        raise
+    except OSError as exc:
+        sock.close()
+        raise UpstreamError(f"cannot open a UDP flow to {target}: {exc.strerror}") from exc
+    return sock
+
+
 def _make_transparent(sock: socket.socket, family: int, mark: int) -> None:
     try:
         if family == socket.AF_INET6:

@@ -187,9 +187,8 @@ def test_allowed_returns_a_lookup(tmp_path: Path) -> None:
         pytest.param("listen", '"[127.0.0.1]:22"', "write 127.0.0.1:22", id="listen-v4-brackets"),
         pytest.param("listen", '"10.0.0.256:22"', "Octet 256", id="listen-bad-octet"),
         pytest.param("listen", '"010.0.0.1:22"', "Leading zeros", id="listen-octal-octet"),
-        pytest.param(
-            "listen", '"udp://0.0.0.0:53"', "UDP listeners are not supported yet", id="listen-udp"
-        ),
+        pytest.param("ipv4", '"udp://127.0.0.1:53"', "serves both TCP and UDP", id="ipv4-udp"),
+        pytest.param("listen", '"sctp://0.0.0.0:53"', "udp:// or nothing", id="listen-sctp"),
         pytest.param("listen", '"http://0.0.0.0:80"', "unknown scheme", id="listen-http"),
         pytest.param("listen", '"0.0.0.0: 22"', "cannot contain spaces", id="listen-space"),
         pytest.param("listen", '""', "got an empty string", id="listen-empty-string"),
@@ -782,12 +781,35 @@ def test_parse_address(
 
 def test_parse_address_error_names_what() -> None:
     with pytest.raises(ConfigError) as caught:
-        parse_address("udp://0.0.0.0:53", what="listen")
+        parse_address("udp://127.0.0.1:53", what="ipv4")
     assert str(caught.value) == (
-        "listen: invalid address 'udp://0.0.0.0:53': UDP listeners are not supported yet; "
-        "only TCP is (write '0.0.0.0:53')"
+        "ipv4: invalid address 'udp://127.0.0.1:53': a target serves both TCP and UDP "
+        "clients: write it without a scheme, as '127.0.0.1:53'"
     )
-    assert caught.value.key == "listen"
+    assert caught.value.key == "ipv4"
+
+
+@pytest.mark.parametrize(
+    ("text", "shown", "transport"),
+    [
+        ("udp://0.0.0.0:53", "udp://0.0.0.0:53", "udp"),
+        ("UDP://[::]:53", "udp://[::]:53", "udp"),
+        ("tcp://[::1]:22", "[::1]:22", "tcp"),
+        ("0.0.0.0:22", "0.0.0.0:22", "tcp"),
+    ],
+)
+def test_listen_transport(text: str, shown: str, transport: str) -> None:
+    address = parse_address(text, what="listen")
+    assert (str(address), address.transport) == (shown, transport)
+    assert address.endpoint == shown.removeprefix("udp://")
+
+
+def test_same_endpoint_on_tcp_and_udp_is_not_a_duplicate(tmp_path: Path) -> None:
+    path = tmp_path / "dns.yaml"
+    path.write_text('listen: ["0.0.0.0:53", "udp://0.0.0.0:53"]\nipv4: "127.0.0.1:53"\n'
+                    'allowed_networks: ["192.0.2.0/24"]\n')
+    config = load_config(path)
+    assert [a.transport for a in config.listen] == ["tcp", "udp"]
 
 
 def test_address_is_frozen_and_hashable() -> None:

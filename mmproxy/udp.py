@@ -1,0 +1,387 @@
+"""UDP: PROXY v2 datagrams from the balancer, relayed from the client's own address.
+
+Every datagram carries its own PROXY v2 header (the specification puts header and
+payload in one datagram). A flow is one client address seen through one balancer: it owns
+a transparent UDP socket bound to the client's address and connected to the target, so the
+application sees the client, and its replies come back to that socket (the policy routing
+sends them to `lo`). They go on to the balancer, without a header, from the listening
+socket and from the address the balancer sent to. A flow ends after `udp_idle_timeout`
+without a datagram either way.
+
+One epoll thread does all of it: a datagram needs no hand-shake, so nothing waits.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from mmproxy.config import Address, Config
+from mmproxy.forwarder import RateLimitedLog
+from mmproxy.policy import UDP_FAMILIES, Rejected, route
+from mmproxy.proxy_protocol import ProxyProtocolError, parse
+from mmproxy.transparent import LocalAddresses, UpstreamError, open_datagram, unmap
+
+log = logging.getLogger("mmproxy")
+
+# Python 3.11's socket module lacks some of these: the kernel's numbers (linux/in.h, in6.h).
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
+IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+_IN_PKTINFO = struct.Struct("=i4s4s")  # ipi_ifindex, ipi_spec_dst, ipi_addr
+_IN6_PKTINFO = struct.Struct("=16si")  # ipi6_addr, ipi6_ifindex
+
+MAX_DATAGRAM = 65535  # larger than any UDP payload over IPv4 or IPv6 (without jumbograms)
+_ANCILLARY_SIZE = socket.CMSG_SPACE(_IN6_PKTINFO.size)  # room for either family's pktinfo
+_BATCH = 64  # datagrams per socket per wake-up, so that one busy flow cannot starve others
+_SWEEP_INTERVAL = 1.0
+
+Ancillary = list[tuple[int, int, bytes]]
+
+
+@dataclass
+class UdpStats:
+    """Live counters, read by the status reporter and the tests."""
+
+    flows: int = 0
+    total: int = 0
+    packets_in: int = 0  # balancer -> application
+    packets_out: int = 0  # application -> balancer
+    bytes_in: int = 0  # payload only, headers not counted
+    bytes_out: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def drop(self, reason: str) -> None:
+        with self.lock:
+            self.dropped[reason] += 1
+
+    def summary(self) -> str:
+        with self.lock:
+            dropped = ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items())) or "none"
+        return (
+            f"udp: {self.flows} flows, {self.total} total, dropped: {dropped}, "
+            f"{self.packets_in} packets ({self.bytes_in} bytes) in, "
+            f"{self.packets_out} packets ({self.bytes_out} bytes) out"
+        )
+
+
+@dataclass(eq=False)
+class _Listener:
+    sock: socket.socket
+    wildcard: bool  # bound to 0.0.0.0 or [::]: replies must say which address they are from
+
+
+@dataclass(slots=True, eq=False)
+class Flow:
+    key: tuple[object, ...]
+    listener: _Listener
+    balancer: tuple[object, ...]  # the sockaddr the datagrams came from: replies go there
+    client: Address | None  # None: the balancer's own (LOCAL) traffic, not spoofed
+    target: Address
+    upstream: socket.socket
+    reply_ancillary: Ancillary
+    started: float
+    last_seen: float
+    packets_in: int = 0
+    packets_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+class UdpForwarder:
+    """Relays the datagrams of the UDP listeners until stop()."""
+
+    def __init__(self, config: Config, listeners: Sequence[socket.socket]) -> None:
+        self.config = config
+        self.stats = UdpStats()
+        self._allowed = config.allowed()
+        self._local = LocalAddresses()
+        self._drops = RateLimitedLog(what="datagrams dropped")
+        self._epoll = select.epoll()
+        self._listeners = {sock.fileno(): _Listener(sock, _prepare(sock)) for sock in listeners}
+        self._flows: dict[tuple[object, ...], Flow] = {}
+        self._by_fd: dict[int, Flow] = {}
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="mmproxy-udp", daemon=True)
+
+    # --- control (main thread) ---------------------------------------------------------
+
+    def start(self) -> None:
+        for fd, listener in self._listeners.items():
+            listener.sock.setblocking(False)
+            self._epoll.register(fd, select.EPOLLIN)
+        self._epoll.register(self._wake_r, select.EPOLLIN)
+        self._thread.start()
+
+    def reconfigure(self, config: Config) -> None:
+        """New settings for new datagrams; open flows keep their target."""
+        self._allowed = config.allowed()
+        self.config = config
+
+    def stop(self) -> None:
+        """Close every flow (each logs its record) and end the thread."""
+        self._stopping = True
+        os.write(self._wake_w, b"x")
+        if self._thread.is_alive():
+            self._thread.join()
+        for flow in list(self._flows.values()):
+            self._close(flow, "stopping")
+        self._epoll.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    # --- the loop ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_sweep = time.monotonic() + _SWEEP_INTERVAL
+        while not self._stopping:
+            events = self._epoll.poll(max(0.0, next_sweep - time.monotonic()))
+            now = time.monotonic()
+            for fd, _ in events:
+                try:
+                    self._ready(fd, now)
+                except Exception:  # a bug must cost one datagram, never the daemon
+                    log.exception("internal error while relaying UDP; continuing")
+            if now >= next_sweep:
+                self._sweep(now)
+                next_sweep = now + _SWEEP_INTERVAL
+
+    def _ready(self, fd: int, now: float) -> None:
+        listener = self._listeners.get(fd)
+        if listener is not None:
+            self._from_balancer(listener, now)
+            return
+        flow = self._by_fd.get(fd)
+        if flow is not None:
+            self._from_target(flow, now)
+
+    def _sweep(self, now: float) -> None:
+        idle = self.config.udp_idle_timeout
+        for flow in [f for f in self._flows.values() if now - f.last_seen >= idle]:
+            self._close(flow, "idle")
+
+    # --- balancer -> application -------------------------------------------------------
+
+    def _from_balancer(self, listener: _Listener, now: float) -> None:
+        for _ in range(_BATCH):
+            try:
+                data, ancillary, _flags, peer = listener.sock.recvmsg(MAX_DATAGRAM, _ANCILLARY_SIZE)
+            except BlockingIOError:
+                return
+            except OSError as exc:  # e.g. ENOBUFS; the next datagram may do
+                self._drop("receive-error", f"cannot receive: {exc.strerror}", None)
+                return
+            try:
+                self._datagram(listener, data, ancillary, peer, now)
+            except Rejected as exc:
+                self._drop(exc.reason, str(exc), peer)
+
+    def _datagram(
+        self,
+        listener: _Listener,
+        data: bytes,
+        ancillary: Ancillary,
+        peer: tuple[object, ...],
+        now: float,
+    ) -> None:
+        balancer = (unmap(str(peer[0])), peer[1])
+        if balancer[0] not in self._allowed:
+            raise Rejected("untrusted-balancer", "not in allowed_networks")
+        try:
+            header = parse(data)
+        except ProxyProtocolError as exc:
+            raise Rejected("invalid-header", str(exc)) from None
+        if header.version != 2:
+            raise Rejected(
+                "invalid-header", "PROXY v1 cannot describe UDP: the balancer must send v2"
+            )
+        source, target = route(header, self.config, self._local, UDP_FAMILIES)
+        key = (listener.sock.fileno(), balancer, source)
+        flow = self._flows.get(key)
+        if flow is None:
+            flow = self._open(key, listener, peer, ancillary, source, target, now)
+        payload = memoryview(data)[header.length :]
+        self._send_upstream(flow, payload)
+        flow.last_seen = now
+        flow.packets_in += 1
+        flow.bytes_in += len(payload)
+        self.stats.packets_in += 1
+        self.stats.bytes_in += len(payload)
+
+    def _open(
+        self,
+        key: tuple[object, ...],
+        listener: _Listener,
+        peer: tuple[object, ...],
+        ancillary: Ancillary,
+        source: Address | None,
+        target: Address,
+        now: float,
+    ) -> Flow:
+        config = self.config
+        if len(self._flows) >= config.udp_max_flows:
+            raise Rejected("flow-limit", f"{len(self._flows)} flows open (udp_max_flows)")
+        try:
+            upstream = open_datagram(target, source, config.mark if source else 0)
+        except UpstreamError as exc:
+            raise Rejected("target-unavailable", str(exc)) from None
+        reply = _reply_ancillary(ancillary) if listener.wildcard else []
+        flow = Flow(key, listener, peer, source, target, upstream, reply, now, now)
+        self._flows[key] = flow
+        self._by_fd[upstream.fileno()] = flow
+        self._epoll.register(upstream.fileno(), select.EPOLLIN)
+        self.stats.flows += 1
+        self.stats.total += 1
+        return flow
+
+    def _send_upstream(self, flow: Flow, payload: memoryview) -> None:
+        for attempt in (1, 2):
+            try:
+                flow.upstream.send(payload)
+                return
+            except ConnectionRefusedError:
+                # An earlier datagram's ICMP "port unreachable", reported now; this one
+                # was not sent: one retry tells a target that came back from one still down.
+                if attempt == 2:
+                    raise Rejected(
+                        "target-refused",
+                        f"target {flow.target} refused it (is the application running?)",
+                    ) from None
+            except BlockingIOError:
+                raise Rejected(
+                    "target-busy", f"the socket buffer towards {flow.target} is full"
+                ) from None
+            except OSError as exc:
+                raise Rejected(
+                    "send-error", f"cannot send to {flow.target}: {exc.strerror}"
+                ) from None
+
+    # --- application -> balancer -------------------------------------------------------
+
+    def _from_target(self, flow: Flow, now: float) -> None:
+        for _ in range(_BATCH):
+            try:
+                data = flow.upstream.recv(MAX_DATAGRAM)
+            except BlockingIOError:
+                return
+            except ConnectionRefusedError:
+                why = f"target {flow.target} refused a datagram (is the application running?)"
+                self._drop("target-refused", why, flow.balancer)
+                continue
+            except OSError as exc:
+                self._close(flow, f"receive error: {exc.strerror}")
+                return
+            flow.last_seen = now
+            try:
+                flow.listener.sock.sendmsg([data], flow.reply_ancillary, 0, flow.balancer)
+            except BlockingIOError:
+                self._drop("reply-busy", "the socket buffer towards the balancer is full", None)
+                continue
+            except OSError as exc:
+                self._drop("reply-error", f"cannot reply: {exc.strerror}", flow.balancer)
+                continue
+            flow.packets_out += 1
+            flow.bytes_out += len(data)
+            self.stats.packets_out += 1
+            self.stats.bytes_out += len(data)
+
+    # --- endings -----------------------------------------------------------------------
+
+    def _close(self, flow: Flow, reason: str) -> None:
+        self._flows.pop(flow.key, None)
+        fd = flow.upstream.fileno()
+        self._by_fd.pop(fd, None)
+        try:
+            self._epoll.unregister(fd)
+        except (OSError, ValueError):
+            pass  # the epoll is closed already (stop)
+        flow.upstream.close()
+        self.stats.flows -= 1
+        if log.isEnabledFor(logging.INFO):
+            _log_record(flow, reason, time.monotonic() - flow.started)
+
+    def _drop(self, reason: str, detail: str, peer: tuple[object, ...] | None) -> None:
+        self.stats.drop(reason)
+        fields: dict[str, object] = {"PROTOCOL": "udp", "CLOSE_REASON": reason}
+        source = ""
+        if peer is not None:
+            fields.update(LB_ADDR=unmap(str(peer[0])), LB_PORT=peer[1])
+            source = f" from {_format_peer(peer)}"
+        self._drops.warning(reason, f"dropped a datagram{source}: {detail}", fields)
+
+
+def _prepare(sock: socket.socket) -> bool:
+    """Ask for each datagram's destination address when the socket is bound to every
+    address: a reply must leave from the address the balancer sent to, or the balancer
+    (or a NAT on the way) will not match it with its request. True when asked."""
+    host = sock.getsockname()[0]
+    if not ipaddress.ip_address(host).is_unspecified:
+        return False
+    if sock.family == socket.AF_INET6:
+        # Also covers IPv4 on a dual-stack socket: the kernel reports it v4-mapped.
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+    else:
+        sock.setsockopt(socket.SOL_IP, IP_PKTINFO, 1)
+    return True
+
+
+def _reply_ancillary(ancillary: Ancillary) -> Ancillary:
+    """The sendmsg() data that makes a reply leave from the datagram's destination."""
+    for level, kind, data in ancillary:
+        if level == socket.SOL_IP and kind == IP_PKTINFO and len(data) >= 12:
+            _ifindex, _spec_dst, destination = _IN_PKTINFO.unpack_from(data)
+            return [(level, kind, _IN_PKTINFO.pack(0, destination, bytes(4)))]
+        if level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(data) >= 20:
+            destination, ifindex = _IN6_PKTINFO.unpack_from(data)
+            # An interface only for link-local addresses, which need one.
+            keep = ifindex if destination[:2] == b"\xfe\x80" else 0
+            return [(level, kind, _IN6_PKTINFO.pack(destination, keep))]
+    return []
+
+
+def _format_peer(peer: tuple[object, ...]) -> str:
+    return Address(unmap(str(peer[0])), int(str(peer[1]))).endpoint
+
+
+def _log_record(flow: Flow, reason: str, duration: float) -> None:
+    """One journal record per flow, with the fields `journalctl FIELD=value` finds."""
+    lb_host, lb_port = unmap(str(flow.balancer[0])), flow.balancer[1]
+    fields: dict[str, object] = {
+        "PROTOCOL": "udp",
+        "LB_ADDR": lb_host,
+        "LB_PORT": lb_port,
+        "TARGET_ADDR": str(flow.target),
+        "PACKETS_IN": flow.packets_in,
+        "PACKETS_OUT": flow.packets_out,
+        "BYTES_IN": flow.bytes_in,
+        "BYTES_OUT": flow.bytes_out,
+        "DURATION": f"{duration:.3f}",
+        "CLOSE_REASON": reason,
+    }
+    if flow.client is not None:
+        fields.update(CLIENT_ADDR=flow.client.host, CLIENT_PORT=flow.client.port)
+    log.info(
+        "%s via %s -> %s (udp): %s after %.3f s, %d packets (%d bytes) in, "
+        "%d packets (%d bytes) out",
+        flow.client or "balancer's own traffic",
+        _format_peer(flow.balancer),
+        flow.target,
+        reason,
+        duration,
+        flow.packets_in,
+        flow.bytes_in,
+        flow.packets_out,
+        flow.bytes_out,
+        extra=fields,
+    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -13,8 +14,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
+import yaml
 
 from mmproxy.netns import NetNS
 from mmproxy.proxy_protocol import encode_v1, encode_v2
@@ -44,10 +47,10 @@ class UdpEcho:
         while True:
             try:
                 data, peer = self.sock.recvfrom(65535)
+                self.peers.append(peer[:2])
+                self.sock.sendto(f"{peer[0]} {peer[1]} ".encode() + data, peer)
             except OSError:
                 return
-            self.peers.append(peer[:2])
-            self.sock.sendto(f"{peer[0]} {peer[1]} ".encode() + data, peer)
 
 
 @pytest.fixture
@@ -342,3 +345,56 @@ def test_ipv6_client_through_ipv4_balancer_socket(
     with balancer(lo_net) as lb:
         lb.send(datagram((CLIENT6, 45000), b"six"))
         assert lb.recv(65535) == f"{CLIENT6} 45000 six".encode()
+
+
+def test_reload_applies_to_new_datagrams_and_a_bad_one_keeps_the_config(
+    lo_net: Net, run_mmproxy: StartMmproxy, echoes: Callable[[NetNS, str], UdpEcho]
+) -> None:
+    echo4, echo6 = echoes(lo_net.gw, "127.0.0.1"), echoes(lo_net.gw, "::1")
+    proc = start_udp(run_mmproxy, lo_net, echo4, echo6)
+    config_path = Path(proc.proc.args[-2])  # type: ignore[index]
+    with balancer(lo_net) as lb:
+        lb.send(datagram((CLIENT4, 46000), b"before"))
+        assert lb.recv(65535) == f"{CLIENT4} 46000 before".encode()
+        config = yaml.safe_load(config_path.read_text())
+        config_path.write_text(yaml.safe_dump({**config, "udp_max_flows": "many"}))
+        proc.proc.send_signal(signal.SIGHUP)
+        proc.wait_for(r"reload failed, keeping the running configuration: .*udp_max_flows")
+        lb.send(datagram((CLIENT4, 46000), b"kept"))
+        assert lb.recv(65535) == f"{CLIENT4} 46000 kept".encode()
+        # The balancer is no longer trusted: even its open flow gets nothing more.
+        config_path.write_text(yaml.safe_dump({**config, "allowed_networks": ["192.0.2.0/24"]}))
+        proc.proc.send_signal(signal.SIGHUP)
+        proc.wait_for("configuration reloaded")
+        lb.send(datagram((CLIENT4, 46000), b"after"))
+        _assert_nothing_arrives(lb)
+    assert "dropped: untrusted-balancer 1," in final_status(proc)
+
+
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_target_down_is_counted_and_flows_leak_nothing(
+    lo_net: Net, run_mmproxy: StartMmproxy, echoes: Callable[[NetNS, str], UdpEcho]
+) -> None:
+    echo4, echo6 = echoes(lo_net.gw, "127.0.0.1"), echoes(lo_net.gw, "::1")
+    proc = start_udp(run_mmproxy, lo_net, echo4, echo6, udp_idle_timeout="1s")
+    pid = proc.proc.pid
+    baseline = _open_fds(pid)
+    with balancer(lo_net) as lb:
+        for i in range(2000):
+            lb.send(datagram((f"203.0.113.{1 + i % 250}", 30000 + i), b"x"))
+            lb.recv(65535)
+        assert _open_fds(pid) >= baseline + 2000  # one socket per flow while they live
+        echo4.sock.close()  # the application goes away
+        for i in range(3):
+            lb.send(datagram((CLIENT4, 47000), b"into the void %d" % i))
+            _assert_nothing_arrives(lb)
+    deadline = time.monotonic() + 10
+    while _open_fds(pid) != baseline and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _open_fds(pid) == baseline
+    status = final_status(proc)
+    assert "udp: 0 flows, 2001 total" in status, status
+    assert "target-refused" in status, status

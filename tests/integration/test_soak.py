@@ -34,7 +34,7 @@ BACKEND_PROCESSES = 2
 PORT, BACKEND_PORT = 2222, 9100
 # Python keeps freed memory in its arenas and malloc keeps some too, so the RSS after the
 # run stays a little above the baseline: measured +0.6 MiB after 3,000 connections and
-# +1.3 to +1.6 MiB after 100,000 (baseline 21 MiB). A leak of even 100 bytes per
+# +1.1 to +1.6 MiB after 100,000 (baseline 21 MiB). A leak of even 100 bytes per
 # connection would be +10 MiB after 100,000, past this bound.
 RSS_GROWTH_LIMIT = 8 * 1024 * 1024
 

@@ -127,7 +127,7 @@ class Server:
         stream = [s for s in self.listeners if s.type != socket.SOCK_DGRAM]
         self.forwarder = Forwarder(self.config, stream)
         if self.notifier.watchdog_interval:
-            self.forwarder.heartbeat = self.notifier.watchdog
+            self.forwarder.heartbeat = self._watchdog
             self.forwarder.heartbeat_interval = self.notifier.watchdog_interval
         self.forwarder.start()
         if datagram:
@@ -137,6 +137,11 @@ class Server:
         for sock in self.listeners:
             log.info("listening on %s (%s)", _sockname(sock), how)
         return self.forwarder
+
+    def _watchdog(self) -> None:
+        # Pinged from the TCP loop; a wedged UDP loop withholds the ping as well.
+        if self.udp is None or self.udp.alive():
+            self.notifier.watchdog()
 
     def run(self) -> int:
         """Check, start, report ready, then serve until stopped. Returns an exit status."""

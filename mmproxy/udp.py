@@ -8,7 +8,9 @@ sends them to `lo`). They go on to the balancer, without a header, from the list
 socket and from the address the balancer sent to. A flow ends after `udp_idle_timeout`
 without a datagram either way.
 
-One epoll thread does all of it: a datagram needs no hand-shake, so nothing waits.
+One epoll thread does all of it: a datagram needs no hand-shake, so nothing waits. A
+balancer repeats the same header for every datagram of a flow, so once a header has been
+checked its exact bytes, from that balancer, lead straight to the flow (until a reload).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 from mmproxy.config import Address, Config
 from mmproxy.forwarder import RateLimitedLog
 from mmproxy.policy import UDP_FAMILIES, Rejected, route
-from mmproxy.proxy_protocol import ProxyProtocolError, parse
+from mmproxy.proxy_protocol import V2_SIGNATURE, ProxyProtocolError, parse
 from mmproxy.transparent import LocalAddresses, UpstreamError, open_datagram, unmap
 
 log = logging.getLogger("mmproxy")
@@ -84,6 +86,7 @@ class _Listener:
 @dataclass(slots=True, eq=False)
 class Flow:
     key: tuple[object, ...]
+    known_as: tuple[object, ...] | None  # its entry in the checked-headers table
     listener: _Listener
     balancer: tuple[object, ...]  # the sockaddr the datagrams came from: replies go there
     client: Address | None  # None: the balancer's own (LOCAL) traffic, not spoofed
@@ -111,8 +114,12 @@ class UdpForwarder:
         self._listeners = {sock.fileno(): _Listener(sock, _prepare(sock)) for sock in listeners}
         self._flows: dict[tuple[object, ...], Flow] = {}
         self._by_fd: dict[int, Flow] = {}
+        # (listener fd, balancer sockaddr, header bytes) -> flow, for headers already checked
+        self._known: dict[tuple[object, ...], Flow] = {}
+        self.last_loop = time.monotonic()  # the watchdog's proof that the thread is alive
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = False
+        self._forget_known = False
         self._thread = threading.Thread(target=self._run, name="mmproxy-udp", daemon=True)
 
     # --- control (main thread) ---------------------------------------------------------
@@ -125,9 +132,15 @@ class UdpForwarder:
         self._thread.start()
 
     def reconfigure(self, config: Config) -> None:
-        """New settings for new datagrams; open flows keep their target."""
+        """New settings for new datagrams; open flows keep their target, but every header
+        is checked again (a balancer may have lost its trust)."""
         self._allowed = config.allowed()
         self.config = config
+        self._forget_known = True
+
+    def alive(self, within: float = 5.0) -> bool:
+        """Whether the loop went round in the last `within` seconds (it does every 1 s)."""
+        return self._thread.is_alive() and time.monotonic() - self.last_loop < within
 
     def stop(self) -> None:
         """Close every flow (each logs its record) and end the thread."""
@@ -147,14 +160,22 @@ class UdpForwarder:
         next_sweep = time.monotonic() + _SWEEP_INTERVAL
         while not self._stopping:
             events = self._epoll.poll(max(0.0, next_sweep - time.monotonic()))
-            now = time.monotonic()
+            now = self.last_loop = time.monotonic()
+            if self._forget_known:  # set by a reload, done here: only this thread reads it
+                self._forget_known = False
+                self._known.clear()
+                for flow in self._flows.values():
+                    flow.known_as = None
             for fd, _ in events:
                 try:
                     self._ready(fd, now)
                 except Exception:  # a bug must cost one datagram, never the daemon
                     log.exception("internal error while relaying UDP; continuing")
             if now >= next_sweep:
-                self._sweep(now)
+                try:
+                    self._sweep(now)
+                except Exception:
+                    log.exception("internal error while closing idle UDP flows; continuing")
                 next_sweep = now + _SWEEP_INTERVAL
 
     def _ready(self, fd: int, now: float) -> None:
@@ -195,6 +216,33 @@ class UdpForwarder:
         peer: tuple[object, ...],
         now: float,
     ) -> None:
+        size = _v2_size(data)
+        known = (listener.sock.fileno(), peer, data[:size])
+        flow = self._known.get(known) if size else None
+        if flow is None:
+            flow, size = self._check(listener, data, ancillary, peer, now)
+            if flow.known_as is not None:
+                del self._known[flow.known_as]
+            flow.known_as = known
+            self._known[known] = flow
+        payload = memoryview(data)[size:]
+        self._send_upstream(flow, payload)
+        flow.last_seen = now
+        flow.packets_in += 1
+        flow.bytes_in += len(payload)
+        self.stats.packets_in += 1
+        self.stats.bytes_in += len(payload)
+
+    def _check(
+        self,
+        listener: _Listener,
+        data: bytes,
+        ancillary: Ancillary,
+        peer: tuple[object, ...],
+        now: float,
+    ) -> tuple[Flow, int]:
+        """The whole check of a header not seen before: its flow (opened if need be) and
+        the header's length."""
         balancer = (unmap(str(peer[0])), peer[1])
         if balancer[0] not in self._allowed:
             raise Rejected("untrusted-balancer", "not in allowed_networks")
@@ -211,13 +259,7 @@ class UdpForwarder:
         flow = self._flows.get(key)
         if flow is None:
             flow = self._open(key, listener, peer, ancillary, source, target, now)
-        payload = memoryview(data)[header.length :]
-        self._send_upstream(flow, payload)
-        flow.last_seen = now
-        flow.packets_in += 1
-        flow.bytes_in += len(payload)
-        self.stats.packets_in += 1
-        self.stats.bytes_in += len(payload)
+        return flow, header.length
 
     def _open(
         self,
@@ -237,7 +279,7 @@ class UdpForwarder:
         except UpstreamError as exc:
             raise Rejected("target-unavailable", str(exc)) from None
         reply = _reply_ancillary(ancillary) if listener.wildcard else []
-        flow = Flow(key, listener, peer, source, target, upstream, reply, now, now)
+        flow = Flow(key, None, listener, peer, source, target, upstream, reply, now, now)
         self._flows[key] = flow
         self._by_fd[upstream.fileno()] = flow
         self._epoll.register(upstream.fileno(), select.EPOLLIN)
@@ -300,6 +342,8 @@ class UdpForwarder:
 
     def _close(self, flow: Flow, reason: str) -> None:
         self._flows.pop(flow.key, None)
+        if flow.known_as is not None:
+            self._known.pop(flow.known_as, None)
         fd = flow.upstream.fileno()
         self._by_fd.pop(fd, None)
         try:
@@ -319,6 +363,13 @@ class UdpForwarder:
             fields.update(LB_ADDR=unmap(str(peer[0])), LB_PORT=peer[1])
             source = f" from {_format_peer(peer)}"
         self._drops.warning(reason, f"dropped a datagram{source}: {detail}", fields)
+
+
+def _v2_size(data: bytes) -> int:
+    """The length a v2 header at the start of `data` claims, or 0 if it is not one."""
+    if len(data) < 16 or not data.startswith(V2_SIGNATURE):
+        return 0
+    return 16 + int.from_bytes(data[14:16], "big")
 
 
 def _prepare(sock: socket.socket) -> bool:

@@ -13,7 +13,7 @@ import pytest
 
 from mmproxy.config import Address, Config
 from mmproxy.networks import parse_network
-from mmproxy.proxy_protocol import encode_v2
+from mmproxy.proxy_protocol import PP2_TYPE_UNIQUE_ID, encode_v2
 from mmproxy.udp import IP_PKTINFO, IPV6_PKTINFO, UdpForwarder, UdpStats, _reply_ancillary
 
 LOCAL_HEADER = encode_v2("LOCAL", "UNSPEC")
@@ -78,6 +78,24 @@ def test_local_datagrams_are_relayed_and_answered(echo: socket.socket) -> None:
         udp.stop()
         listener.close()
     assert udp.stats.flows == 0
+
+
+def test_a_changed_header_is_checked_again_and_keeps_its_flow(echo: socket.socket) -> None:
+    udp, listener = forwarder(echo)
+    try:
+        with balancer(listener) as lb:
+            for unique_id in (b"a", b"b", b"a"):
+                lb.send(encode_v2("LOCAL", "UNSPEC", tlvs=[(PP2_TYPE_UNIQUE_ID, unique_id)]) + b"x")
+                assert lb.recv(100) == b"echo x"
+            lb.send(b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x09" + b"x")  # claims more than sent
+            deadline = time.monotonic() + 5
+            while not udp.stats.dropped and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert (udp.stats.total, udp.stats.packets_in) == (1, 3)
+        assert udp.stats.dropped == {"invalid-header": 1}
+    finally:
+        udp.stop()
+        listener.close()
 
 
 def test_each_balancer_port_is_its_own_flow(echo: socket.socket) -> None:

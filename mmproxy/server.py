@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import resource
 import signal
 import socket
 import threading
@@ -56,6 +57,30 @@ def _bind_one(address: Address, v6only: bool) -> socket.socket:
         sock.close()
         raise ServerError(f"cannot listen on {address}: {exc.strerror}") from exc
     return sock
+
+
+def raise_fd_limit(config: Config) -> int:
+    """Lift the soft limit on open files to the hard one, as Go programs do by themselves:
+    systemd's default soft limit (1024) would cap mmproxy near 500 connections. Returns
+    the new limit; warns when the configured maxima could need more."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
+    udp = any(a.transport == "udp" for a in config.listen)
+    needed = 2 * config.max_connections + (config.udp_max_flows if udp else 0)
+    if needed > soft:
+        log.warning(
+            "the open-file limit (%d) is below what max_connections%s may need (%d): "
+            "raise LimitNOFILE= in a drop-in (systemctl edit mmproxy@.service), or lower them",
+            soft,
+            " and udp_max_flows" if udp else "",
+            needed,
+        )
+    return soft
 
 
 class Server:
@@ -148,6 +173,7 @@ class Server:
         self.install_signal_handlers()
         if not self.self_check():
             return 1
+        raise_fd_limit(self.config)
         self.start()
         self.notifier.ready(self.status())
         while True:

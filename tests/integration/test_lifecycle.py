@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import yaml
 
 from mmproxy.proxy_protocol import encode_v1
@@ -135,3 +136,35 @@ def test_every_kind_of_bad_reload_keeps_the_running_config(
         with hello(lo_net, port) as sock:  # still served with the old configuration
             assert sock.makefile("rb").readline() == f"{CLIENT4} {port}\n".encode(), what
     assert proc.proc.poll() is None
+
+
+def test_beyond_max_connections_new_clients_wait_and_the_accepted_are_unhurt(
+    lo_net: Net, run_mmproxy: StartMmproxy
+) -> None:
+    app = start_backend(lo_net.gw, "127.0.0.1")
+    run_mmproxy(lo_net, ipv4=app.address, max_connections=3)
+    held = [hello(lo_net, 40500 + i) for i in range(3)]
+    for i, sock in enumerate(held):
+        assert sock.makefile("rb").readline() == f"{CLIENT4} {40500 + i}\n".encode()
+    waiting = hello(lo_net, 40510)  # connected by the kernel, left in the backlog
+    waiting.settimeout(1.5)
+    with pytest.raises(TimeoutError):
+        waiting.recv(1)
+    for sock in held:  # the accepted ones go on undisturbed
+        sock.sendall(b"still fine")
+        assert recv_exactly(sock, 10) == b"still fine"
+    held.pop().close()  # one ends: the waiting client is served
+    waiting.settimeout(10)
+    assert waiting.makefile("rb").readline() == f"{CLIENT4} 40510\n".encode()
+    for sock in [*held, waiting]:
+        sock.close()
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    sock.settimeout(10)
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, data
+        data += chunk
+    return data

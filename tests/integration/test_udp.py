@@ -75,6 +75,26 @@ def final_status(proc: Mmproxy) -> str:
     return proc.wait_for(r"stopping: ")
 
 
+@dataclass
+class UdpWorld:
+    """The loopback variant with a UDP echo per family, and how to start mmproxy there."""
+
+    net: Net
+    echo4: UdpEcho
+    echo6: UdpEcho
+    run: StartMmproxy
+
+    def start(self, **keys: object) -> Mmproxy:
+        return start_udp(self.run, self.net, self.echo4, self.echo6, **keys)
+
+
+@pytest.fixture
+def world(
+    lo_net: Net, run_mmproxy: StartMmproxy, echoes: Callable[[NetNS, str], UdpEcho]
+) -> UdpWorld:
+    return UdpWorld(lo_net, echoes(lo_net.gw, "127.0.0.1"), echoes(lo_net.gw, "::1"), run_mmproxy)
+
+
 def targets(net: Net) -> tuple[str, str]:
     return ("127.0.0.1", "::1") if net.variant == "lo" else (GW4, GW6)
 
@@ -122,21 +142,17 @@ def test_application_sees_the_client_and_replies_come_back(
         assert lb.getpeername()[:2] == ((GW6, PORT) if v6 else (GW4, PORT))
 
 
-def test_ipv4_balancer_on_a_dual_stack_listener(
-    lo_net: Net, run_mmproxy: StartMmproxy, echoes: Callable[[NetNS, str], UdpEcho]
-) -> None:
-    echo4, echo6 = echoes(lo_net.gw, "127.0.0.1"), echoes(lo_net.gw, "::1")
-    start_udp(run_mmproxy, lo_net, echo4, echo6, listen=f"udp://[::]:{PORT}")
+def test_ipv4_balancer_on_a_dual_stack_listener(world: UdpWorld) -> None:
+    lo_net = world.net
+    world.start(listen=f"udp://[::]:{PORT}")
     with balancer(lo_net) as lb:
         lb.send(datagram((CLIENT4, 41000), b"mapped"))
         assert lb.recv(65535) == f"{CLIENT4} 41000 mapped".encode()
 
 
-def test_many_concurrent_flows_keep_their_replies_apart(
-    lo_net: Net, run_mmproxy: StartMmproxy, echoes: Callable[[NetNS, str], UdpEcho]
-) -> None:
-    echo4, echo6 = echoes(lo_net.gw, "127.0.0.1"), echoes(lo_net.gw, "::1")
-    proc = start_udp(run_mmproxy, lo_net, echo4, echo6)
+def test_many_concurrent_flows_keep_their_replies_apart(world: UdpWorld) -> None:
+    lo_net, echo4 = world.net, world.echo4
+    proc = world.start()
     clients = [(f"203.0.113.{1 + i % 200}", 20000 + i) for i in range(400)]
     replies: dict[tuple[str, int], list[bytes]] = {}
     with balancer(lo_net) as lb:
@@ -157,11 +173,9 @@ def test_many_concurrent_flows_keep_their_replies_apart(
     assert "udp: 400 flows, 400 total, dropped: none, 1200 packets" in final_status(proc)
 
 
-def test_idle_flows_are_closed_with_a_record(
-    lo_net: Net, run_mmproxy: StartMmproxy, echoes: Callable[[NetNS, str], UdpEcho]
-) -> None:
-    echo4, echo6 = echoes(lo_net.gw, "127.0.0.1"), echoes(lo_net.gw, "::1")
-    proc = start_udp(run_mmproxy, lo_net, echo4, echo6, udp_idle_timeout="1s")
+def test_idle_flows_are_closed_with_a_record(world: UdpWorld) -> None:
+    lo_net = world.net
+    proc = world.start(udp_idle_timeout="1s")
     with balancer(lo_net) as lb:
         lb.send(datagram((CLIENT4, 42000), b"12345"))
         lb.recv(65535)
@@ -195,28 +209,22 @@ def _assert_nothing_arrives(lb: socket.socket) -> None:
     ids=["garbage", "truncated", "v1", "tcp-family", "loopback", "unspecified", "own-address"],
 )
 def test_bad_datagrams_are_dropped_and_counted(
-    lo_net: Net,
-    run_mmproxy: StartMmproxy,
-    echoes: Callable[[NetNS, str], UdpEcho],
-    payload: bytes,
-    reason: str,
+    world: UdpWorld, payload: bytes, reason: str
 ) -> None:
-    echo4, echo6 = echoes(lo_net.gw, "127.0.0.1"), echoes(lo_net.gw, "::1")
-    proc = start_udp(run_mmproxy, lo_net, echo4, echo6)
+    lo_net, echo4 = world.net, world.echo4
+    proc = world.start()
     with balancer(lo_net) as lb:
         for _ in range(3):
             lb.send(payload)
         _assert_nothing_arrives(lb)
     proc.wait_for(rf"dropped a datagram from {PEER4}:\d+: ")
     assert f"dropped: {reason} 3," in final_status(proc)
-    assert echo4.peers == [] and echo6.peers == []
+    assert echo4.peers == [] and world.echo6.peers == []
 
 
-def test_untrusted_balancer_is_dropped(
-    lo_net: Net, run_mmproxy: StartMmproxy, echoes: Callable[[NetNS, str], UdpEcho]
-) -> None:
-    echo4, echo6 = echoes(lo_net.gw, "127.0.0.1"), echoes(lo_net.gw, "::1")
-    proc = start_udp(run_mmproxy, lo_net, echo4, echo6, allowed_networks=["192.0.2.0/24"])
+def test_untrusted_balancer_is_dropped(world: UdpWorld) -> None:
+    lo_net, echo4 = world.net, world.echo4
+    proc = world.start(allowed_networks=["192.0.2.0/24"])
     with balancer(lo_net) as lb:
         lb.send(datagram((CLIENT4, 43000), b"forged"))
         _assert_nothing_arrives(lb)
@@ -224,11 +232,9 @@ def test_untrusted_balancer_is_dropped(
     assert echo4.peers == []
 
 
-def test_flow_limit_drops_new_flows_only(
-    lo_net: Net, run_mmproxy: StartMmproxy, echoes: Callable[[NetNS, str], UdpEcho]
-) -> None:
-    echo4, echo6 = echoes(lo_net.gw, "127.0.0.1"), echoes(lo_net.gw, "::1")
-    proc = start_udp(run_mmproxy, lo_net, echo4, echo6, udp_max_flows=2)
+def test_flow_limit_drops_new_flows_only(world: UdpWorld) -> None:
+    lo_net = world.net
+    proc = world.start(udp_max_flows=2)
     with balancer(lo_net) as lb:
         for port in (1001, 1002):
             lb.send(datagram((CLIENT4, port), b"in"))
@@ -241,15 +247,12 @@ def test_flow_limit_drops_new_flows_only(
     assert "dropped: flow-limit 1," in final_status(proc)
 
 
-def test_tcp_and_udp_on_one_port(
-    lo_net: Net, run_mmproxy: StartMmproxy, echoes: Callable[[NetNS, str], UdpEcho]
-) -> None:
+def test_tcp_and_udp_on_one_port(world: UdpWorld) -> None:
     """One instance, one port number, both transports: the DNS layout."""
-    udp4, udp6 = echoes(lo_net.gw, "127.0.0.1"), echoes(lo_net.gw, "::1")
-    tcp = lo_net.gw.listen(("127.0.0.1", udp4.sock.getsockname()[1]))
+    lo_net = world.net
+    tcp = lo_net.gw.listen(("127.0.0.1", world.echo4.sock.getsockname()[1]))
     try:
-        start_udp(
-            run_mmproxy, lo_net, udp4, udp6,
+        world.start(
             listen=[f"0.0.0.0:{PORT}", f"udp://0.0.0.0:{PORT}"], ipv6=None,
         )  # fmt: skip
         with balancer(lo_net) as lb:
@@ -336,22 +339,17 @@ def test_dnsmasq_answers_and_logs_the_client(
     assert len(queries) == 2 and all(f"from {CLIENT4}" in q for q in queries), lines
 
 
-def test_ipv6_client_through_ipv4_balancer_socket(
-    lo_net: Net, run_mmproxy: StartMmproxy, echoes: Callable[[NetNS, str], UdpEcho]
-) -> None:
+def test_ipv6_client_through_ipv4_balancer_socket(world: UdpWorld) -> None:
     """The header's family, not the balancer's, picks the target."""
-    echo4, echo6 = echoes(lo_net.gw, "127.0.0.1"), echoes(lo_net.gw, "::1")
-    start_udp(run_mmproxy, lo_net, echo4, echo6)
-    with balancer(lo_net) as lb:
+    world.start()
+    with balancer(world.net) as lb:
         lb.send(datagram((CLIENT6, 45000), b"six"))
         assert lb.recv(65535) == f"{CLIENT6} 45000 six".encode()
 
 
-def test_reload_applies_to_new_datagrams_and_a_bad_one_keeps_the_config(
-    lo_net: Net, run_mmproxy: StartMmproxy, echoes: Callable[[NetNS, str], UdpEcho]
-) -> None:
-    echo4, echo6 = echoes(lo_net.gw, "127.0.0.1"), echoes(lo_net.gw, "::1")
-    proc = start_udp(run_mmproxy, lo_net, echo4, echo6)
+def test_reload_applies_to_new_datagrams_and_a_bad_one_keeps_the_config(world: UdpWorld) -> None:
+    lo_net = world.net
+    proc = world.start()
     config_path = Path(proc.proc.args[-2])  # type: ignore[index]
     with balancer(lo_net) as lb:
         lb.send(datagram((CLIENT4, 46000), b"before"))
@@ -375,11 +373,9 @@ def _open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def test_target_down_is_counted_and_flows_leak_nothing(
-    lo_net: Net, run_mmproxy: StartMmproxy, echoes: Callable[[NetNS, str], UdpEcho]
-) -> None:
-    echo4, echo6 = echoes(lo_net.gw, "127.0.0.1"), echoes(lo_net.gw, "::1")
-    proc = start_udp(run_mmproxy, lo_net, echo4, echo6, udp_idle_timeout="1s")
+def test_target_down_is_counted_and_flows_leak_nothing(world: UdpWorld) -> None:
+    lo_net, echo4 = world.net, world.echo4
+    proc = world.start(udp_idle_timeout="1s")
     pid = proc.proc.pid
     baseline = _open_fds(pid)
     with balancer(lo_net) as lb:

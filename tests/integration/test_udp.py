@@ -161,8 +161,8 @@ def test_many_concurrent_flows_keep_their_replies_apart(world: UdpWorld) -> None
         for i, client in enumerate(order):
             lb.send(datagram(client, f"{client[0]}:{client[1]} #{i}".encode()))
             reply = lb.recv(65535)
-            host, port, payload = reply.split(b" ", 2)
-            replies.setdefault((host.decode(), int(port)), []).append(payload)
+            seen_host, seen_port, payload = reply.split(b" ", 2)
+            replies.setdefault((seen_host.decode(), int(seen_port)), []).append(payload)
     assert len(replies) == len(clients)
     for (host, port), payloads in replies.items():
         assert len(payloads) == 3
@@ -350,7 +350,7 @@ def test_ipv6_client_through_ipv4_balancer_socket(world: UdpWorld) -> None:
 def test_reload_applies_to_new_datagrams_and_a_bad_one_keeps_the_config(world: UdpWorld) -> None:
     lo_net = world.net
     proc = world.start()
-    config_path = Path(proc.proc.args[-2])  # type: ignore[index]
+    config_path = Path(str(proc.proc.args[-2]))  # type: ignore[index]
     with balancer(lo_net) as lb:
         lb.send(datagram((CLIENT4, 46000), b"before"))
         assert lb.recv(65535) == f"{CLIENT4} 46000 before".encode()

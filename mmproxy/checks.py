@@ -28,10 +28,9 @@ from mmproxy.transparent import (
 
 # Sources for the spoofed test connection: documentation addresses, as the original uses.
 TEST_SOURCES = {4: "192.0.2.1", 6: "2001:db8::1"}
-CAP_NET_ADMIN, CAP_NET_RAW = 12, 13  # bits of the capability masks (linux/capability.h)
+CAP_NET_ADMIN = 12  # bit of the capability masks (linux/capability.h)
 CAPS_FIX = (
-    "run mmproxy as root, or give it CAP_NET_RAW and CAP_NET_ADMIN "
-    "(systemd: AmbientCapabilities=CAP_NET_RAW CAP_NET_ADMIN)"
+    "run mmproxy as root, or give it CAP_NET_ADMIN (systemd: AmbientCapabilities=CAP_NET_ADMIN)"
 )
 
 
@@ -70,13 +69,12 @@ def _effective_capabilities() -> int | None:
 
 
 def check_capabilities(config: Config) -> list[Result]:
-    # IP_TRANSPARENT and SO_MARK accept either capability (SO_MARK since Linux 5.17);
-    # reading the fwmark variant's firewall rules needs CAP_NET_ADMIN.
+    # CAP_NET_ADMIN is all mmproxy needs: IP_TRANSPARENT, IPV6_TRANSPARENT and SO_MARK
+    # accept it on every kernel, and reading the fwmark variant's firewall rules needs it.
+    # (The kernel also accepts CAP_NET_RAW for the socket options, for SO_MARK only since
+    # Linux 5.17, but not for the firewall rules: it is never the one to ask for.)
     caps = _effective_capabilities()
-    lacks = "" if caps is None else " and ".join(
-        name for name, bit in (("CAP_NET_RAW", CAP_NET_RAW), ("CAP_NET_ADMIN", CAP_NET_ADMIN))
-        if not caps >> bit & 1
-    )  # fmt: skip
+    lacks_admin = caps is not None and not caps >> CAP_NET_ADMIN & 1
     results = []
     for family, level, option in (
         (socket.AF_INET, socket.SOL_IP, IP_TRANSPARENT),
@@ -95,12 +93,12 @@ def check_capabilities(config: Config) -> list[Result]:
                 CAPS_FIX,
             )
         )
-    if lacks:  # name what is missing
+    if lacks_admin:  # name what is missing
         results = [
-            r if r.ok else replace(r, detail=f"{r.detail} (the process lacks {lacks})")
+            r if r.ok else replace(r, detail=f"{r.detail} (the process lacks CAP_NET_ADMIN)")
             for r in results
         ]
-    if config.routing_variant() == "fwmark" and caps is not None and not caps >> CAP_NET_ADMIN & 1:
+    if config.routing_variant() == "fwmark" and lacks_admin:
         results.append(
             Result(
                 False,
@@ -194,6 +192,7 @@ def check_target(config: Config, target: Address) -> list[Result]:
                 f"target {target} answers a spoofed connection from {source.host}",
                 lambda: open_upstream(target, source, config.mark, config.connect_timeout),
                 "the replies do not come back: apply the routing above",
+                denied_fix=CAPS_FIX,
             )
         )
     return results
@@ -218,11 +217,15 @@ def _routes_locally(target: Address) -> Result:
     )
 
 
-def _connect_check(what: str, connect: Callable[[], socket.socket], fix: str) -> Result:
+def _connect_check(
+    what: str, connect: Callable[[], socket.socket], fix: str, denied_fix: str = ""
+) -> Result:
+    """`denied_fix` replaces `fix` when the kernel refused for want of a privilege."""
     try:
         connect().close()
     except UpstreamError as exc:
-        return Result(False, what, str(exc), fix)
+        denied = isinstance(exc.__cause__, PermissionError)
+        return Result(False, what, str(exc), denied_fix if denied and denied_fix else fix)
     return Result(True, what)
 
 

@@ -164,9 +164,7 @@ def _make_transparent(sock: socket.socket, family: int, mark: int) -> None:
         else:
             sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
     except PermissionError as exc:
-        raise UpstreamError(
-            "cannot set IP_TRANSPARENT: the process needs CAP_NET_RAW (or CAP_NET_ADMIN)"
-        ) from exc
+        raise UpstreamError("cannot set IP_TRANSPARENT: the process needs CAP_NET_ADMIN") from exc
     if mark:
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import functools
 import ipaddress
+import logging
 import os
 import select
 import socket
@@ -17,6 +18,8 @@ import threading
 import time
 
 from mmproxy.config import Address
+
+log = logging.getLogger("mmproxy")
 
 # Python 3.11's socket module lacks some of these on some builds: the kernel's numbers.
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
@@ -144,7 +147,9 @@ def open_datagram(target: Address, source: Address | None, mark: int) -> socket.
             try:
                 sock.bind((source.host, source.port))
             except OSError as exc:
-                if exc.errno != errno.EADDRINUSE:
+                if exc.errno == errno.EACCES:
+                    _privileged_port(source)
+                elif exc.errno != errno.EADDRINUSE:
                     raise
                 sock.bind((source.host, 0))
         sock.connect(target.sockaddr)
@@ -187,7 +192,26 @@ def _bind_source(sock: socket.socket, source: Address, keep_port: bool) -> None:
     except OSError as exc:
         if keep_port and exc.errno == errno.EADDRINUSE:
             raise _PortBusy from exc
+        if keep_port and exc.errno == errno.EACCES:
+            _privileged_port(source)
+            raise _PortBusy from exc
         raise UpstreamError(f"cannot bind the client address {source}: {exc.strerror}") from exc
+
+
+_warned_privileged_port = False
+
+
+def _privileged_port(source: Address) -> None:
+    """A client port below 1024 needs CAP_NET_BIND_SERVICE: without it the client is
+    still served, from a port the kernel picks; say so once, not per connection."""
+    global _warned_privileged_port
+    if not _warned_privileged_port:
+        _warned_privileged_port = True
+        log.warning(
+            "client %s: ports below 1024 need CAP_NET_BIND_SERVICE, which this process "
+            "lacks; such clients get a port the kernel picks (the address is kept)",
+            source,
+        )
 
 
 def _describe_connect_error(target: Address, error: int) -> str:

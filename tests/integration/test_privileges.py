@@ -1,11 +1,13 @@
-"""Least privilege: the systemd unit grants CAP_NET_ADMIN and nothing else. Run as nobody
-(uid 65534) with exactly that capability (effective, permitted, inheritable, ambient and
-bounding set alike), mmproxy serves spoofed TCP and UDP connections over both address
-families and both routing variants; without it, it refuses to start and its self-check
-names CAP_NET_ADMIN. The routing is applied as root first, as the unit's
-`ExecStartPre=+mmproxy routing up` does.
+"""Least privilege: the systemd unit grants CAP_NET_ADMIN, and CAP_NET_BIND_SERVICE for
+clients that send from a port below 1024, nothing else. Run as nobody (uid 65534) with
+exactly those (effective, permitted, inheritable, ambient and bounding set alike),
+mmproxy serves spoofed TCP and UDP connections over both address families and both
+routing variants, low client ports kept; with CAP_NET_ADMIN alone it serves too, low
+ports replaced; without it, it refuses to start and its self-check names CAP_NET_ADMIN.
+The routing is applied as root first, as the unit's `ExecStartPre=+mmproxy routing up`
+does.
 
-Why CAP_NET_ADMIN alone: the kernel accepts it for IP_TRANSPARENT, IPV6_TRANSPARENT and
+Why CAP_NET_ADMIN: the kernel accepts it for IP_TRANSPARENT, IPV6_TRANSPARENT and
 SO_MARK on every version, and the fwmark variant's self-check reads firewall rules, which
 only CAP_NET_ADMIN allows. CAP_NET_RAW is also accepted for the socket options (for
 SO_MARK only since Linux 5.17), which the last tests pin down: it serves a loopback-routed
@@ -33,7 +35,8 @@ from .conftest import CLIENT4, CLIENT6, MARK, TABLE, Mmproxy, Net, make_net, sta
 from .test_udp import PORT, UdpEcho, balancer, datagram, targets
 
 NOBODY = 65534
-CAP_NET_ADMIN, CAP_NET_RAW = 12, 13  # bit numbers in /proc/<pid>/status Cap* masks
+CAP_NET_BIND_SERVICE, CAP_NET_ADMIN, CAP_NET_RAW = 10, 12, 13  # bits of /proc/PID/status Cap*
+UNIT_CAPS = ["net_admin", "net_bind_service"]  # as units/mmproxy@.service grants them
 CAPS_FIX = (
     "fix: run mmproxy as root, or give it CAP_NET_ADMIN "
     "(systemd: AmbientCapabilities=CAP_NET_ADMIN)"
@@ -131,7 +134,7 @@ def kernel_at_least(major: int, minor: int) -> bool:
     return bool(found) and (int(found.group(1)), int(found.group(2))) >= (major, minor)  # type: ignore[union-attr]
 
 
-def test_cap_net_admin_alone_serves_spoofed_tcp_and_udp(net: Net, world_readable: Path) -> None:
+def test_the_units_capabilities_serve_spoofed_tcp_and_udp(net: Net, world_readable: Path) -> None:
     host4, host6 = targets(net)
     app, app6 = start_backend(net.gw, host4), start_backend(net.gw, host6)
     # The UDP application on the same address and port as the TCP one (one target each).
@@ -142,19 +145,20 @@ def test_cap_net_admin_alone_serves_spoofed_tcp_and_udp(net: Net, world_readable
         sock.bind((host, port))
         echoes.append(UdpEcho(sock))
     config = write_config(world_readable, net, app.address, app6.address, udp=True)
-    proc = Unprivileged(net, config, ["net_admin"])
+    proc = Unprivileged(net, config, UNIT_CAPS)
     try:
         proc.wait_for("listening on")
         assert not [line for line in proc.lines if "FAILED" in line], proc.lines
         masks = capability_masks(proc.proc.pid)
         assert masks["uid"] == NOBODY
-        # CAP_NET_ADMIN and nothing else, not even in the bounding set (no way to regain more).
+        # Those two and nothing else, not even in the bounding set (no way to regain more).
         for mask in ("CapEff", "CapPrm", "CapInh", "CapAmb", "CapBnd"):
-            assert masks[mask] == 1 << CAP_NET_ADMIN, (mask, hex(masks[mask]))
-        # The application sees the client's address: the connect was spoofed.
-        for family, client, port in (("TCP4", CLIENT4, 40300), ("TCP6", CLIENT6, 40301)):
+            expected = 1 << CAP_NET_ADMIN | 1 << CAP_NET_BIND_SERVICE
+            assert masks[mask] == expected, (mask, hex(masks[mask]))
+        # The application sees the client's address and port: the connect was spoofed.
+        for family, client, port in (("TCP4", CLIENT4, 40300), ("TCP6", CLIENT6, 1000)):
             assert ask(net, family, client, port) == f"{client} {port}\n".encode()
-        for v6, client, port in ((False, CLIENT4, 40302), (True, CLIENT6, 40303)):
+        for v6, client, port in ((False, CLIENT4, 123), (True, CLIENT6, 40303)):
             with balancer(net, v6) as lb:
                 lb.send(datagram((client, port), b"ping"))
                 assert lb.recv(65535) == f"{client} {port} ping".encode()
@@ -162,6 +166,21 @@ def test_cap_net_admin_alone_serves_spoofed_tcp_and_udp(net: Net, world_readable
         proc.stop()
         for echo in echoes:
             echo.sock.close()
+
+
+def test_cap_net_admin_alone_serves_and_replaces_low_client_ports(
+    lo_net: Net, world_readable: Path
+) -> None:
+    proc = Unprivileged(lo_net, loopback_config(world_readable, lo_net), ["net_admin"])
+    try:
+        proc.wait_for("listening on")
+        assert capability_masks(proc.proc.pid)["CapBnd"] == 1 << CAP_NET_ADMIN
+        assert ask(lo_net, "TCP4", CLIENT4, 40320) == f"{CLIENT4} 40320\n".encode()
+        host, port = ask(lo_net, "TCP4", CLIENT4, 1000).decode().split()
+        assert host == CLIENT4 and int(port) >= 1024  # served, from a port the kernel chose
+        proc.wait_for(r"ports below 1024 need CAP_NET_BIND_SERVICE, which this process lacks")
+    finally:
+        proc.stop()
 
 
 def test_without_capabilities_it_refuses_and_names_cap_net_admin(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from bench.report import floors_table, tables
+from bench.udp import table as udp_table
 
 Results = dict[str, Any]
 
@@ -97,13 +98,22 @@ def machine_line(m: dict[str, Any]) -> str:
     )
 
 
+def _all_tables(results: Results) -> list[str]:
+    """TCP's three tables, and UDP's when it ran."""
+    udp = udp_table(results["summary"], results["order"], results["settings"])
+    return [
+        tables(results["summary"], results["order"], results["settings"]),
+        *([udp] if udp else []),
+    ]
+
+
 def results_markdown(results: Results) -> str:
     """bench/results/results.md: the tables and floors alone."""
     return "\n\n".join([
         "# mmproxy benchmark: latest run",
         f"Taken {machine_line(results['machine'])}. Medians of {results['rounds']} "
         "interleaved rounds.",
-        tables(results["summary"], results["order"], results["settings"]),
+        *_all_tables(results),
         "**Floors of issue 6** (ratio = mmproxy / best of go-mmproxy and HAProxy, same run)",
         floors_table(results["floors"]),
         "![chart](chart.png)",
@@ -118,7 +128,7 @@ def performance_page(results: Results) -> str:
         f"**Latest run**: {machine_line(results['machine'])}. "
         f"Medians of {results['rounds']} interleaved rounds.",
         "## Results",
-        tables(results["summary"], results["order"], results["settings"]),
+        *_all_tables(results),
         "![mmproxy beside go-mmproxy and HAProxy](../bench/results/chart.png)",
         "## The floors of issue 6",
         "Ratio = mmproxy's figure / the better of go-mmproxy's and HAProxy's in the same run. "

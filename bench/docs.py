@@ -58,6 +58,23 @@ METHOD = """\
   threads), read just before and after each workload: CPU-s per GiB moved (both ways
   together) and per 1,000 connections of the rate test. This is the figure least distorted
   by the shared 2-core machine and by the load generator, which runs on the same cores.
+- **UDP** (table 4): `bench/c/udpgen.c` plays the balancer, in several processes: every
+  flow is its own UDP socket claiming its own fake client in the PROXY v2 (`UDP4`) header
+  of every datagram, with at most *window* datagrams outstanding (a reply, or its loss
+  after 200 ms, frees a place). The default, 2 for each of 32 flows (64 in all), fits in
+  the default 208 KiB receive buffer of the gateway's one listening socket even at 1,400
+  bytes (3 per flow already overflowed it now and then), so loss measures the gateway and
+  not a full buffer. `bench/c/udpecho.c` (recvmmsg/sendmmsg) sends every payload back
+  with a verdict: did it come from the claimed client address and port? The sources it
+  saw must be exactly the fake clients ("verified").
+  Gateways: `python -m mmproxy -l udp://198.51.100.1:8001 -4 127.0.0.1:9000 …`, and
+  `go-mmproxy -p udp … -close-after 60`; HAProxy has no UDP PROXY-protocol gateway (n/a).
+  The echo listens on 127.0.0.1:9000, not 0.0.0.0: a reply from an unbound address would
+  not match the `from 127.0.0.1/8 iif lo` rule. Packets/s are request+reply pairs sent and
+  answered within the time (each pair is two datagrams through the gateway), Mbit/s the
+  payload each way, latency from sending to the reply, and CPU-s per 1M packets the
+  gateway's own CPU per million pairs, which includes the kernel's work its system calls
+  do (delivering a datagram over `lo` or the veth is done in the sender's system call).
 - Nothing is pinned except the *taskset* variant; the CPU affinity each gateway ran with is
   in the concurrency table and in the JSON.
 
@@ -84,6 +101,10 @@ METHOD = """\
     sleep 5; PID=$(pgrep -f 'mmproxy -l 198.51.100.1:8001')
     .venv/bin/py-spy record --nonblocking --threads -d 10 -p $PID -o /tmp/mmproxy.svg
     perf stat -e context-switches,cpu-migrations,task-clock -p $PID -- sleep 5
+
+For UDP: `--workloads udp --udp-seconds 30 --udp-sizes 64`, and
+`PID=$(pgrep -f 'mmproxy -l udp://198.51.100.1:8001')`; `strace -c -f -p $PID` counts
+its system calls per datagram.
 """
 
 

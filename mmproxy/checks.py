@@ -232,15 +232,7 @@ def _connect_check(
 def check_udp_target(config: Config, target: Address) -> list[Result]:
     """UDP has no hand-shake to try without speaking the application's protocol, so:
     is a socket bound to the target's port, and can a transparent one be bound?"""
-    bound = _udp_bound(target)
-    results = [
-        Result(
-            bound,
-            f"a UDP socket is bound to {target} (the application)",
-            "" if bound else "nothing is bound there",
-            f"start the application on udp {target} (see: ss -ulnp 'sport = :{target.port}')",
-        )
-    ]
+    results = [_udp_application(target)]
     source = Address(TEST_SOURCES[_family(target)], 0)
     what = f"a UDP socket towards {target} can be bound to {source.host} (spoofed)"
     try:
@@ -252,12 +244,35 @@ def check_udp_target(config: Config, target: Address) -> list[Result]:
     return results
 
 
-def _udp_bound(target: Address) -> bool:
-    """Whether /proc/self/net/udp[6] lists a socket on the target's port, bound to its
-    address or to the wildcard one (this process's network namespace)."""
+def _udp_application(target: Address) -> Result:
+    bound = _udp_bound(target)
+    if bound == "exact":
+        return Result(True, f"a UDP socket is bound to {target} (the application)")
+    if bound == "wildcard":
+        # Its replies find their way back only if they leave from the target address: a
+        # reply whose source the kernel picks from the route to the client does not.
+        return Result(
+            True,
+            f"a UDP socket is bound to port {target.port} on every address (the application;"
+            f" it must reply from {target.host}, as servers that answer from the address "
+            f"asked do, or be bound to {target})",
+        )
+    return Result(
+        False,
+        f"a UDP socket is bound to {target} (the application)",
+        "nothing is bound there",
+        f"start the application on udp {target} (see: ss -ulnp 'sport = :{target.port}')",
+    )
+
+
+def _udp_bound(target: Address) -> str | None:
+    """ "exact" or "wildcard" when /proc/self/net/udp[6] lists a socket on the target's port
+    bound to its address or to every address (in this network namespace), else None."""
     v6 = target.family == socket.AF_INET6
-    wanted = {ipaddress.ip_address(target.host), ipaddress.ip_address("::" if v6 else "0.0.0.0")}
+    exact = ipaddress.ip_address(target.host)
+    wildcards = {ipaddress.ip_address(w) for w in (("::",) if v6 else ("::", "0.0.0.0"))}
     tables = ["/proc/self/net/udp6"] if v6 else ["/proc/self/net/udp", "/proc/self/net/udp6"]
+    found = None
     for table in tables:
         try:
             with open(table, encoding="ascii") as lines:
@@ -267,11 +282,13 @@ def _udp_bound(target: Address) -> bool:
                     if int(port_hex, 16) != target.port:
                         continue
                     host = _proc_address(host_hex)
-                    if host in wanted or (not v6 and host == ipaddress.ip_address("::")):
-                        return True
+                    if host == exact:
+                        return "exact"
+                    if host in wildcards:
+                        found = "wildcard"
         except OSError:
             continue
-    return False
+    return found
 
 
 def _proc_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

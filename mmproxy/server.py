@@ -70,14 +70,15 @@ def raise_fd_limit(config: Config) -> int:
             soft = hard
         except (ValueError, OSError) as exc:
             log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
+    tcp = any(a.transport == "tcp" for a in config.listen)
     udp = any(a.transport == "udp" for a in config.listen)
-    needed = 2 * config.max_connections + (config.udp_max_flows if udp else 0)
+    needed = (2 * config.max_connections if tcp else 0) + (config.udp_max_flows if udp else 0)
     if needed > soft:
         log.warning(
-            "the open-file limit (%d) is below what max_connections%s may need (%d): "
-            "raise LimitNOFILE= in a drop-in (systemctl edit mmproxy@.service), or lower them",
+            "the open-file limit (%d) is below what %s may need (%d): raise LimitNOFILE= "
+            "in a drop-in (systemctl edit mmproxy@.service), or lower them",
             soft,
-            " and udp_max_flows" if udp else "",
+            " and ".join(k for k, on in (("max_connections", tcp), ("udp_max_flows", udp)) if on),
             needed,
         )
     return soft

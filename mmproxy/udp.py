@@ -42,9 +42,11 @@ IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
 _IN_PKTINFO = struct.Struct("=i4s4s")  # ipi_ifindex, ipi_spec_dst, ipi_addr
 _IN6_PKTINFO = struct.Struct("=16si")  # ipi6_addr, ipi6_ifindex
 
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+LISTENER_RECEIVE_BUFFER = 4 << 20
 MAX_DATAGRAM = 65535  # larger than any UDP payload over IPv4 or IPv6 (without jumbograms)
 _ANCILLARY_SIZE = socket.CMSG_SPACE(_IN6_PKTINFO.size)  # room for either family's pktinfo
-_BATCH = 64  # datagrams per socket per wake-up, so that one busy flow cannot starve others
+_BATCH = 64  # datagrams from one listener per wake-up, so that the flows get their turn
 _SWEEP_INTERVAL = 1.0
 
 Ancillary = list[tuple[int, int, bytes]]
@@ -195,9 +197,15 @@ class UdpForwarder:
     # --- balancer -> application -------------------------------------------------------
 
     def _from_balancer(self, listener: _Listener, now: float) -> None:
+        ancillary: Ancillary = []
         for _ in range(_BATCH):
             try:
-                data, ancillary, _flags, peer = listener.sock.recvmsg(MAX_DATAGRAM, _ANCILLARY_SIZE)
+                if listener.wildcard:
+                    data, ancillary, _flags, peer = listener.sock.recvmsg(
+                        MAX_DATAGRAM, _ANCILLARY_SIZE
+                    )
+                else:
+                    data, peer = listener.sock.recvfrom(MAX_DATAGRAM)
             except BlockingIOError:
                 return
             except OSError as exc:  # e.g. ENOBUFS; the next datagram may do
@@ -312,31 +320,36 @@ class UdpForwarder:
     # --- application -> balancer -------------------------------------------------------
 
     def _from_target(self, flow: Flow, now: float) -> None:
-        for _ in range(_BATCH):
-            try:
-                data = flow.upstream.recv(MAX_DATAGRAM)
-            except BlockingIOError:
-                return
-            except ConnectionRefusedError:
-                why = f"target {flow.target} refused a datagram (is the application running?)"
-                self._drop("target-refused", why, flow.balancer)
-                continue
-            except OSError as exc:
-                self._close(flow, f"receive error: {exc.strerror}")
-                return
-            flow.last_seen = now
-            try:
+        # One datagram per wake-up: a flow rarely has a second one waiting, so reading on
+        # to EAGAIN would cost a failed call per reply (the poll is level-triggered, so a
+        # second datagram wakes the loop again).
+        try:
+            data = flow.upstream.recv(MAX_DATAGRAM)
+        except BlockingIOError:
+            return
+        except ConnectionRefusedError:
+            why = f"target {flow.target} refused a datagram (is the application running?)"
+            self._drop("target-refused", why, flow.balancer)
+            return
+        except OSError as exc:
+            self._close(flow, f"receive error: {exc.strerror}")
+            return
+        flow.last_seen = now
+        try:
+            if flow.reply_ancillary:
                 flow.listener.sock.sendmsg([data], flow.reply_ancillary, 0, flow.balancer)
-            except BlockingIOError:
-                self._drop("reply-busy", "the socket buffer towards the balancer is full", None)
-                continue
-            except OSError as exc:
-                self._drop("reply-error", f"cannot reply: {exc.strerror}", flow.balancer)
-                continue
-            flow.packets_out += 1
-            flow.bytes_out += len(data)
-            self.stats.packets_out += 1
-            self.stats.bytes_out += len(data)
+            else:
+                flow.listener.sock.sendto(data, flow.balancer)
+        except BlockingIOError:
+            self._drop("reply-busy", "the socket buffer towards the balancer is full", None)
+            return
+        except OSError as exc:
+            self._drop("reply-error", f"cannot reply: {exc.strerror}", flow.balancer)
+            return
+        flow.packets_out += 1
+        flow.bytes_out += len(data)
+        self.stats.packets_out += 1
+        self.stats.bytes_out += len(data)
 
     # --- endings -----------------------------------------------------------------------
 
@@ -373,9 +386,11 @@ def _v2_size(data: bytes) -> int:
 
 
 def _prepare(sock: socket.socket) -> bool:
-    """Ask for each datagram's destination address when the socket is bound to every
-    address: a reply must leave from the address the balancer sent to, or the balancer
-    (or a NAT on the way) will not match it with its request. True when asked."""
+    """Enlarge the receive buffer, and ask for each datagram's destination address when
+    the socket is bound to every address: a reply must leave from the address the balancer
+    sent to, or the balancer (or a NAT on the way) will not match it with its request.
+    True when asked."""
+    _enlarge_receive_buffer(sock)
     host = sock.getsockname()[0]
     if not ipaddress.ip_address(host).is_unspecified:
         return False
@@ -385,6 +400,18 @@ def _prepare(sock: socket.socket) -> bool:
     else:
         sock.setsockopt(socket.SOL_IP, IP_PKTINFO, 1)
     return True
+
+
+def _enlarge_receive_buffer(sock: socket.socket) -> None:
+    # Every balancer's datagrams queue on this one socket: the default (208 KiB, about 90
+    # full-size datagrams) overflows in a burst. CAP_NET_ADMIN, which mmproxy has, may
+    # exceed net.core.rmem_max; without it the kernel caps the plain request there.
+    for option in (SO_RCVBUFFORCE, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, LISTENER_RECEIVE_BUFFER)
+            return
+        except OSError:
+            continue
 
 
 def _reply_ancillary(ancillary: Ancillary) -> Ancillary:

@@ -31,14 +31,23 @@ def test_a_limit_too_low_for_the_maxima_is_named(
     restore_fd_limit: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    config = Config(
-        listen=(Address("0.0.0.0", 53, "udp"),), max_connections=hard // 2, udp_max_flows=1000
-    )
+    both = (Address("0.0.0.0", 53), Address("0.0.0.0", 53, "udp"))
+    config = Config(listen=both, max_connections=hard // 2, udp_max_flows=1000)
     with caplog.at_level(logging.WARNING, logger="mmproxy"):
         raise_fd_limit(config)
     assert f"the open-file limit ({hard}) is below" in caplog.text
     assert "max_connections and udp_max_flows may need" in caplog.text
     assert "LimitNOFILE=" in caplog.text
+
+
+def test_a_udp_only_instance_counts_no_tcp_connections(
+    restore_fd_limit: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    udp_only = Config(listen=(Address("0.0.0.0", 53, "udp"),), max_connections=hard)
+    with caplog.at_level(logging.WARNING, logger="mmproxy"):
+        raise_fd_limit(udp_only)
+    assert caplog.text == ""
 
 
 def test_udp_and_tcp_listeners_share_a_port() -> None:

@@ -21,6 +21,7 @@ import yaml
 
 from mmproxy.netns import NetNS
 from mmproxy.proxy_protocol import encode_v1, encode_v2
+from mmproxy.udp import IP_PKTINFO
 
 from .conftest import CLIENT4, CLIENT6, GW4, GW6, PEER4, Mmproxy, Net
 
@@ -394,3 +395,41 @@ def test_target_down_is_counted_and_flows_leak_nothing(world: UdpWorld) -> None:
     status = final_status(proc)
     assert "udp: 0 flows, 2001 total" in status, status
     assert "target-refused" in status, status
+
+
+def test_an_application_on_every_address_must_answer_from_the_address_asked(
+    lo_net: Net, run_mmproxy: StartMmproxy
+) -> None:
+    """Bound to 0.0.0.0, a server that replies from the address it was asked on (as
+    dnsmasq, unbound and BIND do, with IP_PKTINFO) is reached; the self-check says so."""
+    sock = lo_net.gw.open_socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("0.0.0.0", 0))
+    sock.setsockopt(socket.SOL_IP, IP_PKTINFO, 1)
+    port = sock.getsockname()[1]
+
+    def serve() -> None:
+        while True:
+            try:
+                data, ancillary, _flags, peer = sock.recvmsg(65535, 64)
+                sock.sendmsg([b"from the address asked: " + data], ancillary, 0, peer)
+            except OSError:
+                return
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        proc = run_mmproxy(
+            lo_net,
+            listen=f"udp://0.0.0.0:{PORT}",
+            ipv4=f"127.0.0.1:{port}",
+            ipv6=None,
+            allowed_networks=["198.51.100.0/24"],
+        )
+        proc.wait_for(
+            rf"VERIFIED  a UDP socket is bound to port {port} on every address "
+            r"\(the application; it must reply from 127\.0\.0\.1"
+        )
+        with balancer(lo_net) as lb:
+            lb.send(datagram((CLIENT4, 48000), b"hello"))
+            assert lb.recv(65535) == b"from the address asked: hello"
+    finally:
+        sock.close()

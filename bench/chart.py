@@ -24,7 +24,11 @@ PANELS = (
     ("rss_kib_per_conn", "RSS KiB per idle connection (lower)"),
     ("fds_per_conn", "fds per idle connection (lower)"),
     ("held", "idle connections held"),
+    ("udp_pps_64", "UDP packets/s, 64-byte payload (higher)"),
+    ("udp_mbit_s_1400", "UDP Mbit/s each way, 1,400-byte payload (higher)"),
+    ("udp_cpu_s_per_mpkt_64", "UDP gateway CPU-s per 1M packets, 64 B (lower)"),
 )
+COLUMNS = 3
 
 
 def draw(summary: dict[str, dict[str, Any]], order: list[str], path: Path, title: str) -> None:
@@ -33,7 +37,8 @@ def draw(summary: dict[str, dict[str, Any]], order: list[str], path: Path, title
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # type: ignore[import-untyped]
 
-    fig, axes = plt.subplots(3, 3, figsize=(12, 9))
+    rows = -(-len(PANELS) // COLUMNS)
+    fig, axes = plt.subplots(rows, COLUMNS, figsize=(12, 3 * rows))
     for ax, (metric, label) in zip(axes.flat, PANELS, strict=True):
         keys = [k for k in order if isinstance(summary.get(k, {}).get(metric), int | float)]
         values = [float(summary[k][metric]) for k in keys]

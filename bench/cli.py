@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import chart, docs, machine, report, workloads
+from bench import chart, docs, machine, report, udp, workloads
 from bench.targets import TARGETS, Target
 from bench.testbed import GW4, Testbed
 from bench.tools import build, check_headers
@@ -29,6 +29,7 @@ WORKLOADS: dict[str, Callable[[Context, Target], dict[str, Any]]] = {
     "bulk": workloads.bulk,
     "rate": workloads.rate,
     "hold": workloads.hold,
+    "udp": udp.workload,
 }
 SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -53,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate-procs", type=int, default=2, help="load-generator processes (2)")
     p.add_argument("--rate-conc", type=int, default=32, help="concurrent clients in all (32)")
     p.add_argument("--hold-count", type=int, help="idle connections held (9000)")
+    p.add_argument("--udp-seconds", type=float, help="UDP, seconds per payload size (5; quick 2)")
+    p.add_argument("--udp-procs", type=int, default=2, help="UDP load-generator processes (2)")
+    p.add_argument("--udp-flows", type=int, default=32, help="UDP flows in all (32)")
+    p.add_argument("--udp-window", type=int, default=2, help="UDP datagrams in flight per flow (2)")
+    p.add_argument("--udp-sizes", default="64,1400", help="UDP payload sizes, bytes (64,1400)")
     p.add_argument("--rounds", type=int, help="interleaved rounds (5; quick 2)")
     p.add_argument("--proxy", choices=("v1", "v2"), default="v1", help="PROXY version (v1)")
     p.add_argument(
@@ -84,6 +90,11 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, int]:
         hold_count=args.hold_count or 9000,
         hold_inflight=200,
         proxy=args.proxy,
+        udp_seconds=args.udp_seconds or (2.0 if quick else 5.0),
+        udp_procs=args.udp_procs,
+        udp_flows=args.udp_flows,
+        udp_window=args.udp_window,
+        udp_sizes=tuple(int(n) for n in args.udp_sizes.split(",")),
     )
     return settings, args.rounds or (2 if quick else 5)
 
@@ -103,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (HERE / "results" / "quick" if args.quick else HERE / "results")
     tools = build()
     check_headers(tools, (GW4, TARGETS["mmproxy"].port))
+    udp.check_header(tools, (GW4, TARGETS["mmproxy"].port))
     started, load_before = time.monotonic(), machine.load_average()
     foreign = machine.ForeignCpu()
     with tempfile.TemporaryDirectory(prefix="mmbench-") as tmp, Testbed() as bed:
@@ -152,6 +164,8 @@ def _one(ctx: Context, name: str, target: Target) -> dict[str, Any]:
 def _brief(run: dict[str, Any]) -> str:
     if "error" in run:
         return f"ERROR {run['error']}"
+    if "skipped" in run:
+        return f"n/a ({run['skipped']})"
     return ", ".join(f"{k} {v}" for k, v in run["metrics"].items() if v is not None)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from bench.report import floors_table, tables
+from bench.udp import table as udp_table
 
 Results = dict[str, Any]
 
@@ -59,6 +60,23 @@ METHOD = """\
   workload: CPU-s per GiB moved (both ways together) and per 1,000 connections of the
   rate test. This is the figure least distorted by the shared 2-core machine and by the
   load generator, which runs on the same cores.
+- **UDP** (table 4): `bench/c/udpgen.c` plays the balancer, in several processes: every
+  flow is its own UDP socket claiming its own fake client in the PROXY v2 (`UDP4`) header
+  of every datagram, with at most *window* datagrams outstanding (a reply, or its loss
+  after 200 ms, frees a place). The default, 2 for each of 32 flows (64 in all), fits in
+  the default 208 KiB receive buffer of the gateway's one listening socket even at 1,400
+  bytes (3 per flow already overflowed it now and then), so loss measures the gateway and
+  not a full buffer. `bench/c/udpecho.c` (recvmmsg/sendmmsg) sends every payload back
+  with a verdict: did it come from the claimed client address and port? The sources it
+  saw must be exactly the fake clients ("verified").
+  Gateways: `python -m mmproxy -l udp://198.51.100.1:8001 -4 127.0.0.1:9000 …`, and
+  `go-mmproxy -p udp … -close-after 60`; HAProxy has no UDP PROXY-protocol gateway (n/a).
+  The echo listens on 127.0.0.1:9000, not 0.0.0.0: a reply from an unbound address would
+  not match the `from 127.0.0.1/8 iif lo` rule. Packets/s are request+reply pairs sent and
+  answered within the time (each pair is two datagrams through the gateway), Mbit/s the
+  payload each way, latency from sending to the reply, and CPU-s per 1M packets the
+  gateway's own CPU per million pairs, which includes the kernel's work its system calls
+  do (delivering a datagram over `lo` or the veth is done in the sender's system call).
 - Nothing is pinned except the *taskset* variant; the CPU affinity each gateway ran with is
   in the concurrency table and in the JSON.
 
@@ -88,6 +106,10 @@ py-spy and perf can follow whole; unpinned, profile one worker (`pgrep -P PARENT
     sleep 5; PID=$(pgrep -f 'mmproxy -l 198.51.100.1:8002')
     .venv/bin/py-spy record --nonblocking --threads -d 10 -p $PID -o /tmp/mmproxy.svg
     perf stat -e context-switches,cpu-migrations,task-clock -p $PID -- sleep 5
+
+For UDP: `--workloads udp --udp-seconds 30 --udp-sizes 64`, and
+`PID=$(pgrep -f 'mmproxy -l udp://198.51.100.1:8001')`; `strace -c -f -p $PID` counts
+its system calls per datagram.
 """
 
 
@@ -102,13 +124,22 @@ def machine_line(m: dict[str, Any]) -> str:
     )
 
 
+def _all_tables(results: Results) -> list[str]:
+    """TCP's three tables, and UDP's when it ran."""
+    udp = udp_table(results["summary"], results["order"], results["settings"])
+    return [
+        tables(results["summary"], results["order"], results["settings"]),
+        *([udp] if udp else []),
+    ]
+
+
 def results_markdown(results: Results) -> str:
     """bench/results/results.md: the tables and floors alone."""
     return "\n\n".join([
         "# mmproxy benchmark: latest run",
         f"Taken {machine_line(results['machine'])}. Medians of {results['rounds']} "
         "interleaved rounds.",
-        tables(results["summary"], results["order"], results["settings"]),
+        *_all_tables(results),
         "**Floors of issue 6** (ratio = mmproxy / best of go-mmproxy and HAProxy, same run)",
         floors_table(results["floors"]),
         "![chart](chart.png)",
@@ -123,7 +154,7 @@ def performance_page(results: Results) -> str:
         f"**Latest run**: {machine_line(results['machine'])}. "
         f"Medians of {results['rounds']} interleaved rounds.",
         "## Results",
-        tables(results["summary"], results["order"], results["settings"]),
+        *_all_tables(results),
         "![mmproxy beside go-mmproxy and HAProxy](../bench/results/chart.png)",
         "## The floors of issue 6",
         "Ratio = mmproxy's figure / the better of go-mmproxy's and HAProxy's in the same run. "

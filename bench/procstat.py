@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 TCP_LISTEN = "0A"
+UDP_UNCONNECTED = "07"  # TCP_CLOSE: a bound, unconnected UDP socket (a server's)
 
 
 def _stat_fields(pid: int) -> list[str]:
@@ -95,24 +96,28 @@ def comm(pid: int) -> str:
         return f.read().strip()
 
 
-def is_listening(pid: int, port: int) -> bool:
-    """A TCP socket LISTENs on `port` in the network namespace of `pid`."""
+def is_listening(pid: int, port: int, protocol: str = "tcp") -> bool:
+    """A TCP socket LISTENs on `port` in the network namespace of `pid` (protocol "udp":
+    an unconnected UDP socket is bound to it)."""
+    state = UDP_UNCONNECTED if protocol == "udp" else TCP_LISTEN
     try:
-        with open(f"/proc/{pid}/net/tcp", encoding="ascii") as f:
+        with open(f"/proc/{pid}/net/{protocol}", encoding="ascii") as f:
             next(f)
             for line in f:
                 cols = line.split()
-                if cols[3] == TCP_LISTEN and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                if cols[3] == state and int(cols[1].rsplit(":", 1)[1], 16) == port:
                     return True
     except OSError:
         return False
     return False
 
 
-def wait_listening(pid: int, port: int, alive: Callable[[], bool], timeout: float = 15.0) -> None:
+def wait_listening(
+    pid: int, port: int, alive: Callable[[], bool], timeout: float = 15.0, protocol: str = "tcp"
+) -> None:
     """Wait until something listens on `port`; `alive()` False means the process died."""
     deadline = time.monotonic() + timeout
-    while not is_listening(pid, port):
+    while not is_listening(pid, port, protocol):
         if not alive():
             raise RuntimeError(f"process {pid} exited before listening on port {port}")
         if time.monotonic() > deadline:

@@ -114,6 +114,13 @@ def _ratio_row(summary: Summary, ours: str, floor: Floor) -> Result:
 def _hold_rows(ours: dict[str, Any], hold_count: int) -> list[Result]:
     held, alive = ours.get("held"), ours.get("alive")
     rss, fds = ours.get("rss_kib_per_conn"), ours.get("fds_per_conn")
+    if held is None:  # the hold workload did not run
+        floors = (
+            f"{hold_count:,} concurrent connections held, none lost",
+            "two fds per idle connection",
+            f"RSS per idle connection ≤ {RSS_PER_CONN_MAX_KIB:g} KiB",
+        )
+        return [{"floor": floor, "ours": None, "verdict": "n/a"} for floor in floors]
     return [
         {"floor": f"{hold_count:,} concurrent connections held, none lost",
          "ours": f"{_fmt(held)} held, {_fmt(alive)} alive",

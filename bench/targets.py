@@ -95,9 +95,17 @@ class Gateway:
     """One running gateway process; `pid` is the gateway itself (ip netns exec and
     taskset exec it), so /proc/PID is its own CPU time and memory."""
 
-    def __init__(self, bed: Testbed, target: Target, workdir: Path, maxconn: int) -> None:
+    def __init__(
+        self,
+        bed: Testbed,
+        target: Target,
+        workdir: Path,
+        maxconn: int,
+        command: list[str] | None = None,  # another argv than gateway_command's (UDP)
+        protocol: str = "tcp",  # what it listens on
+    ) -> None:
         self.target = target
-        argv = bed.gw.exec_args(*gateway_command(target, workdir, maxconn))
+        argv = bed.gw.exec_args(*(command or gateway_command(target, workdir, maxconn)))
         if target.key == "mmproxy-pinned":
             argv = ["taskset", "-c", "1", *argv]
         self.log_path = workdir / f"{target.key}.log"
@@ -107,7 +115,7 @@ class Gateway:
             )
         self.pid = self.proc.pid
         try:
-            wait_listening(self.pid, target.port, self.alive)
+            wait_listening(self.pid, target.port, self.alive, protocol=protocol)
         except BaseException:
             self.stop()
             raise

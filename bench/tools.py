@@ -18,24 +18,27 @@ SOURCE_DIR = HERE / "c"
 BUILD_DIR = HERE / "build"
 CFLAGS = ["-O2", "-Wall", "-Wextra", "-Werror"]
 FAKE_ADDRS, FAKE_PORTS = 508, 64000
+NAMES = ("loadgen", "backend", "udpgen", "udpecho")
 
 
 @dataclass(frozen=True)
 class Tools:
     loadgen: Path
     backend: Path
+    udpgen: Path
+    udpecho: Path
 
 
 def build() -> Tools:
-    """Compile both tools when their sources are newer than the binaries."""
+    """Compile the tools when their sources (or the headers) are newer than the binaries."""
     BUILD_DIR.mkdir(exist_ok=True)
-    common = SOURCE_DIR / "common.h"
-    for name in ("loadgen", "backend"):
+    headers = max(h.stat().st_mtime for h in SOURCE_DIR.glob("*.h"))
+    for name in NAMES:
         source, binary = SOURCE_DIR / f"{name}.c", BUILD_DIR / name
-        newest = max(source.stat().st_mtime, common.stat().st_mtime)
+        newest = max(source.stat().st_mtime, headers)
         if not binary.exists() or binary.stat().st_mtime < newest:
             subprocess.run(["gcc", *CFLAGS, "-o", str(binary), str(source)], check=True)
-    return Tools(BUILD_DIR / "loadgen", BUILD_DIR / "backend")
+    return Tools(*(BUILD_DIR / name for name in NAMES))
 
 
 def fake_client(tuple_number: int) -> tuple[str, int]:

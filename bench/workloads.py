@@ -32,6 +32,13 @@ class Settings:
     hold_count: int
     hold_inflight: int
     proxy: str  # "v1" or "v2"
+    # UDP (bench/udp.py): flows in all, split over udp_procs processes; datagrams
+    # outstanding per flow; seconds per payload size.
+    udp_seconds: float = 5.0
+    udp_procs: int = 2
+    udp_flows: int = 32
+    udp_window: int = 2
+    udp_sizes: tuple[int, ...] = (64, 1400)
 
 
 @dataclass

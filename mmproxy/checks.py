@@ -6,12 +6,14 @@ says VERIFIED or FAILED, and a failure carries the exact command or change that 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import shlex
 import socket
+import struct
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mmproxy import routing
 from mmproxy.config import Address, Config
@@ -20,14 +22,15 @@ from mmproxy.transparent import (
     IPV6_TRANSPARENT,
     SO_MARK,
     UpstreamError,
+    open_datagram,
     open_upstream,
 )
 
 # Sources for the spoofed test connection: documentation addresses, as the original uses.
 TEST_SOURCES = {4: "192.0.2.1", 6: "2001:db8::1"}
+CAP_NET_ADMIN = 12  # bit of the capability masks (linux/capability.h)
 CAPS_FIX = (
-    "run mmproxy as root, or give it CAP_NET_RAW and CAP_NET_ADMIN "
-    "(systemd: AmbientCapabilities=CAP_NET_RAW CAP_NET_ADMIN)"
+    "run mmproxy as root, or give it CAP_NET_ADMIN (systemd: AmbientCapabilities=CAP_NET_ADMIN)"
 )
 
 
@@ -53,7 +56,25 @@ def _family(address: Address) -> int:
     return 6 if address.family == socket.AF_INET6 else 4
 
 
+def _effective_capabilities() -> int | None:
+    """The CapEff mask of this process (None if /proc does not say)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def check_capabilities(config: Config) -> list[Result]:
+    # CAP_NET_ADMIN is all mmproxy needs: IP_TRANSPARENT, IPV6_TRANSPARENT and SO_MARK
+    # accept it on every kernel, and reading the fwmark variant's firewall rules needs it.
+    # (The kernel also accepts CAP_NET_RAW for the socket options, for SO_MARK only since
+    # Linux 5.17, but not for the firewall rules: it is never the one to ask for.)
+    caps = _effective_capabilities()
+    lacks_admin = caps is not None and not caps >> CAP_NET_ADMIN & 1
     results = []
     for family, level, option in (
         (socket.AF_INET, socket.SOL_IP, IP_TRANSPARENT),
@@ -69,6 +90,20 @@ def check_capabilities(config: Config) -> list[Result]:
                 socket.SOL_SOCKET,
                 SO_MARK,
                 config.mark,
+                CAPS_FIX,
+            )
+        )
+    if lacks_admin:  # name what is missing
+        results = [
+            r if r.ok else replace(r, detail=f"{r.detail} (the process lacks CAP_NET_ADMIN)")
+            for r in results
+        ]
+    if config.routing_variant() == "fwmark" and lacks_admin:
+        results.append(
+            Result(
+                False,
+                "has CAP_NET_ADMIN (needed to read the firewall rules of the fwmark routing)",
+                "missing CAP_NET_ADMIN",
                 CAPS_FIX,
             )
         )
@@ -157,6 +192,7 @@ def check_target(config: Config, target: Address) -> list[Result]:
                 f"target {target} answers a spoofed connection from {source.host}",
                 lambda: open_upstream(target, source, config.mark, config.connect_timeout),
                 "the replies do not come back: apply the routing above",
+                denied_fix=CAPS_FIX,
             )
         )
     return results
@@ -181,19 +217,96 @@ def _routes_locally(target: Address) -> Result:
     )
 
 
-def _connect_check(what: str, connect: Callable[[], socket.socket], fix: str) -> Result:
+def _connect_check(
+    what: str, connect: Callable[[], socket.socket], fix: str, denied_fix: str = ""
+) -> Result:
+    """`denied_fix` replaces `fix` when the kernel refused for want of a privilege."""
     try:
         connect().close()
     except UpstreamError as exc:
-        return Result(False, what, str(exc), fix)
+        denied = isinstance(exc.__cause__, PermissionError)
+        return Result(False, what, str(exc), denied_fix if denied and denied_fix else fix)
     return Result(True, what)
+
+
+def check_udp_target(config: Config, target: Address) -> list[Result]:
+    """UDP has no hand-shake to try without speaking the application's protocol, so:
+    is a socket bound to the target's port, and can a transparent one be bound?"""
+    results = [_udp_application(target)]
+    source = Address(TEST_SOURCES[_family(target)], 0)
+    what = f"a UDP socket towards {target} can be bound to {source.host} (spoofed)"
+    try:
+        open_datagram(target, source, config.mark).close()
+    except UpstreamError as exc:
+        results.append(Result(False, what, str(exc), CAPS_FIX))
+    else:
+        results.append(Result(True, what))
+    return results
+
+
+def _udp_application(target: Address) -> Result:
+    bound = _udp_bound(target)
+    if bound == "exact":
+        return Result(True, f"a UDP socket is bound to {target} (the application)")
+    if bound == "wildcard":
+        # Its replies find their way back only if they leave from the target address: a
+        # reply whose source the kernel picks from the route to the client does not.
+        return Result(
+            True,
+            f"a UDP socket is bound to port {target.port} on every address (the application;"
+            f" it must reply from {target.host}, as servers that answer from the address "
+            f"asked do, or be bound to {target})",
+        )
+    return Result(
+        False,
+        f"a UDP socket is bound to {target} (the application)",
+        "nothing is bound there",
+        f"start the application on udp {target} (see: ss -ulnp 'sport = :{target.port}')",
+    )
+
+
+def _udp_bound(target: Address) -> str | None:
+    """ "exact" or "wildcard" when /proc/self/net/udp[6] lists a socket on the target's port
+    bound to its address or to every address (in this network namespace), else None."""
+    v6 = target.family == socket.AF_INET6
+    exact = ipaddress.ip_address(target.host)
+    wildcards = {ipaddress.ip_address(w) for w in (("::",) if v6 else ("::", "0.0.0.0"))}
+    tables = ["/proc/self/net/udp6"] if v6 else ["/proc/self/net/udp", "/proc/self/net/udp6"]
+    found = None
+    for table in tables:
+        try:
+            with open(table, encoding="ascii") as lines:
+                next(lines, None)  # the column names
+                for line in lines:
+                    host_hex, port_hex = line.split()[1].split(":")
+                    if int(port_hex, 16) != target.port:
+                        continue
+                    host = _proc_address(host_hex)
+                    if host == exact:
+                        return "exact"
+                    if host in wildcards:
+                        found = "wildcard"
+        except OSError:
+            continue
+    return found
+
+
+def _proc_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    # The kernel prints each 32-bit word of the address as a host-order integer.
+    words = [int(text[i : i + 8], 16) for i in range(0, len(text), 8)]
+    packed = struct.pack(f"={len(words)}I", *words)
+    return ipaddress.ip_address(packed)
 
 
 def run_checks(config: Config, instance: str | None = None) -> list[Result]:
     results = check_capabilities(config)
     results += check_routing(config, instance)
+    transports = {address.transport for address in config.listen}
     for target in config.targets():
-        results += check_target(config, target)
+        if "tcp" in transports:
+            results += check_target(config, target)
+        if "udp" in transports:
+            results += check_udp_target(config, target)
     return results
 
 

@@ -355,6 +355,19 @@ def _parse_connect_timeout(value: _Value) -> float:
     return seconds
 
 
+def _parse_udp_idle_timeout(value: _Value) -> float:
+    seconds = _seconds(value)
+    if seconds < 1:
+        _fail(
+            value,
+            f"{_show_seconds(seconds)} is too short: a UDP flow needs at least 1s to see "
+            "its reply; the default is 60s",
+        )
+    if seconds > MAX_SECONDS:
+        _fail(value, f"{_show_seconds(seconds)} is too long: expected at most 3600s (1 hour)")
+    return seconds
+
+
 def _choice(*options: str) -> Callable[[_Value], str]:
     expected = "one of " + ", ".join(options)
 
@@ -385,10 +398,12 @@ def _parse_duration(value: _Value) -> float:
 
 @dataclass(frozen=True, slots=True)
 class Address:
-    """An IP literal and a TCP port; host names are never resolved."""
+    """An IP literal and a port; host names are never resolved. `transport` matters only
+    for listen addresses ("udp" from udp://); targets serve both."""
 
     host: str
     port: int
+    transport: str = "tcp"
 
     @property
     def family(self) -> socket.AddressFamily:
@@ -398,26 +413,35 @@ class Address:
     def sockaddr(self) -> tuple[str, int]:
         return (self.host, self.port)
 
-    def __str__(self) -> str:
+    @property
+    def endpoint(self) -> str:
+        """host:port with IPv6 in brackets, without a scheme (systemd's notation)."""
         if ":" in self.host:
             return f"[{self.host}]:{self.port}"
         return f"{self.host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"udp://{self.endpoint}" if self.transport == "udp" else self.endpoint
 
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 _ADDRESS_EXPECTED = "expected an address like 127.0.0.1:22 or [::1]:22"
 
 
-def _strip_scheme(text: str) -> str:
+def _strip_scheme(text: str, udp: bool) -> tuple[str, str]:
+    """(transport, the rest); `udp` says whether udp:// may be written here."""
     match = _SCHEME.match(text)
     if match is None:
-        return text
-    scheme, rest = match.group(1), text[match.end() :]
-    if scheme.lower() == "udp":
-        raise ValueError(f"UDP listeners are not supported yet; only TCP is (write {rest!r})")
-    if scheme.lower() != "tcp":
-        raise ValueError(f"unknown scheme '{scheme}://'; write tcp:// or nothing, as in {rest!r}")
-    return rest
+        return "tcp", text
+    scheme, rest = match.group(1).lower(), text[match.end() :]
+    if scheme == "udp" and not udp:
+        raise ValueError(
+            f"a target serves both TCP and UDP clients: write it without a scheme, as {rest!r}"
+        )
+    if scheme not in ("tcp", "udp"):
+        written = "tcp://, udp:// or nothing" if udp else "tcp:// or nothing"
+        raise ValueError(f"unknown scheme '{scheme}://'; write {written}, as in {rest!r}")
+    return scheme, rest
 
 
 def _split_host_port(text: str) -> tuple[str, str]:
@@ -508,35 +532,38 @@ def _parse_port(port: str) -> int:
     return number
 
 
-def _address(text: str) -> Address:
-    """Parse [tcp://]host:port or [tcp://][v6]:port; ValueError says what to write."""
+def _address(text: str, udp: bool = False) -> Address:
+    """Parse [tcp://]host:port or [tcp://][v6]:port (and udp:// when `udp`); ValueError
+    says what to write."""
     original = text
     try:
         if not text.strip():
             raise ValueError(f"{_ADDRESS_EXPECTED}, got an empty string")
         if text != text.strip() or any(ch.isspace() for ch in text):
             raise ValueError("addresses cannot contain spaces")
-        host, port = _split_host_port(_strip_scheme(text))
-        return Address(_parse_host(host, port), _parse_port(port))
+        transport, rest = _strip_scheme(text, udp)
+        host, port = _split_host_port(rest)
+        return Address(_parse_host(host, port), _parse_port(port), transport)
     except ValueError as exc:
         raise ValueError(f"invalid address {original!r}: {exc}") from None
 
 
 def parse_address(text: str, *, what: str) -> Address:
-    """Parse an address such as "127.0.0.1:22" or "tcp://[::1]:22".
+    """Parse an address such as "127.0.0.1:22", "tcp://[::1]:22" or, for `listen`,
+    "udp://0.0.0.0:53".
 
     `what` names the setting in the error, e.g. "listen".
     """
     try:
-        return _address(text)
+        return _address(text, udp=what == "listen")
     except ValueError as exc:
         raise ConfigError(str(exc), key=what) from None
 
 
-def _address_value(value: _Value) -> Address:
+def _address_value(value: _Value, udp: bool = False) -> Address:
     text = _expect_str(value, 'an address string like "127.0.0.1:22" or "[::1]:22"')
     try:
-        return _address(text)
+        return _address(text, udp)
     except ValueError as exc:
         _fail(value, str(exc))
 
@@ -557,7 +584,7 @@ def _parse_listen(value: _Value) -> tuple[Address, ...]:
         _fail(value, 'empty list; expected at least one address, e.g. ["0.0.0.0:2222"]')
     seen: dict[Address, int | None] = {}
     for item in items:
-        address = _address_value(item)
+        address = _address_value(item, udp=True)
         if address in seen:
             _fail(item, f"{address} is listed twice (also on line {seen[address]}); keep one")
         seen[address] = item.where.line
@@ -641,6 +668,8 @@ KEYS: tuple[Key, ...] = (
     Key("idle_timeout", _parse_duration, 0.0, "close after this long without traffic"),
     Key("half_close_timeout", _parse_duration, 60.0, "close a half-closed one after"),
     Key("tcp_keepalive", _parse_bool, True, "TCP keepalive towards client and target"),
+    Key("udp_idle_timeout", _parse_udp_idle_timeout, 60.0, "close a quiet UDP flow after"),
+    Key("udp_max_flows", _integer(1, 1_000_000), 10000, "concurrent UDP flows at most"),
 )
 _KEYS_BY_NAME = {key.name: key for key in KEYS}
 
@@ -672,6 +701,8 @@ class Config:
     idle_timeout: float = 0.0
     half_close_timeout: float = 60.0
     tcp_keepalive: bool = True
+    udp_idle_timeout: float = 60.0
+    udp_max_flows: int = 10000
 
     def allowed(self) -> AllowedNetworks:
         return AllowedNetworks(self.allowed_networks)

@@ -119,7 +119,10 @@ class RateLimitedLog:
     """At most `burst` warnings per reason per `window` seconds, then one summary line:
     a flood of bad connections must not flood the journal."""
 
-    def __init__(self, burst: int = 10, window: float = 10.0) -> None:
+    def __init__(
+        self, burst: int = 10, window: float = 10.0, what: str = "connections rejected"
+    ) -> None:
+        self._what = what
         self._burst = burst
         self._window = window
         self._lock = threading.Lock()
@@ -140,8 +143,9 @@ class RateLimitedLog:
         for reason, count in self._counts.items():
             if count > self._burst:
                 log.warning(
-                    "%d more connections rejected (%s) in the last %.0f s",
+                    "%d more %s (%s) in the last %.0f s",
                     count - self._burst,
+                    self._what,
                     reason,
                     now - self._window_start,
                     extra={"CLOSE_REASON": reason, "SUPPRESSED": count - self._burst},

@@ -43,10 +43,13 @@ def dropin(path: Path, addresses: Sequence[Address]) -> str:
         f"# Written by mmproxy-generator from {path}: edit that file, then run",
         f"#   systemctl daemon-reload && systemctl restart mmproxy@{instance}.socket",
         "[Socket]",
-        *(f"ListenStream={address}" for address in addresses),
+        *(
+            f"{'ListenDatagram' if a.transport == 'udp' else 'ListenStream'}={a.endpoint}"
+            for a in addresses
+        ),
     ]
-    v4_ports = {a.port for a in addresses if ":" not in a.host}
-    if any(":" in a.host and a.port in v4_ports for a in addresses):
+    v4_ports = {(a.transport, a.port) for a in addresses if ":" not in a.host}
+    if any(":" in a.host and (a.transport, a.port) in v4_ports for a in addresses):
         # [::]:P beside 0.0.0.0:P: the IPv6 socket must leave IPv4 to the other one.
         lines.append("BindIPv6Only=ipv6-only")
     return "\n".join(lines) + "\n"

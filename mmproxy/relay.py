@@ -231,9 +231,20 @@ class Relay:
 
     def add(self, conn: Connection) -> None:
         """Hand a connection over (both sockets non-blocking); safe from any thread."""
-        # Published before registration: the relay thread may see events at once.
+        # Published before registration: events are handled as soon as a socket is in.
         self._by_fd[conn.inbound.src] = conn
         self._by_fd[conn.outbound.src] = conn
+        if threading.current_thread() is self._thread:
+            self._register(conn)
+        else:
+            # Registered by the relay thread: once the first socket is registered the relay
+            # may finish the connection (a reset) and close both sockets, so registering the
+            # second one from here could hit a closed, or already reused, descriptor.
+            self._request(lambda: self._register(conn))
+
+    def _register(self, conn: Connection) -> None:
+        if conn.closed:  # ended meanwhile (close_all)
+            return
         self._epoll.register(conn.inbound.src, EVENTS)
         self._epoll.register(conn.outbound.src, EVENTS)
 

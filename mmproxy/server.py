@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import resource
 import signal
 import socket
 import threading
@@ -13,6 +14,7 @@ from mmproxy.config import Address, Config, ConfigError
 from mmproxy.forwarder import Forwarder
 from mmproxy.log import set_level
 from mmproxy.systemd import Notifier, listen_sockets
+from mmproxy.udp import UdpForwarder
 from mmproxy.workers import Supervisor, worker_count
 
 log = logging.getLogger("mmproxy")
@@ -26,12 +28,13 @@ class ServerError(Exception):
 
 
 def bind_listeners(addresses: Sequence[Address]) -> list[socket.socket]:
-    """Bind and listen on every address, or raise ServerError naming the one that failed."""
-    ports_with_v4 = {a.port for a in addresses if a.family == socket.AF_INET}
+    """Bind (and for TCP listen on) every address, or raise ServerError naming the one
+    that failed."""
+    with_v4 = {(a.transport, a.port) for a in addresses if a.family == socket.AF_INET}
     sockets: list[socket.socket] = []
     try:
         for address in addresses:
-            sockets.append(_bind_one(address, v6only=address.port in ports_with_v4))
+            sockets.append(_bind_one(address, v6only=(address.transport, address.port) in with_v4))
     except BaseException:
         for sock in sockets:
             sock.close()
@@ -40,18 +43,46 @@ def bind_listeners(addresses: Sequence[Address]) -> list[socket.socket]:
 
 
 def _bind_one(address: Address, v6only: bool) -> socket.socket:
-    sock = socket.socket(address.family, socket.SOCK_STREAM)
+    udp = address.transport == "udp"
+    sock = socket.socket(address.family, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if not udp:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if address.family == socket.AF_INET6:
             # [::] alone serves IPv4 too; beside an IPv4 listener on the same port it can't.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
         sock.bind((address.host, address.port))
-        sock.listen(LISTEN_BACKLOG)
+        if not udp:
+            sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
         sock.close()
         raise ServerError(f"cannot listen on {address}: {exc.strerror}") from exc
     return sock
+
+
+def raise_fd_limit(config: Config) -> int:
+    """Lift the soft limit on open files to the hard one, as Go programs do by themselves:
+    systemd's default soft limit (1024) would cap mmproxy near 500 connections. Returns
+    the new limit; warns when the configured maxima could need more."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
+    tcp = any(a.transport == "tcp" for a in config.listen)
+    udp = any(a.transport == "udp" for a in config.listen)
+    needed = (2 * config.max_connections if tcp else 0) + (config.udp_max_flows if udp else 0)
+    if needed > soft:
+        log.warning(
+            "the open-file limit (%d) is below what %s may need (%d): raise LimitNOFILE= "
+            "in a drop-in (systemctl edit mmproxy@.service), or lower them",
+            soft,
+            " and ".join(k for k, on in (("max_connections", tcp), ("udp_max_flows", udp)) if on),
+            needed,
+        )
+    return soft
 
 
 class Server:
@@ -72,6 +103,7 @@ class Server:
         self._reload_config = reload_config
         self.notifier = notifier or Notifier()
         self.forwarder: Forwarder | None = None
+        self.udp: UdpForwarder | None = None
         self.listeners: list[socket.socket] = []
         self._activated = False
         self._wake = threading.Event()
@@ -123,24 +155,35 @@ class Server:
         """Take the listening sockets (unless a worker inherited them) and start forwarding."""
         if not self.listeners:
             self.open_listeners()
-        self.forwarder = Forwarder(self.config, self.listeners)
+        datagram = [s for s in self.listeners if s.type == socket.SOCK_DGRAM]
+        stream = [s for s in self.listeners if s.type != socket.SOCK_DGRAM]
+        self.forwarder = Forwarder(self.config, stream)
         if self.notifier.watchdog_interval:
-            self.forwarder.heartbeat = self.notifier.watchdog
+            self.forwarder.heartbeat = self._watchdog
             self.forwarder.heartbeat_interval = self.notifier.watchdog_interval
         self.forwarder.start()
+        if datagram:
+            self.udp = UdpForwarder(self.config, datagram)
+            self.udp.start()
         how = "from systemd" if self._activated else "bound"
         for sock in self.listeners:
             log.info("listening on %s (%s)", _sockname(sock), how)
         return self.forwarder
+
+    def _watchdog(self) -> None:
+        # Pinged from the TCP loop; a wedged UDP loop withholds the ping as well.
+        if self.udp is None or self.udp.alive():
+            self.notifier.watchdog()
 
     def run(self) -> int:
         """Check, start, report ready, then serve until stopped. Returns an exit status."""
         self.install_signal_handlers()
         if not self.self_check():
             return 1
+        raise_fd_limit(self.config)
         if worker_count(self.config) > 1:
             return Supervisor(self, self._reload_config).run()
-        forwarder = self.start()
+        self.start()
         self.notifier.ready(self.status())
         while True:
             self._wake.wait(STATUS_INTERVAL)
@@ -151,10 +194,10 @@ class Server:
                 self._reload_requested = False
                 self.reload()
             self.notifier.status(self.status())
-        self.notifier.stopping(f"stopping: {forwarder.stats.summary()}")
+        self.notifier.stopping(f"stopping: {self.status()}")
         log.info(
             "stopping: %s; waiting up to %g s for open connections",
-            forwarder.stats.summary(),
+            self.status(),
             self.config.drain_timeout,
         )
         self.shutdown()
@@ -162,7 +205,11 @@ class Server:
 
     def status(self) -> str:
         assert self.forwarder is not None
-        return self.forwarder.stats.summary()
+        if self.udp is None:
+            return self.forwarder.stats.summary()
+        if all(s.type == socket.SOCK_DGRAM for s in self.listeners):
+            return self.udp.stats.summary()
+        return f"{self.forwarder.stats.summary()}; {self.udp.stats.summary()}"
 
     def reload(self) -> None:
         """Re-read the configuration; a bad one keeps the running one and says why."""
@@ -180,10 +227,14 @@ class Server:
         self.config = new
         set_level(new.log_level)
         self.forwarder.reconfigure(new)
+        if self.udp is not None:
+            self.udp.reconfigure(new)
         log.info("configuration reloaded from %s", new.path or "the command line")
         self.notifier.ready(self.status())
 
     def shutdown(self) -> None:
+        if self.udp is not None:
+            self.udp.stop()  # datagrams have no drain: nothing is in flight
         if self.forwarder is not None:
             self.forwarder.stop(self.config.drain_timeout)
         for sock in self.listeners:
@@ -192,4 +243,4 @@ class Server:
 
 def _sockname(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
-    return str(Address(host, port))
+    return str(Address(host, port, "udp" if sock.type == socket.SOCK_DGRAM else "tcp"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import functools
 import ipaddress
+import logging
 import os
 import select
 import socket
@@ -17,6 +18,8 @@ import threading
 import time
 
 from mmproxy.config import Address
+
+log = logging.getLogger("mmproxy")
 
 # Python 3.11's socket module lacks some of these on some builds: the kernel's numbers.
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
@@ -144,6 +147,40 @@ def _start(
         raise
 
 
+def open_datagram(target: Address, source: Address | None, mark: int) -> socket.socket:
+    """A non-blocking UDP socket connected to `target`, bound to `source` when given
+    (spoofed), else to an address of this host.
+
+    Connected, so that the kernel delivers to it only the target's replies. The client's
+    port is kept when free; when another flow holds it (the same client behind two
+    balancers), the kernel picks a port: never SO_REUSEADDR, which would let two sockets
+    share one 4-tuple and the replies of one reach the other.
+    """
+    try:
+        sock = socket.socket(target.family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+    except OSError as exc:
+        raise UpstreamError(f"cannot open a UDP socket to {target}: {exc.strerror}") from exc
+    try:
+        if source is not None:
+            _make_transparent(sock, target.family, mark)
+            try:
+                sock.bind((source.host, source.port))
+            except OSError as exc:
+                if exc.errno == errno.EACCES:
+                    _privileged_port(source)
+                elif exc.errno != errno.EADDRINUSE:
+                    raise
+                sock.bind((source.host, 0))
+        sock.connect(target.sockaddr)
+    except UpstreamError:
+        sock.close()
+        raise
+    except OSError as exc:
+        sock.close()
+        raise UpstreamError(f"cannot open a UDP flow to {target}: {exc.strerror}") from exc
+    return sock
+
+
 def _make_transparent(sock: socket.socket, family: int, mark: int) -> None:
     try:
         if family == socket.AF_INET6:
@@ -151,9 +188,7 @@ def _make_transparent(sock: socket.socket, family: int, mark: int) -> None:
         else:
             sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
     except PermissionError as exc:
-        raise UpstreamError(
-            "cannot set IP_TRANSPARENT: the process needs CAP_NET_RAW (or CAP_NET_ADMIN)"
-        ) from exc
+        raise UpstreamError("cannot set IP_TRANSPARENT: the process needs CAP_NET_ADMIN") from exc
     if mark:
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
@@ -176,12 +211,31 @@ def _bind_source(sock: socket.socket, source: Address, keep_port: bool) -> None:
     except OSError as exc:
         if keep_port and exc.errno == errno.EADDRINUSE:
             raise _PortBusy from exc
+        if keep_port and exc.errno == errno.EACCES:
+            _privileged_port(source)
+            raise _PortBusy from exc
         raise UpstreamError(f"cannot bind the client address {source}: {exc.strerror}") from exc
 
 
 def connect_failure(target: Address, error: int) -> UpstreamError:
     """The UpstreamError for a connect that failed with errno `error`."""
     return UpstreamError(_describe_connect_error(target, error))
+
+
+_warned_privileged_port = False
+
+
+def _privileged_port(source: Address) -> None:
+    """A client port below 1024 needs CAP_NET_BIND_SERVICE: without it the client is
+    still served, from a port the kernel picks; say so once, not per connection."""
+    global _warned_privileged_port
+    if not _warned_privileged_port:
+        _warned_privileged_port = True
+        log.warning(
+            "client %s: ports below 1024 need CAP_NET_BIND_SERVICE, which this process "
+            "lacks; such clients get a port the kernel picks (the address is kept)",
+            source,
+        )
 
 
 def _describe_connect_error(target: Address, error: int) -> str:

@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -47,15 +48,20 @@ KILL_MARGIN = 5.0  # beyond the drain time, then a worker still running is kille
 
 
 def worker_count(config: Config) -> int:
-    """The configured count; 0 ("auto") is one per CPU this process may run on."""
-    if config.workers:
-        return config.workers
-    return max(1, len(os.sched_getaffinity(0)))
+    """The configured count; 0 ("auto") is one per CPU this process may run on. UDP is
+    served by one process (a flow's datagrams must all reach the same one), so an
+    instance that listens on UDP only runs one."""
+    if config.listen and all(a.transport == "udp" for a in config.listen):
+        return 1
+    count = config.workers or len(os.sched_getaffinity(0))
+    return max(1, min(count, config.max_connections))  # each may hold one at least
 
 
-def share(config: Config, workers: int) -> Config:
-    """A worker's config: its share of max_connections (rounded up)."""
-    return dataclasses.replace(config, max_connections=-(-config.max_connections // workers))
+def share(config: Config, workers: int, slot: int) -> Config:
+    """The config of worker `slot`: its share of max_connections, the shares adding up to
+    it exactly (the first ones take one more when it does not divide evenly)."""
+    each, left = divmod(config.max_connections, workers)
+    return dataclasses.replace(config, max_connections=each + (slot < left))
 
 
 # --- the supervisor ----------------------------------------------------------------------
@@ -73,6 +79,7 @@ class Worker:
     ready: bool = False
     stopping: bool = False
     stats: dict[str, object] = field(default_factory=dict)
+    udp: str | None = None  # the UDP summary, from the worker that serves UDP
     reported_at: float = 0.0
     beat_age: float = 0.0  # how long ago its relay loop last beat, at its last report
 
@@ -197,7 +204,7 @@ class Supervisor:
         set_level(new.log_level)
         for worker in self.workers.values():
             worker.ready = False
-            _send(worker.orders, ("config", share(new, self.count)))
+            _send(worker.orders, ("config", share(new, self.count, worker.slot)))
         # Reported once every worker applies it, so that a client connecting after the
         # line finds the new configuration whichever worker accepts it.
         deadline = time.monotonic() + START_TIMEOUT
@@ -209,16 +216,18 @@ class Supervisor:
     def status(self) -> str:
         total = Stats()
         total.add(self._retired.snapshot())
+        udp = None
         for worker in self.workers.values():
             total.add(worker.stats)
-        return total.summary()
+            udp = udp or worker.udp
+        return total.summary() if udp is None else f"{total.summary()}; {udp}"
 
     # --- workers ---------------------------------------------------------------------
 
     def _spawn(self, slot: int) -> None:
         orders_in, orders_out = Pipe(duplex=False)
         reports_in, reports_out = Pipe(duplex=False)
-        config = share(self.config, self.count)
+        config = share(self.config, self.count, slot)
         beat = self.notifier.watchdog_interval
         sys.stderr.flush()
         pid = os.fork()
@@ -232,6 +241,8 @@ class Supervisor:
                     other.reports.close()
                 for fd in self._signalled:
                     os.close(fd)
+                if slot:  # the first worker alone serves UDP
+                    _leave_udp(self.server)
                 status = _worker_main(self.server, config, orders_in, reports_out, beat)
             except BaseException:
                 log.exception("worker %d failed", slot)
@@ -256,7 +267,7 @@ class Supervisor:
     def _read_reports(self, worker: Worker) -> None:
         try:
             while worker.reports.poll():
-                kind, stats, beat_age = worker.reports.recv()
+                kind, stats, beat_age, worker.udp = worker.reports.recv()
                 worker.stats = stats
                 worker.reported_at = time.monotonic()
                 worker.beat_age = beat_age
@@ -366,7 +377,9 @@ def _worker_main(
     forwarder = server.start()
 
     def report(kind: str) -> None:
-        _send(reports, (kind, forwarder.stats.snapshot(), time.monotonic() - notifier.last_beat))
+        beat_age = time.monotonic() - notifier.last_beat
+        udp = server.udp.stats.summary() if server.udp is not None else None
+        _send(reports, (kind, forwarder.stats.snapshot(), beat_age, udp))
 
     signalled = _signal_pipe()[0]
     # Under a watchdog, reports come often enough for the supervisor to ping in time.
@@ -391,6 +404,8 @@ def _worker_main(
             server.config = payload
             set_level(payload.log_level)
             forwarder.reconfigure(payload)
+            if server.udp is not None:
+                server.udp.reconfigure(payload)
             report("ready")
         else:
             report("stats")
@@ -398,6 +413,14 @@ def _worker_main(
     server.shutdown()
     report("exit")
     return 0
+
+
+def _leave_udp(server: Server) -> None:
+    """Close this worker's copies of the UDP sockets: another worker serves them."""
+    for sock in server.listeners:
+        if sock.type == socket.SOCK_DGRAM:
+            sock.close()
+    server.listeners = [s for s in server.listeners if s.type != socket.SOCK_DGRAM]
 
 
 def _signal_pipe() -> tuple[int, int]:

@@ -1,8 +1,12 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import socket
+import subprocess
+import sys
+import tempfile
 from ipaddress import ip_network
 from pathlib import Path
 
@@ -187,9 +191,8 @@ def test_allowed_returns_a_lookup(tmp_path: Path) -> None:
         pytest.param("listen", '"[127.0.0.1]:22"', "write 127.0.0.1:22", id="listen-v4-brackets"),
         pytest.param("listen", '"10.0.0.256:22"', "Octet 256", id="listen-bad-octet"),
         pytest.param("listen", '"010.0.0.1:22"', "Leading zeros", id="listen-octal-octet"),
-        pytest.param(
-            "listen", '"udp://0.0.0.0:53"', "UDP listeners are not supported yet", id="listen-udp"
-        ),
+        pytest.param("ipv4", '"udp://127.0.0.1:53"', "serves both TCP and UDP", id="ipv4-udp"),
+        pytest.param("listen", '"sctp://0.0.0.0:53"', "udp:// or nothing", id="listen-sctp"),
         pytest.param("listen", '"http://0.0.0.0:80"', "unknown scheme", id="listen-http"),
         pytest.param("listen", '"0.0.0.0: 22"', "cannot contain spaces", id="listen-space"),
         pytest.param("listen", '""', "got an empty string", id="listen-empty-string"),
@@ -782,12 +785,37 @@ def test_parse_address(
 
 def test_parse_address_error_names_what() -> None:
     with pytest.raises(ConfigError) as caught:
-        parse_address("udp://0.0.0.0:53", what="listen")
+        parse_address("udp://127.0.0.1:53", what="ipv4")
     assert str(caught.value) == (
-        "listen: invalid address 'udp://0.0.0.0:53': UDP listeners are not supported yet; "
-        "only TCP is (write '0.0.0.0:53')"
+        "ipv4: invalid address 'udp://127.0.0.1:53': a target serves both TCP and UDP "
+        "clients: write it without a scheme, as '127.0.0.1:53'"
     )
-    assert caught.value.key == "listen"
+    assert caught.value.key == "ipv4"
+
+
+@pytest.mark.parametrize(
+    ("text", "shown", "transport"),
+    [
+        ("udp://0.0.0.0:53", "udp://0.0.0.0:53", "udp"),
+        ("UDP://[::]:53", "udp://[::]:53", "udp"),
+        ("tcp://[::1]:22", "[::1]:22", "tcp"),
+        ("0.0.0.0:22", "0.0.0.0:22", "tcp"),
+    ],
+)
+def test_listen_transport(text: str, shown: str, transport: str) -> None:
+    address = parse_address(text, what="listen")
+    assert (str(address), address.transport) == (shown, transport)
+    assert address.endpoint == shown.removeprefix("udp://")
+
+
+def test_same_endpoint_on_tcp_and_udp_is_not_a_duplicate(tmp_path: Path) -> None:
+    path = tmp_path / "dns.yaml"
+    path.write_text(
+        'listen: ["0.0.0.0:53", "udp://0.0.0.0:53"]\nipv4: "127.0.0.1:53"\n'
+        'allowed_networks: ["192.0.2.0/24"]\n'
+    )
+    config = load_config(path)
+    assert [a.transport for a in config.listen] == ["tcp", "udp"]
 
 
 def test_address_is_frozen_and_hashable() -> None:
@@ -859,3 +887,99 @@ def test_an_escape_beyond_unicode_is_a_syntax_error(tmp_path: Path) -> None:
     path.write_text('listen: "\\U4DDDDDDD"\n')
     with pytest.raises(ConfigError, match="YAML syntax error"):
         load_config(str(path))
+
+
+# --------------------------------------------------------------------------
+# The matrix: every key of the table, wrong in each way that applies to it (a wrong type,
+# out of range, a word it does not know), is refused naming the file, line and key.
+
+_WRONG_TYPE = [("{a: 1}", "got a mapping"), ("!!binary aGk=", "got")]
+_WRONG_FOR_SCALARS = [("[1]", "got a list")]
+_BY_KIND: dict[str, list[tuple[str, str]]] = {
+    "bool": [("yes", "write true"), ("2", "expected true or false"), ('"false"', "quotes")],
+    "duration": [("-1", "got -1"), ("abc", "got 'abc'"), ("3601", "at most 3600s"),
+                 (".nan", "got .nan"), ("true", "got true"), ("5 sec", "got '5 sec'")],
+    "choice": [("maybe", "expected one of"), ("1", "expected one of"), ("true", "one of")],
+    "count": [("0", "got 0"), ("1000001", "got 1000001"), ("many", "got 'many'")],
+}  # fmt: skip
+_KIND = {
+    "follow_destination_port": "bool",
+    "manage_routing": "bool",
+    "tcp_keepalive": "bool",
+    "allow_local_sources": "bool",
+    "drain_timeout": "duration",
+    "idle_timeout": "duration",
+    "half_close_timeout": "duration",
+    "udp_idle_timeout": "duration",
+    "header_timeout": "duration",
+    "connect_timeout": "duration",
+    "check_failure": "choice",
+    "routing": "choice",
+    "firewall": "choice",
+    "log_level": "choice",
+    "max_connections": "count",
+    "udp_max_flows": "count",
+    "workers": "count",  # or "auto"
+}
+_LISTS = {"listen", "allowed_networks"}  # a list is right for these
+
+
+def _matrix() -> list[object]:
+    cases = []
+    for key in KEYS:
+        wrong = _WRONG_TYPE + ([] if key.name in _LISTS else _WRONG_FOR_SCALARS)
+        wrong = wrong + _BY_KIND.get(_KIND.get(key.name, ""), [])
+        for value, fragment in wrong:
+            cases.append(pytest.param(key.name, value, fragment, id=f"{key.name}={value}"))
+    return cases
+
+
+@pytest.mark.parametrize(("key", "value", "fragment"), _matrix())
+def test_every_key_wrong_in_every_way(tmp_path: Path, key: str, value: str, fragment: str) -> None:
+    text = config_text(key, value)
+    error = load_error(tmp_path, text)
+    path = str(tmp_path / "mmproxy.yaml")
+    assert str(error).startswith(f"{path}:{last_line(text)}: {key}: "), str(error)
+    assert fragment in str(error)
+    assert "\n" not in str(error)
+
+
+def test_the_matrix_knows_every_key() -> None:
+    """A new key must be given its kind here, so the matrix tests its wrong values."""
+    scalars = {k.name for k in KEYS} - _LISTS - {"ipv4", "ipv6", "allowed_networks_file"}
+    scalars -= {"mark", "table"}  # integers with their own cases in test_key_rejects
+    assert scalars <= set(_KIND), scalars - set(_KIND)
+
+
+@pytest.mark.parametrize("where", ["config", "networks"])
+def test_a_file_that_cannot_be_read_for_lack_of_permission(where: str) -> None:
+    """Unreadable (mode 000) as an ordinary user: root reads anything, so the load runs in a
+    child process that drops to nobody; skipped when not root."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to another user")
+    # Somewhere nobody can reach (pytest's tmp_path is under a directory only root enters).
+    with tempfile.TemporaryDirectory(prefix="mmproxy-perm-") as name:
+        directory = Path(name)
+        directory.chmod(0o755)
+        nets = directory / "nets.txt"
+        nets.write_text("192.0.2.0/24\n")
+        text = config_text() + f"allowed_networks_file: {nets}\n"
+        path = Path(write(directory, text))
+        path.chmod(0o000 if where == "config" else 0o644)
+        nets.chmod(0o000 if where == "networks" else 0o644)
+        code = (
+            "import sys\nfrom mmproxy.config import ConfigError, load_config\n"
+            "try:\n    load_config(sys.argv[1])\nexcept ConfigError as exc:\n    print(exc)\n"
+        )
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        out = subprocess.run(
+            [*nobody, sys.executable, "-c", code, str(path)],
+            capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent,
+        ).stdout.strip()  # fmt: skip
+    if where == "config":
+        assert out == f"{path}: cannot read the configuration file: Permission denied"
+    else:
+        assert out == (
+            f"{path}:4: allowed_networks_file: {nets}: cannot read the allowed networks "
+            "file: Permission denied"
+        )

@@ -40,3 +40,14 @@ def test_a_bad_file_is_reported_and_skipped(tmp_path: Path) -> None:
     assert any("127.0.0.1" in p for p in problems)  # the address error suggests the fix
     # Only `listen:` matters here: the service reports the bad mark when it starts.
     assert (out / "mmproxy@good.socket.d" / "50-listen.conf").exists()
+
+
+def test_udp_listeners_become_datagram_sockets(tmp_path: Path) -> None:
+    etc, out = tmp_path / "etc", tmp_path / "out"
+    etc.mkdir()
+    write(etc, "dns.yaml", 'listen: ["0.0.0.0:53", "udp://0.0.0.0:53", "udp://[::1]:5353"]\n')
+    assert generate(etc, out) == []
+    dns = (out / "mmproxy@dns.socket.d" / "50-listen.conf").read_text()
+    expected = "ListenStream=0.0.0.0:53\nListenDatagram=0.0.0.0:53\nListenDatagram=[::1]:5353\n"
+    assert expected in dns
+    assert "BindIPv6Only" not in dns  # no IPv6 wildcard beside an IPv4 one on the same port

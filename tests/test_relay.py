@@ -200,3 +200,40 @@ def test_a_watched_socket_expires_at_its_deadline(relay: tuple[Relay, list]) -> 
     assert r.waiting() == 0
     a.close()
     b.close()
+
+
+def test_adding_from_another_thread_a_connection_that_resets_at_once(
+    relay: tuple[Relay, list],
+) -> None:
+    """A hand-shake worker hands over a connection whose client has already reset: the
+    relay may finish it (closing both sockets) as soon as the first one is registered,
+    and the worker must not then touch the closed (or reused) second descriptor. Found by
+    the soak test: `OSError: [Errno 9] Bad file descriptor` in the worker, 3 in 100,000."""
+    r, closed = relay
+    errors: list[BaseException] = []
+    count = 1000
+
+    def hand_over(conn: Connection) -> None:
+        try:
+            r.add(conn)
+        except BaseException as exc:
+            errors.append(exc)
+
+    for _ in range(count):
+        client, client_side = tcp_pair()
+        upstream_side, app = tcp_pair()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        client.close()  # RST: pending on client_side before the relay sees it
+        app.close()
+        client_side.setblocking(False)
+        upstream_side.setblocking(False)
+        worker = threading.Thread(
+            target=hand_over, args=(Connection(client_side, upstream_side, info="test"),)
+        )
+        worker.start()
+        worker.join()
+    deadline = time.monotonic() + 10
+    while len(closed) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert errors == []
+    assert len(closed) == count and len(r) == 0

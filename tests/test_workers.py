@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mmproxy.config import Config, ConfigError, load_config
+from mmproxy.config import Address, Config, ConfigError, load_config
 from mmproxy.forwarder import Stats
 from mmproxy.workers import share, worker_count
 
@@ -34,13 +34,24 @@ def test_a_bad_workers_value_says_what_is_expected(tmp_path: Path, text: str) ->
 
 def test_auto_is_one_worker_per_cpu_this_process_may_use() -> None:
     assert worker_count(Config()) == len(os.sched_getaffinity(0))
+    assert worker_count(Config(listen=(Address("0.0.0.0", 53, "udp"),))) == 1  # UDP only
     assert worker_count(Config(workers=3)) == 3
 
 
-def test_each_worker_gets_its_share_of_max_connections() -> None:
-    assert share(Config(max_connections=10000), 2).max_connections == 5000
-    assert share(Config(max_connections=5), 2).max_connections == 3  # rounded up
-    assert share(Config(max_connections=1), 4).max_connections == 1
+def test_the_shares_of_max_connections_add_up_to_it() -> None:
+    assert [share(Config(max_connections=10000), 2, i).max_connections for i in (0, 1)] == [
+        5000,
+        5000,
+    ]
+    assert [share(Config(max_connections=5), 3, i).max_connections for i in (0, 1, 2)] == [
+        2,
+        2,
+        1,
+    ]
+
+
+def test_never_more_workers_than_max_connections() -> None:
+    assert worker_count(Config(workers=4, max_connections=3)) == 3
 
 
 def test_stats_of_several_workers_add_up() -> None:

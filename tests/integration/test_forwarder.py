@@ -239,8 +239,10 @@ def test_target_down_closes_the_client_promptly(lo_net: Net, run_mmproxy: StartM
         (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32), "TLS"),
         (b"PROXY TCP4 203.0.113.7 198.51.100.1 040 2222\r\n", "leading zero"),
         (b"PROXY TCP5 203.0.113.7 198.51.100.1 40 2222\r\n", "TCP5"),
+        (b"PROXY TCP4 " + b"1" * 200 + b"\r\n", "no CRLF within the first 107 bytes"),
+        (bytes(range(256)), "not a PROXY protocol header"),
     ],
-    ids=["http", "tls-client-hello", "leading-zero-port", "bad-protocol"],
+    ids=["http", "tls-client-hello", "leading-zero-port", "bad-protocol", "oversized", "garbage"],
 )
 def test_bad_header_is_closed_with_a_reason(
     lo_net: Net, run_mmproxy: StartMmproxy, data: bytes, reason: str

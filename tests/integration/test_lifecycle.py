@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import yaml
 
 from mmproxy.proxy_protocol import encode_v1
@@ -96,3 +97,74 @@ def test_sigterm_closes_what_is_left_after_the_drain_time(
     assert proc.proc.wait(10) == 0
     proc.wait_for("closing 1 connections still open after the 1 s drain time")
     proc.wait_for("mmproxy is stopping")
+
+
+def test_every_kind_of_bad_reload_keeps_the_running_config(
+    lo_net: Net, run_mmproxy: StartMmproxy
+) -> None:
+    """One running instance, reloaded with one broken file after another: each reload is
+    refused naming the file, line and key, and the running configuration goes on."""
+    app = start_backend(lo_net.gw, "127.0.0.1")
+    proc = run_mmproxy(lo_net, ipv4=app.address)
+    config_path = Path(proc.proc.args[-2])  # type: ignore[index]
+    good = config_path.read_text()
+    lines = len(good.splitlines())
+    broken = {
+        "unknown key": ("colour: blue\n", rf"{lines + 1}: colour: unknown key"),
+        "wrong type": ("max_connections: many\n", rf"{lines + 1}: max_connections: "),
+        "out of range": ("drain_timeout: 2h\n", rf"{lines + 1}: drain_timeout: .*too long"),
+        "bad CIDR": ("", r":\d+: allowed_networks: 10\.0\.0\.1/8 has host bits set"),
+        "missing networks file": (
+            "allowed_networks_file: /nonexistent/nets.txt\n",
+            rf"{lines + 1}: allowed_networks_file: .*No such file",
+        ),
+        "YAML syntax": ("mark: [1\n", rf":{lines + 2}:"),
+    }
+    for port, (what, (extra, message)) in enumerate(broken.items(), start=40200):
+        if what == "bad CIDR":  # replaces the key rather than adding it twice
+            config = yaml.safe_load(good)
+            config["allowed_networks"] = ["10.0.0.1/8"]
+            text = yaml.safe_dump(config)
+        else:
+            text = good + extra
+        config_path.write_text(text)
+        proc.proc.send_signal(signal.SIGHUP)
+        line = proc.wait_for(rf"reload failed, keeping the running configuration: .*{message}")
+        assert str(config_path) in line, (what, line)
+        print(f"\n{what}: {line}")
+        proc.lines.clear()  # the next wait_for sees only the next reload
+        with hello(lo_net, port) as sock:  # still served with the old configuration
+            assert sock.makefile("rb").readline() == f"{CLIENT4} {port}\n".encode(), what
+    assert proc.proc.poll() is None
+
+
+def test_beyond_max_connections_new_clients_wait_and_the_accepted_are_unhurt(
+    lo_net: Net, run_mmproxy: StartMmproxy
+) -> None:
+    app = start_backend(lo_net.gw, "127.0.0.1")
+    run_mmproxy(lo_net, ipv4=app.address, max_connections=3)
+    held = [hello(lo_net, 40500 + i) for i in range(3)]
+    for i, sock in enumerate(held):
+        assert sock.makefile("rb").readline() == f"{CLIENT4} {40500 + i}\n".encode()
+    waiting = hello(lo_net, 40510)  # connected by the kernel, left in the backlog
+    waiting.settimeout(1.5)
+    with pytest.raises(TimeoutError):
+        waiting.recv(1)
+    for sock in held:  # the accepted ones go on undisturbed
+        sock.sendall(b"still fine")
+        assert recv_exactly(sock, 10) == b"still fine"
+    held.pop().close()  # one ends: the waiting client is served
+    waiting.settimeout(10)
+    assert waiting.makefile("rb").readline() == f"{CLIENT4} 40510\n".encode()
+    for sock in [*held, waiting]:
+        sock.close()
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    sock.settimeout(10)
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, data
+        data += chunk
+    return data

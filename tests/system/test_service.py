@@ -6,8 +6,11 @@ in a second network namespace reaches the container over a veth."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 import re
+import socket
 import subprocess
 import threading
 import time
@@ -208,6 +211,92 @@ def test_reload_and_restart_under_load_lose_no_connection(world: World, action: 
     print(f"\n{action} x3 under load: {load.ok} connections, {len(load.failed)} failed")
 
 
+@dataclass
+class Transfer:
+    """One long, paced echo transfer through the gateway, checked by SHA-256."""
+
+    world: World
+    size: int = 4 * 1024 * 1024
+    seconds: float = 3.0  # less than the instance's drain_timeout (5 s)
+    sent: str = ""
+    received: str = ""
+    nbytes: int = 0
+    error: str = ""
+    ended_at: float = 0.0
+
+    def run(self, started: threading.Event) -> None:
+        data = random.Random(5).randbytes(self.size)
+        header = encode_v2("PROXY", "TCP4", (CLIENT4, 40040), (GW4, 2222))
+        try:
+            with self.world.peer.connect((GW4, 2222), timeout=30) as sock:
+                sock.sendall(header)
+                reader = threading.Thread(target=self._read, args=(sock,))
+                reader.start()
+                chunk = 64 * 1024
+                pause = self.seconds / (self.size // chunk)
+                for offset in range(0, self.size, chunk):
+                    sock.sendall(data[offset : offset + chunk])
+                    if offset == chunk * 8:
+                        started.set()  # well under way
+                    time.sleep(pause)
+                sock.shutdown(socket.SHUT_WR)
+                reader.join()
+        except OSError as exc:
+            self.error = repr(exc)
+        finally:
+            started.set()
+        self.sent = hashlib.sha256(data).hexdigest()
+
+    def _read(self, sock: socket.socket) -> None:
+        digest = hashlib.sha256()
+        stream = sock.makefile("rb")
+        try:
+            if stream.readline().decode().strip() != f"{CLIENT4} 40040":
+                self.error = "the application saw another client address"
+            while chunk := stream.read1(65536):
+                digest.update(chunk)
+                self.nbytes += len(chunk)
+        except OSError as exc:
+            self.error = repr(exc)
+        self.received = digest.hexdigest()
+        self.ended_at = time.monotonic()
+
+
+@pytest.mark.parametrize("action", ["stop", "restart", "reload"])
+def test_in_flight_transfers_finish_within_the_drain_time(world: World, action: str) -> None:
+    world.box.write("/etc/mmproxy/ssh.yaml", instance_yaml(2222, 9000))
+    world.enable("ssh")
+    world.ask()
+    transfer = Transfer(world)
+    under_way = threading.Event()
+    thread = threading.Thread(target=transfer.run, args=(under_way,))
+    with Load(world) as load:
+        thread.start()
+        assert under_way.wait(30)
+        asked = time.monotonic()
+        world.box.systemctl(action, "mmproxy@ssh.service")  # returns once stopped/restarted
+        done = time.monotonic()
+        thread.join(60)
+        time.sleep(1)  # new connections after the action (a stopped service is socket-
+        # activated again by the next one)
+    journal = world.box.journal("mmproxy@ssh")
+    print(
+        f"\n{action} during a {transfer.size >> 20} MiB transfer: systemctl took "
+        f"{done - asked:.1f} s, the transfer ended {transfer.ended_at - asked:.1f} s after it "
+        f"was asked; {load.ok} other connections meanwhile, {len(load.failed)} failed"
+    )
+    assert transfer.error == ""
+    assert (transfer.nbytes, transfer.received) == (transfer.size, transfer.sent)
+    assert load.failed == []
+    assert load.ok > 0
+    if action != "reload":
+        # It waited for the transfer (drained), which ended well within the 5 s drain time.
+        assert "waiting up to 5 s for open connections" in journal, journal
+        assert "still open after the" not in journal, journal
+        assert transfer.ended_at - asked < 5
+        assert done >= transfer.ended_at - 0.5
+
+
 def test_two_instances_side_by_side(world: World) -> None:
     world.box.systemctl("start", "backend@9001.service")
     world.box.write("/etc/mmproxy/ssh.yaml", instance_yaml(2222, 9000))
@@ -247,7 +336,7 @@ def test_hardening_score_and_verify(world: World) -> None:
     ).stdout
     match = re.search(r"Overall exposure level for mmproxy@ssh.service: ([\d.]+)", security)
     assert match, security
-    assert float(match.group(1)) <= 2.0
+    assert float(match.group(1)) <= 1.6  # Debian 12; 1.5 without CAP_NET_BIND_SERVICE
     print(f"\nsystemd-analyze security: {match.group(1)}")
     verify = world.box.sh(
         "systemd-analyze",

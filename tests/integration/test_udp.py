@@ -1,0 +1,435 @@
+"""UDP end to end: PROXY v2 datagrams from a balancer in one namespace, a real mmproxy
+and real UDP servers (a small echo, dnsmasq) in the other."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmproxy.netns import NetNS
+from mmproxy.proxy_protocol import encode_v1, encode_v2
+from mmproxy.udp import IP_PKTINFO
+
+from .conftest import CLIENT4, CLIENT6, GW4, GW6, PEER4, Mmproxy, Net
+
+StartMmproxy = Callable[..., Mmproxy]
+PORT = 5300  # mmproxy's UDP listener in the gateway namespace
+
+
+@dataclass
+class UdpEcho:
+    """The application: answers each datagram with "<peer host> <peer port> " + payload."""
+
+    sock: socket.socket
+    peers: list[tuple[str, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def address(self) -> str:
+        host, port = self.sock.getsockname()[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                data, peer = self.sock.recvfrom(65535)
+                self.peers.append(peer[:2])
+                self.sock.sendto(f"{peer[0]} {peer[1]} ".encode() + data, peer)
+            except OSError:
+                return
+
+
+@pytest.fixture
+def echoes() -> Iterator[Callable[[NetNS, str], UdpEcho]]:
+    made: list[UdpEcho] = []
+
+    def make(ns: NetNS, host: str) -> UdpEcho:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = ns.open_socket(family, socket.SOCK_DGRAM)
+        sock.bind((host, 0))
+        made.append(UdpEcho(sock))
+        return made[-1]
+
+    yield make
+    for echo in made:
+        echo.sock.close()
+
+
+def final_status(proc: Mmproxy) -> str:
+    """The counters mmproxy logs when it stops (its STATUS= line while running)."""
+    proc.stop()
+    return proc.wait_for(r"stopping: ")
+
+
+@dataclass
+class UdpWorld:
+    """The loopback variant with a UDP echo per family, and how to start mmproxy there."""
+
+    net: Net
+    echo4: UdpEcho
+    echo6: UdpEcho
+    run: StartMmproxy
+
+    def start(self, **keys: object) -> Mmproxy:
+        return start_udp(self.run, self.net, self.echo4, self.echo6, **keys)
+
+
+@pytest.fixture
+def world(
+    lo_net: Net, run_mmproxy: StartMmproxy, echoes: Callable[[NetNS, str], UdpEcho]
+) -> UdpWorld:
+    return UdpWorld(lo_net, echoes(lo_net.gw, "127.0.0.1"), echoes(lo_net.gw, "::1"), run_mmproxy)
+
+
+def targets(net: Net) -> tuple[str, str]:
+    return ("127.0.0.1", "::1") if net.variant == "lo" else (GW4, GW6)
+
+
+def datagram(source: tuple[str, int], payload: bytes, family: str | None = None) -> bytes:
+    family = family or ("UDP6" if ":" in source[0] else "UDP4")
+    destination = (GW6, PORT) if family.endswith("6") else (GW4, PORT)
+    return encode_v2("PROXY", family, source, destination) + payload
+
+
+def balancer(net: Net, v6: bool = False, timeout: float = 5.0) -> socket.socket:
+    """The balancer's socket in the peer namespace, aimed at mmproxy's listener."""
+    sock = net.peer.open_socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+    sock.settimeout(timeout)
+    sock.connect((GW6, PORT) if v6 else (GW4, PORT))
+    return sock
+
+
+def start_udp(
+    run_mmproxy: StartMmproxy, net: Net, echo4: UdpEcho, echo6: UdpEcho, **keys: object
+) -> Mmproxy:
+    config: dict[str, object] = {
+        "listen": [f"udp://0.0.0.0:{PORT}", f"udp://[::]:{PORT}"],
+        "ipv4": echo4.address,
+        "ipv6": echo6.address,
+        "allowed_networks": ["198.51.100.0/24", "2001:db8:1::/64"],
+    }
+    config.update(keys)
+    return run_mmproxy(net, **config)
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_application_sees_the_client_and_replies_come_back(
+    net: Net, run_mmproxy: StartMmproxy, echoes: Callable[[NetNS, str], UdpEcho], v6: bool
+) -> None:
+    echo4, echo6 = (echoes(net.gw, host) for host in targets(net))
+    start_udp(run_mmproxy, net, echo4, echo6)
+    client = (CLIENT6, 40006) if v6 else (CLIENT4, 40004)
+    with balancer(net, v6) as lb:
+        for n in range(3):
+            lb.send(datagram(client, b"ping %d" % n))
+            assert lb.recv(65535) == f"{client[0]} {client[1]} ping {n}".encode()
+        # The reply comes from the address the balancer sent to, though mmproxy listens
+        # on the wildcard address (else a balancer would not match it to its request).
+        assert lb.getpeername()[:2] == ((GW6, PORT) if v6 else (GW4, PORT))
+
+
+def test_ipv4_balancer_on_a_dual_stack_listener(world: UdpWorld) -> None:
+    lo_net = world.net
+    world.start(listen=f"udp://[::]:{PORT}")
+    with balancer(lo_net) as lb:
+        lb.send(datagram((CLIENT4, 41000), b"mapped"))
+        assert lb.recv(65535) == f"{CLIENT4} 41000 mapped".encode()
+
+
+def test_many_concurrent_flows_keep_their_replies_apart(world: UdpWorld) -> None:
+    lo_net, echo4 = world.net, world.echo4
+    proc = world.start()
+    clients = [(f"203.0.113.{1 + i % 200}", 20000 + i) for i in range(400)]
+    replies: dict[tuple[str, int], list[bytes]] = {}
+    with balancer(lo_net) as lb:
+        order = [c for c in clients for _ in range(3)]
+        random.Random(7).shuffle(order)
+        for i, client in enumerate(order):
+            lb.send(datagram(client, f"{client[0]}:{client[1]} #{i}".encode()))
+            reply = lb.recv(65535)
+            seen_host, seen_port, payload = reply.split(b" ", 2)
+            replies.setdefault((seen_host.decode(), int(seen_port)), []).append(payload)
+    assert len(replies) == len(clients)
+    for (host, port), payloads in replies.items():
+        assert len(payloads) == 3
+        assert all(p.startswith(f"{host}:{port} #".encode()) for p in payloads)
+    # One upstream socket per flow, reused: the application saw 400 distinct sources.
+    assert len(set(echo4.peers)) == 400
+    assert len(echo4.peers) == 1200
+    assert "udp: 400 flows, 400 total, dropped: none, 1200 packets" in final_status(proc)
+
+
+def test_idle_flows_are_closed_with_a_record(world: UdpWorld) -> None:
+    lo_net = world.net
+    proc = world.start(udp_idle_timeout="1s")
+    with balancer(lo_net) as lb:
+        lb.send(datagram((CLIENT4, 42000), b"12345"))
+        lb.recv(65535)
+        record = proc.wait_for(rf"{CLIENT4}:42000 via .* \(udp\): idle after", timeout=5)
+    assert "1 packets (5 bytes) in, 1 packets (23 bytes) out" in record
+    # A new datagram from the same client opens a new flow.
+    with balancer(lo_net) as lb:
+        lb.send(datagram((CLIENT4, 42000), b"again"))
+        assert lb.recv(65535) == f"{CLIENT4} 42000 again".encode()
+    assert "udp: 1 flows, 2 total" in final_status(proc)
+    proc.wait_for(rf"{CLIENT4}:42000 via .* \(udp\): stopping after")
+
+
+def _assert_nothing_arrives(lb: socket.socket) -> None:
+    lb.settimeout(0.3)
+    with pytest.raises(TimeoutError):
+        lb.recv(65535)
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"no header at all", "invalid-header"),
+        (b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00", "invalid-header"),  # truncated v2
+        (encode_v1("TCP4", (CLIENT4, 1), (GW4, PORT)) + b"x", "invalid-header"),
+        (datagram((CLIENT4, 1), b"x", family="TCP4"), "unsupported-family"),
+        (datagram(("127.0.0.1", 1), b"x"), "forged-local-source"),
+        (datagram(("0.0.0.0", 1), b"x"), "forged-local-source"),
+        (datagram((GW4, 1), b"x"), "forged-local-source"),
+    ],
+    ids=["garbage", "truncated", "v1", "tcp-family", "loopback", "unspecified", "own-address"],
+)
+def test_bad_datagrams_are_dropped_and_counted(
+    world: UdpWorld, payload: bytes, reason: str
+) -> None:
+    lo_net, echo4 = world.net, world.echo4
+    proc = world.start()
+    with balancer(lo_net) as lb:
+        for _ in range(3):
+            lb.send(payload)
+        _assert_nothing_arrives(lb)
+    proc.wait_for(rf"dropped a datagram from {PEER4}:\d+: ")
+    assert f"dropped: {reason} 3," in final_status(proc)
+    assert echo4.peers == [] and world.echo6.peers == []
+
+
+def test_untrusted_balancer_is_dropped(world: UdpWorld) -> None:
+    lo_net, echo4 = world.net, world.echo4
+    proc = world.start(allowed_networks=["192.0.2.0/24"])
+    with balancer(lo_net) as lb:
+        lb.send(datagram((CLIENT4, 43000), b"forged"))
+        _assert_nothing_arrives(lb)
+    assert "dropped: untrusted-balancer 1," in final_status(proc)
+    assert echo4.peers == []
+
+
+def test_flow_limit_drops_new_flows_only(world: UdpWorld) -> None:
+    lo_net = world.net
+    proc = world.start(udp_max_flows=2)
+    with balancer(lo_net) as lb:
+        for port in (1001, 1002):
+            lb.send(datagram((CLIENT4, port), b"in"))
+            lb.recv(65535)
+        lb.send(datagram((CLIENT4, 1003), b"third"))
+        _assert_nothing_arrives(lb)
+        lb.settimeout(5)
+        lb.send(datagram((CLIENT4, 1001), b"still served"))
+        assert lb.recv(65535) == f"{CLIENT4} 1001 still served".encode()
+    assert "dropped: flow-limit 1," in final_status(proc)
+
+
+def test_tcp_and_udp_on_one_port(world: UdpWorld) -> None:
+    """One instance, one port number, both transports: the DNS layout."""
+    lo_net = world.net
+    tcp = lo_net.gw.listen(("127.0.0.1", world.echo4.sock.getsockname()[1]))
+    try:
+        world.start(
+            listen=[f"0.0.0.0:{PORT}", f"udp://0.0.0.0:{PORT}"], ipv6=None,
+        )  # fmt: skip
+        with balancer(lo_net) as lb:
+            lb.send(datagram((CLIENT4, 44000), b"udp"))
+            assert lb.recv(65535) == f"{CLIENT4} 44000 udp".encode()
+        with lo_net.peer.connect((GW4, PORT)) as conn:
+            conn.sendall(encode_v2("PROXY", "TCP4", (CLIENT4, 44001), (GW4, PORT)) + b"tcp")
+            app, peer = tcp.accept()
+            while peer[0] != CLIENT4:  # the self-checks' plain and spoofed connections
+                app.close()
+                app, peer = tcp.accept()
+            with app:
+                assert peer == (CLIENT4, 44001)
+                assert app.recv(3) == b"tcp"
+    finally:
+        tcp.close()
+
+
+# --- a real DNS server -----------------------------------------------------------------
+
+
+def dns_query(name: str, query_id: int) -> bytes:
+    """A standard query for the A record of `name` (RFC 1035 section 4.1)."""
+    question = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+    return (
+        struct.pack("!HHHHHH", query_id, 0x0100, 1, 0, 0, 0) + question + struct.pack("!HH", 1, 1)
+    )
+
+
+def dns_answer_address(reply: bytes, query_id: int) -> str:
+    rid, flags, _qd, ancount, _ns, _ar = struct.unpack_from("!HHHHHH", reply)
+    assert rid == query_id and flags & 0x8000 and flags & 0xF == 0, reply
+    assert ancount == 1
+    return socket.inet_ntoa(reply[-4:])  # the one A record's RDATA ends the message
+
+
+@pytest.fixture
+def dnsmasq(lo_net: Net, tmp_path: os.PathLike[str]) -> Iterator[tuple[int, list[str]]]:
+    """dnsmasq on 127.0.0.1, answering example.test, logging each query with its client."""
+    binary = shutil.which("dnsmasq")
+    assert binary, "dnsmasq is missing: `make deps` installs dnsmasq-base"
+    port = 5353
+    cmd = lo_net.gw.exec_args(
+        binary, "--keep-in-foreground", "--no-resolv", "--no-hosts", "--conf-file=/dev/null",
+        "--bind-interfaces", "--listen-address=127.0.0.1", f"--port={port}",
+        "--address=/example.test/192.0.2.53", "--log-queries", "--log-facility=-",
+        "--user=root", "--pid-file=",
+    )  # fmt: skip
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines: list[str] = []
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line.rstrip())
+
+    threading.Thread(target=read, daemon=True).start()
+    deadline = time.monotonic() + 5
+    while not any("started" in line for line in lines) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield port, lines
+    proc.terminate()
+    proc.wait(5)
+
+
+def test_dnsmasq_answers_and_logs_the_client(
+    lo_net: Net, run_mmproxy: StartMmproxy, dnsmasq: tuple[int, list[str]]
+) -> None:
+    port, lines = dnsmasq
+    run_mmproxy(
+        lo_net,
+        listen=f"udp://0.0.0.0:{PORT}",
+        ipv4=f"127.0.0.1:{port}",
+        allowed_networks=["198.51.100.0/24"],
+    )
+    with balancer(lo_net) as lb:
+        for query_id, client_port in ((0x1234, 53001), (0x4321, 53002)):
+            lb.send(datagram((CLIENT4, client_port), dns_query("www.example.test", query_id)))
+            assert dns_answer_address(lb.recv(65535), query_id) == "192.0.2.53"
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and sum(CLIENT4 in line for line in lines) < 2:
+        time.sleep(0.05)
+    queries = [line for line in lines if "query[A] www.example.test" in line]
+    assert len(queries) == 2 and all(f"from {CLIENT4}" in q for q in queries), lines
+
+
+def test_ipv6_client_through_ipv4_balancer_socket(world: UdpWorld) -> None:
+    """The header's family, not the balancer's, picks the target."""
+    world.start()
+    with balancer(world.net) as lb:
+        lb.send(datagram((CLIENT6, 45000), b"six"))
+        assert lb.recv(65535) == f"{CLIENT6} 45000 six".encode()
+
+
+def test_reload_applies_to_new_datagrams_and_a_bad_one_keeps_the_config(world: UdpWorld) -> None:
+    lo_net = world.net
+    proc = world.start()
+    config_path = Path(str(proc.proc.args[-2]))  # type: ignore[index]
+    with balancer(lo_net) as lb:
+        lb.send(datagram((CLIENT4, 46000), b"before"))
+        assert lb.recv(65535) == f"{CLIENT4} 46000 before".encode()
+        config = yaml.safe_load(config_path.read_text())
+        config_path.write_text(yaml.safe_dump({**config, "udp_max_flows": "many"}))
+        proc.proc.send_signal(signal.SIGHUP)
+        proc.wait_for(r"reload failed, keeping the running configuration: .*udp_max_flows")
+        lb.send(datagram((CLIENT4, 46000), b"kept"))
+        assert lb.recv(65535) == f"{CLIENT4} 46000 kept".encode()
+        # The balancer is no longer trusted: even its open flow gets nothing more.
+        config_path.write_text(yaml.safe_dump({**config, "allowed_networks": ["192.0.2.0/24"]}))
+        proc.proc.send_signal(signal.SIGHUP)
+        proc.wait_for("configuration reloaded")
+        lb.send(datagram((CLIENT4, 46000), b"after"))
+        _assert_nothing_arrives(lb)
+    assert "dropped: untrusted-balancer 1," in final_status(proc)
+
+
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_target_down_is_counted_and_flows_leak_nothing(world: UdpWorld) -> None:
+    lo_net, echo4 = world.net, world.echo4
+    proc = world.start(udp_idle_timeout="1s")
+    pid = proc.proc.pid
+    baseline = _open_fds(pid)
+    with balancer(lo_net) as lb:
+        for i in range(2000):
+            lb.send(datagram((f"203.0.113.{1 + i % 250}", 30000 + i), b"x"))
+            lb.recv(65535)
+        assert _open_fds(pid) >= baseline + 2000  # one socket per flow while they live
+        echo4.sock.close()  # the application goes away
+        for i in range(3):
+            lb.send(datagram((CLIENT4, 47000), b"into the void %d" % i))
+            _assert_nothing_arrives(lb)
+    deadline = time.monotonic() + 10
+    while _open_fds(pid) != baseline and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _open_fds(pid) == baseline
+    status = final_status(proc)
+    assert "udp: 0 flows, 2001 total" in status, status
+    assert "target-refused" in status, status
+
+
+def test_an_application_on_every_address_must_answer_from_the_address_asked(
+    lo_net: Net, run_mmproxy: StartMmproxy
+) -> None:
+    """Bound to 0.0.0.0, a server that replies from the address it was asked on (as
+    dnsmasq, unbound and BIND do, with IP_PKTINFO) is reached; the self-check says so."""
+    sock = lo_net.gw.open_socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("0.0.0.0", 0))
+    sock.setsockopt(socket.SOL_IP, IP_PKTINFO, 1)
+    port = sock.getsockname()[1]
+
+    def serve() -> None:
+        while True:
+            try:
+                data, ancillary, _flags, peer = sock.recvmsg(65535, 64)
+                sock.sendmsg([b"from the address asked: " + data], ancillary, 0, peer)
+            except OSError:
+                return
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        proc = run_mmproxy(
+            lo_net,
+            listen=f"udp://0.0.0.0:{PORT}",
+            ipv4=f"127.0.0.1:{port}",
+            ipv6=None,
+            allowed_networks=["198.51.100.0/24"],
+        )
+        proc.wait_for(
+            rf"VERIFIED  a UDP socket is bound to port {port} on every address "
+            r"\(the application; it must reply from 127\.0\.0\.1"
+        )
+        with balancer(lo_net) as lb:
+            lb.send(datagram((CLIENT4, 48000), b"hello"))
+            assert lb.recv(65535) == b"from the address asked: hello"
+    finally:
+        sock.close()

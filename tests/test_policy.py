@@ -1,0 +1,74 @@
+"""Which source a header may claim and which target it gets, for TCP and UDP alike."""
+
+from __future__ import annotations
+
+import pytest
+
+from mmproxy.config import Address, Config
+from mmproxy.policy import UDP_FAMILIES, Rejected, route
+from mmproxy.proxy_protocol import encode_v1, encode_v2, parse
+from mmproxy.transparent import LocalAddresses
+
+CONFIG = Config(ipv4=Address("127.0.0.1", 22), ipv6=Address("::1", 22))
+LOCAL = LocalAddresses()
+
+
+def header(family: str, source: str, version: int = 2) -> bytes:
+    destination = "2001:db8::2" if ":" in source else "198.51.100.1"
+    if version == 1:
+        return encode_v1(family, (source, 40000), (destination, 2222))
+    return encode_v2("PROXY", family, (source, 40000), (destination, 2222))
+
+
+@pytest.mark.parametrize(
+    ("data", "families", "expected"),
+    [
+        (header("TCP4", "203.0.113.7"), None, (Address("203.0.113.7", 40000), CONFIG.ipv4)),
+        (header("TCP6", "2001:db8::7", 1), None, (Address("2001:db8::7", 40000), CONFIG.ipv6)),
+        (header("UDP4", "203.0.113.7"), UDP_FAMILIES, (Address("203.0.113.7", 40000), CONFIG.ipv4)),
+        (encode_v2("LOCAL", "UNSPEC"), UDP_FAMILIES, (None, CONFIG.ipv4)),
+        (encode_v1("UNKNOWN"), None, (None, CONFIG.ipv4)),
+    ],
+    ids=["tcp4", "tcp6-v1", "udp4", "local", "unknown"],
+)
+def test_route(
+    data: bytes, families: tuple[str, str] | None, expected: tuple[Address | None, Address]
+) -> None:
+    parsed = parse(data)
+    assert (route(parsed, CONFIG, LOCAL, families) if families else route(parsed, CONFIG, LOCAL)) \
+        == expected  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("data", "families", "reason", "detail"),
+    [
+        (
+            header("UDP4", "203.0.113.7"),
+            None,
+            "unsupported-family",
+            "UDP4 cannot be forwarded over TCP",
+        ),
+        (header("TCP4", "203.0.113.7"), UDP_FAMILIES, "unsupported-family", "over UDP"),
+        (header("TCP4", "127.0.0.1"), None, "forged-local-source", "which is loopback"),
+        (header("TCP6", "::"), None, "forged-local-source", "which is unspecified"),
+        (header("UDP4", "224.0.0.1"), UDP_FAMILIES, "forged-local-source", "which is multicast"),
+    ],
+    ids=["udp-over-tcp", "tcp-over-udp", "loopback", "unspecified", "multicast"],
+)
+def test_refused(data: bytes, families: tuple[str, str] | None, reason: str, detail: str) -> None:
+    with pytest.raises(Rejected) as caught:
+        route(parse(data), CONFIG, LOCAL, *([families] if families else []))
+    assert caught.value.reason == reason
+    assert detail in str(caught.value)
+
+
+def test_no_target_for_the_family() -> None:
+    with pytest.raises(Rejected, match="is ipv6 but no `ipv6` target"):
+        route(parse(header("UDP6", "2001:db8::7")), Config(ipv4=CONFIG.ipv4), LOCAL, UDP_FAMILIES)
+
+
+def test_follow_destination_port() -> None:
+    config = Config(ipv4=CONFIG.ipv4, follow_destination_port=True)
+    assert route(parse(header("TCP4", "203.0.113.7")), config, LOCAL)[1] == Address(
+        "127.0.0.1", 2222
+    )

@@ -1,11 +1,11 @@
 """The forwarder: accept balancer connections, read the PROXY header, connect to the
 application with the client's address, and hand the pair to the relay.
 
-Threads: the relay's epoll thread also accepts, and does the whole hand-shake when
-nothing has to wait (the usual case: the header came with the connection, the local
-target accepts at once); a pool of hand-shake workers that grows on demand takes any
-connection that must wait (a header still on its way, a slow target), so the loop never
-waits on a client.
+One thread does it all: the relay's epoll loop also accepts, and does the whole
+hand-shake at once when nothing has to wait (the usual case: the header came with the
+connection, the local target accepts at once); a connection that must wait (a header
+still on its way, a slow target) is watched by the same loop with a deadline, so the
+loop never waits on a client. Several worker processes (mmproxy.workers) each run one.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-import queue
 import select
 import socket
 import threading
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 
 from mmproxy.config import Address, Config
 from mmproxy.networks import AllowedNetworks
+from mmproxy.policy import Rejected, route
 from mmproxy.proxy_protocol import (
     PP2_TYPE_UNIQUE_ID,
     IncompleteHeader,
@@ -37,7 +37,6 @@ from mmproxy.transparent import (
     UpstreamError,
     connect_failure,
     finish_upstream,
-    forbidden_source_reason,
     set_keepalive,
     start_upstream,
     unmap,
@@ -50,14 +49,6 @@ _ACCEPT_BACKOFF_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOME
 _ACCEPT_BACKOFF = 0.1
 _RECV_SIZE = 4096
 _ACCEPT_BATCH = 64
-
-
-class Rejected(Exception):
-    """A connection is refused; `reason` is a short key for counters, str() the detail."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
 
 
 @dataclass
@@ -152,53 +143,6 @@ class RateLimitedLog:
                 )
         self._counts.clear()
         self._window_start = now
-
-
-class WorkerPool:
-    """Threads for hand-shakes that must wait (a header still on its way, a slow target);
-    a new one starts only when none is idle, and one idle for `idle_timeout` exits
-    (thread start-up costs ~0.3 ms, so they are reused meanwhile)."""
-
-    def __init__(self, max_workers: int) -> None:
-        self._max = max_workers
-        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._idle = 0
-        self._queued = 0
-        self._threads = 0
-        self.idle_timeout = 5.0
-
-    def submit(self, work: Callable[[], None]) -> None:
-        with self._lock:
-            self._queued += 1
-            spawn = self._queued > self._idle and self._threads < self._max
-            if spawn:
-                self._threads += 1
-        if spawn:
-            threading.Thread(target=self._loop, name="handshake", daemon=True).start()
-        self._queue.put(work)
-
-    def stop(self) -> None:
-        with self._lock:
-            count = self._threads
-        for _ in range(count):
-            self._queue.put(None)
-
-    def _loop(self) -> None:
-        while True:
-            with self._lock:
-                self._idle += 1
-            try:
-                work = self._queue.get(timeout=self.idle_timeout)
-            except queue.Empty:
-                work = None
-            with self._lock:
-                self._idle -= 1
-                if work is None:
-                    self._threads -= 1
-                    return
-                self._queued -= 1
-            work()
 
 
 class Forwarder:
@@ -497,7 +441,7 @@ class Forwarder:
         self, header: ProxyHeader, info: ConnInfo, data_follows: bool
     ) -> socket.socket:
         config = self.config
-        info.client, info.target = self._route(header, config)
+        info.client, info.target = route(header, config, self._local)
         if header.version == 2:
             info.unique_id = header.tlv(PP2_TYPE_UNIQUE_ID)
         try:
@@ -525,39 +469,6 @@ class Forwarder:
         if upstream is not None:
             upstream.close()
         self._handshake_failed(info, reason)
-
-    def _route(self, header: ProxyHeader, config: Config) -> tuple[Address | None, Address]:
-        """(spoofed source or None, target) for a header."""
-        if header.command == "LOCAL" or header.family == "UNKNOWN":
-            # The balancer's own health check: it speaks for itself, not for a client.
-            target = config.ipv4 or config.ipv6
-            assert target is not None  # the config layer requires one
-            return None, target
-        if header.family not in ("TCP4", "TCP6") or header.source is None:
-            raise Rejected(
-                "unsupported-family",
-                f"header family {header.family} cannot be forwarded over TCP",
-            )
-        host = unmap(header.source[0])
-        source = Address(host, header.source[1])
-        target = config.ipv6 if ":" in host else config.ipv4
-        if target is None:
-            version = "ipv6" if ":" in host else "ipv4"
-            raise Rejected(
-                "no-target",
-                f"client {source} is {version} but no `{version}` target is configured",
-            )
-        if not config.allow_local_sources:
-            why = forbidden_source_reason(host, self._local)
-            if why is not None:
-                raise Rejected(
-                    "forged-local-source",
-                    f"header claims source {source}, which is {why} "
-                    "(set allow_local_sources: true to permit)",
-                )
-        if config.follow_destination_port and header.destination is not None:
-            target = Address(target.host, header.destination[1])
-        return source, target
 
     def _handshake_failed(self, info: ConnInfo, exc: Rejected) -> None:
         self.stats.active -= 1
@@ -611,38 +522,6 @@ class Forwarder:
             nout,
             extra=fields,
         )
-
-
-def read_header(
-    sock: socket.socket, timeout: float, data: bytes = b""
-) -> tuple[ProxyHeader, bytes]:
-    """Read one PROXY header (after `data`, already read); return it and the bytes that
-    arrived after it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise Rejected(
-                "header-timeout",
-                f"no complete PROXY header within {timeout:g} s ({len(data)} bytes received)",
-            )
-        sock.settimeout(remaining)
-        try:
-            chunk = sock.recv(_RECV_SIZE)
-        except TimeoutError:
-            continue
-        except OSError as exc:
-            raise _read_error(exc) from exc
-        if not chunk:
-            raise _closed_before_header(data)
-        data += chunk
-        try:
-            header = parse(data)
-        except IncompleteHeader:
-            continue
-        except InvalidHeader as exc:
-            raise _invalid_header(exc) from exc
-        return header, data[header.length :]
 
 
 def _invalid_header(exc: InvalidHeader) -> Rejected:

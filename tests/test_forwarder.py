@@ -1,4 +1,5 @@
-"""Forwarder pieces that need no namespace: header reading, rate limiting, the pool."""
+"""The forwarder in-process with the balancer's own (LOCAL) connections, relayed
+without spoofing and so without privileges; and its rate-limited log."""
 
 from __future__ import annotations
 
@@ -6,63 +7,102 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
-from mmproxy.forwarder import RateLimitedLog, Rejected, WorkerPool, read_header
-from mmproxy.proxy_protocol import encode_v1, encode_v2
+from mmproxy.config import Address, Config
+from mmproxy.forwarder import Forwarder, RateLimitedLog
+from mmproxy.networks import parse_network
+from mmproxy.proxy_protocol import encode_v2
 
-_OPEN_WRITERS: list[socket.socket] = []  # a writer that is not closed must stay referenced
-V1 = encode_v1("TCP4", ("203.0.113.7", 40000), ("198.51.100.1", 2222))
-
-
-def feed(chunks: list[bytes], delay: float = 0.0, close: bool = False) -> socket.socket:
-    reader, writer = socket.socketpair()
-
-    def write() -> None:
-        for chunk in chunks:
-            writer.sendall(chunk)
-            time.sleep(delay)
-        if close:
-            writer.close()
-        else:
-            _OPEN_WRITERS.append(writer)
-
-    threading.Thread(target=write, daemon=True).start()
-    return reader
+LOCAL = encode_v2("LOCAL", "UNSPEC")  # relayed unspoofed: no privileges needed
 
 
-def test_header_and_early_data_are_split_exactly() -> None:
-    header, early = read_header(feed([V1 + b"SSH-2.0-x\r\n"]), 3)
-    assert header.source == ("203.0.113.7", 40000)
-    assert early == b"SSH-2.0-x\r\n"
+@pytest.fixture
+def echo() -> Iterator[socket.socket]:
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=_echo, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield server
+    server.close()
 
 
-def test_header_in_many_pieces() -> None:
-    v2 = encode_v2("PROXY", "TCP6", ("2001:db8::7", 1), ("2001:db8::1", 2))
-    header, early = read_header(feed([bytes([b]) for b in v2], delay=0.001), 3)
-    assert header.source == ("2001:db8::7", 1) and early == b""
+def _echo(conn: socket.socket) -> None:
+    with conn:
+        while data := conn.recv(65536):
+            conn.sendall(data)
+
+
+@pytest.fixture
+def forwarder(echo: socket.socket) -> Iterator[tuple[Forwarder, tuple[str, int]]]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    config = Config(
+        ipv4=Address(*echo.getsockname()),
+        allowed_networks=(parse_network("127.0.0.0/8"),),
+        tcp_keepalive=False,
+    )
+    running = Forwarder(config, [listener])
+    running.start()
+    yield running, listener.getsockname()
+    running.stop()
+    listener.close()
+
+
+def rejected(fwd: Forwarder, reason: str) -> int:
+    deadline = time.monotonic() + 5
+    while not fwd.stats.rejected[reason] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return fwd.stats.rejected[reason]
+
+
+def test_header_in_pieces_then_data_both_ways(
+    forwarder: tuple[Forwarder, tuple[str, int]],
+) -> None:
+    _fwd, address = forwarder
+    with socket.create_connection(address, timeout=5) as sock:
+        for byte in LOCAL:
+            sock.send(bytes([byte]))
+            time.sleep(0.001)
+        sock.sendall(b"ping")
+        assert sock.recv(4) == b"ping"
+
+
+def test_data_in_the_header_segment_arrives_intact(
+    forwarder: tuple[Forwarder, tuple[str, int]],
+) -> None:
+    _fwd, address = forwarder
+    with socket.create_connection(address, timeout=5) as sock:
+        sock.sendall(LOCAL + b"SSH-2.0-x\r\n")
+        assert sock.recv(100) == b"SSH-2.0-x\r\n"
 
 
 @pytest.mark.parametrize(
-    ("chunks", "close", "reason"),
+    ("data", "reason"),
     [
-        ([b"GET / HTTP/1.1\r\n"], False, "invalid-header"),
-        ([b"PROXY TCP4 1.2"], True, "closed-before-header"),
-        ([], True, "probe"),
+        (b"GET / HTTP/1.1\r\n", "invalid-header"),
+        (b"PROXY TCP4 1.2", "closed-before-header"),
+        (b"", "probe"),
     ],
 )
-def test_bad_starts_are_rejected(chunks: list[bytes], close: bool, reason: str) -> None:
-    with pytest.raises(Rejected) as exc:
-        read_header(feed(chunks, close=close), 3)
-    assert exc.value.reason == reason
-
-
-def test_a_stall_times_out() -> None:
-    started = time.monotonic()
-    with pytest.raises(Rejected, match=r"within 0\.2 s \(6 bytes received\)"):
-        read_header(feed([b"PROXY "]), 0.2)
-    assert time.monotonic() - started < 2
+def test_bad_starts_are_rejected(
+    forwarder: tuple[Forwarder, tuple[str, int]], data: bytes, reason: str
+) -> None:
+    fwd, address = forwarder
+    with socket.create_connection(address, timeout=5) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(100) == b""
+    assert rejected(fwd, reason) == 1
+    assert fwd.stats.total == 1 and fwd.stats.active == 0
 
 
 def test_rate_limited_log_summarises(caplog: pytest.LogCaptureFixture) -> None:
@@ -76,21 +116,3 @@ def test_rate_limited_log_summarises(caplog: pytest.LogCaptureFixture) -> None:
     assert messages[:3] == ["bad 0", "bad 1", "bad 2"]
     assert "7 more connections rejected (bad)" in messages[3]
     assert messages[4] == "bad again"
-
-
-def test_worker_pool_runs_work_concurrently() -> None:
-    started = threading.Barrier(3, timeout=5)
-    done: list[int] = []
-
-    def work(n: int) -> None:
-        started.wait()  # only passes if three items run at the same time
-        done.append(n)
-
-    pool = WorkerPool(max_workers=10)
-    for i in range(3):
-        pool.submit(lambda i=i: work(i))  # type: ignore[misc]
-    deadline = time.monotonic() + 5
-    while len(done) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert sorted(done) == [0, 1, 2]
-    pool.stop()

@@ -250,6 +250,15 @@ def run_mmproxy(tmp_path: Path) -> Iterator[Callable[..., Mmproxy]]:
         proc.stop()
 
 
+def process_tree(pid: int) -> list[int]:
+    """mmproxy's process and its worker processes (and theirs)."""
+    found = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            found += process_tree(int(child))
+    return found
+
+
 def recv_all(sock: socket.socket, timeout: float = 10.0) -> bytes:
     """Everything until EOF (or a reset, which ends it the same way for these tests)."""
     sock.settimeout(timeout)

@@ -16,16 +16,18 @@ import pytest
 
 from mmproxy.proxy_protocol import encode_v1
 
-from .conftest import CLIENT4, Mmproxy, Net, Seen, start_backend
+from .conftest import CLIENT4, Mmproxy, Net, Seen, process_tree, start_backend
 
 CONNECTIONS = 10_000
 
 
 def resources(pid: int) -> tuple[int, int]:
-    """(open fds, threads) of a process."""
-    fds = len(os.listdir(f"/proc/{pid}/fd"))
-    with open(f"/proc/{pid}/status") as status:
-        threads = next(int(line.split()[1]) for line in status if line.startswith("Threads:"))
+    """(open fds, threads) of mmproxy: its process and the worker processes together."""
+    fds = threads = 0
+    for member in process_tree(pid):
+        fds += len(os.listdir(f"/proc/{member}/fd"))
+        with open(f"/proc/{member}/status") as status:
+            threads += next(int(line.split()[1]) for line in status if line.startswith("Threads:"))
     return fds, threads
 
 
@@ -52,7 +54,7 @@ def test_faulty_targets_close_clients_and_leak_nothing(
         target = start_backend(lo_net.gw, "127.0.0.1", reset_at_once).address
     proc = run_mmproxy(lo_net, ipv4=target, check_failure="warn", log_level="warning")
     pid = proc.proc.pid
-    before = resources(pid)  # idle: the main and the relay thread, no worker
+    before = resources(pid)  # idle
     for i in range(50):  # warm up the caches
         one_client(lo_net, 20000 + i)
 
@@ -64,7 +66,6 @@ def test_faulty_targets_close_clients_and_leak_nothing(
     elapsed = time.monotonic() - started
     assert answers == [b""] * CONNECTIONS  # every client was closed, none got data
 
-    # Hand-shake workers started for headers that came late exit after 5 s idle.
     deadline = time.monotonic() + 15
     while (after := resources(pid)) != before and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -8,21 +8,12 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from mmproxy.proxy_protocol import encode_v1
 
-from .conftest import CLIENT4, Mmproxy, Net, start_backend
+from .conftest import CLIENT4, Mmproxy, Net, process_tree, start_backend
 
 FD_LIMIT = 64  # mmproxy needs ~10 of its own; each connection takes 2
-
-
-def process_tree(pid: int) -> list[int]:
-    found = [pid]
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            found += process_tree(int(child))
-    return found
 
 
 def test_emfile_backs_off_and_recovers(lo_net: Net, run_mmproxy: Callable[..., Mmproxy]) -> None:

@@ -27,7 +27,7 @@ from bench.report import _fmt, _table
 from bench.targets import BACKEND, TARGETS, Gateway, Target, _tool
 from bench.testbed import ALLOWED_NETWORK, BACKEND_PORT, GW4, MARK, Testbed
 from bench.tools import Tools, fake_client
-from bench.workloads import Context, _last_json
+from bench.workloads import Context, _collect, _last_json
 from mmproxy.proxy_protocol import encode_v2
 
 Result = dict[str, Any]
@@ -184,16 +184,6 @@ def _start(
         "--lat-file", str(lat_file),
     )  # fmt: skip
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _collect(proc: subprocess.Popen[str], timeout: float) -> Result:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        raise
-    return _last_json(out, proc.returncode, err or "")
 
 
 def _endpoint(addr: tuple[str, int]) -> str:

@@ -215,12 +215,8 @@ class Server:
         """Re-read the configuration; a bad one keeps the running one and says why."""
         if self._reload_config is None or self.forwarder is None:
             return
-        self.notifier.reloading()
-        try:
-            new = self._reload_config()
-        except ConfigError as exc:
-            log.error("reload failed, keeping the running configuration: %s", exc)
-            self.notifier.ready(f"reload failed: {exc}; {self.status()}")
+        new = reread(self._reload_config, self.notifier, self.status)
+        if new is None:
             return
         if new.listen != self.config.listen and not self._activated:
             log.warning("listen addresses changed: they take effect at the next restart")
@@ -239,6 +235,20 @@ class Server:
             self.forwarder.stop(self.config.drain_timeout)
         for sock in self.listeners:
             sock.close()
+
+
+def reread(
+    reload_config: Callable[[], Config], notifier: Notifier, status: Callable[[], str]
+) -> Config | None:
+    """The reloaded configuration, or None when it is bad: then the running one stays,
+    and the journal and systemd's status say why."""
+    notifier.reloading()
+    try:
+        return reload_config()
+    except ConfigError as exc:
+        log.error("reload failed, keeping the running configuration: %s", exc)
+        notifier.ready(f"reload failed: {exc}; {status()}")
+        return None
 
 
 def _sockname(sock: socket.socket) -> str:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, Pipe, wait
 from typing import TYPE_CHECKING, NoReturn
 
-from mmproxy.config import Config, ConfigError
+from mmproxy.config import Config
 from mmproxy.forwarder import Stats
 from mmproxy.log import set_level
 from mmproxy.systemd import Notifier
@@ -189,12 +189,10 @@ class Supervisor:
         here, once, and every worker keeps the running one."""
         if self._reload_config is None:
             return
-        self.notifier.reloading()
-        try:
-            new = self._reload_config()
-        except ConfigError as exc:
-            log.error("reload failed, keeping the running configuration: %s", exc)
-            self.notifier.ready(f"reload failed: {exc}; {self.status()}")
+        from mmproxy.server import reread  # the server imports this module
+
+        new = reread(self._reload_config, self.notifier, self.status)
+        if new is None:
             return
         if new.listen != self.config.listen:
             log.warning("listen addresses changed: they take effect at the next restart")

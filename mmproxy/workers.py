@@ -241,6 +241,7 @@ class Supervisor:
                     os.close(fd)
                 if slot:  # the first worker alone serves UDP
                     _leave_udp(self.server)
+                _pin(slot, self.count)
                 status = _worker_main(self.server, config, orders_in, reports_out, beat)
             except BaseException:
                 log.exception("worker %d failed", slot)
@@ -411,6 +412,14 @@ def _worker_main(
     server.shutdown()
     report("exit")
     return 0
+
+
+def _pin(slot: int, count: int) -> None:
+    """With one worker per CPU (as `auto` makes), keep each on its own CPU: a worker that
+    migrates loses its caches to the load beside it (measured: bulk throughput -8%)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if count == len(cpus) > 1:
+        os.sched_setaffinity(0, {cpus[slot]})
 
 
 def _leave_udp(server: Server) -> None:

@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 from mmproxy.proxy_protocol import encode_v1
 
 from .conftest import CLIENT4, Mmproxy, Net, start_backend
@@ -126,3 +128,15 @@ def test_a_killed_worker_is_replaced(lo_net: Net, run_mmproxy: StartMmproxy) -> 
     proc.proc.send_signal(signal.SIGTERM)
     assert proc.proc.wait(10) == 0
     assert not Path(f"/proc/{replacement}").exists()
+
+
+def test_one_worker_per_cpu_each_on_its_own(lo_net: Net, run_mmproxy: StartMmproxy) -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.fail("this test needs two CPUs or more (the CI machines have two)")
+    app = start_backend(lo_net.gw, "127.0.0.1")
+    proc = run_mmproxy(lo_net, ipv4=app.address)  # workers: auto
+    workers = wait_for_workers(proc, len(cpus))
+    assert sorted(next(iter(os.sched_getaffinity(pid))) for pid in workers) == cpus
+    assert all(len(os.sched_getaffinity(pid)) == 1 for pid in workers)
+    assert os.sched_getaffinity(proc.proc.pid) == set(cpus)  # the supervisor is not pinned

@@ -60,7 +60,7 @@ def _bind_one(address: Address, v6only: bool) -> socket.socket:
     return sock
 
 
-def raise_fd_limit(config: Config) -> int:
+def raise_fd_limit(config: Config, workers: int = 1) -> int:
     """Lift the soft limit on open files to the hard one, as Go programs do by themselves:
     systemd's default soft limit (1024) would cap mmproxy near 500 connections. Returns
     the new limit; warns when the configured maxima could need more."""
@@ -73,7 +73,9 @@ def raise_fd_limit(config: Config) -> int:
             log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
     tcp = any(a.transport == "tcp" for a in config.listen)
     udp = any(a.transport == "udp" for a in config.listen)
-    needed = (2 * config.max_connections if tcp else 0) + (config.udp_max_flows if udp else 0)
+    # The limit is per process: each worker holds its share of the connections.
+    share = -(-config.max_connections // workers)
+    needed = (2 * share if tcp else 0) + (config.udp_max_flows if udp else 0)
     if needed > soft:
         log.warning(
             "the open-file limit (%d) is below what %s may need (%d): raise LimitNOFILE= "
@@ -180,7 +182,7 @@ class Server:
         self.install_signal_handlers()
         if not self.self_check():
             return 1
-        raise_fd_limit(self.config)
+        raise_fd_limit(self.config, worker_count(self.config))
         if worker_count(self.config) > 1:
             return Supervisor(self, self._reload_config).run()
         self.start()

@@ -106,6 +106,7 @@ class Server:
         self.notifier = notifier or Notifier()
         self.forwarder: Forwarder | None = None
         self.udp: UdpForwarder | None = None
+        self.announce = True  # log the listening sockets at start (one worker does)
         self.listeners: list[socket.socket] = []
         self._activated = False
         self._wake = threading.Event()
@@ -168,7 +169,7 @@ class Server:
             self.udp = UdpForwarder(self.config, datagram)
             self.udp.start()
         how = "from systemd" if self._activated else "bound"
-        for sock in self.listeners:
+        for sock in self.listeners if self.announce else ():
             log.info("listening on %s (%s)", _sockname(sock), how)
         return self.forwarder
 

@@ -239,8 +239,9 @@ class Supervisor:
                     other.reports.close()
                 for fd in self._signalled:
                     os.close(fd)
-                if slot:  # the first worker alone serves UDP
+                if slot:  # the first worker alone serves UDP, and says where it listens
                     _leave_udp(self.server)
+                    self.server.announce = False
                 _pin(slot, self.count)
                 status = _worker_main(self.server, config, orders_in, reports_out, beat)
             except BaseException:

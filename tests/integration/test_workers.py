@@ -140,3 +140,5 @@ def test_one_worker_per_cpu_each_on_its_own(lo_net: Net, run_mmproxy: StartMmpro
     assert sorted(next(iter(os.sched_getaffinity(pid))) for pid in workers) == cpus
     assert all(len(os.sched_getaffinity(pid)) == 1 for pid in workers)
     assert os.sched_getaffinity(proc.proc.pid) == set(cpus)  # the supervisor is not pinned
+    # One worker says where they listen: each address once, not once per worker.
+    assert sum("listening on" in line for line in proc.lines) == 2  # 127.0.0.1, [::1]

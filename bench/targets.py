@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.procstat import comm, wait_listening
+from bench.procstat import comm, cpu_seconds, wait_listening
 from bench.testbed import ALLOWED_NETWORK, BACKEND_PORT, GW4, MARK, Testbed
 
 BACKEND = f"127.0.0.1:{BACKEND_PORT}"
@@ -141,3 +141,10 @@ class Gateway:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+def gateway_cpu(gateway: Gateway | None) -> float | None:
+    """The gateway's CPU seconds so far (its whole process tree), None if none runs."""
+    if gateway is None or not gateway.alive():
+        return None
+    return cpu_seconds(gateway.pid)

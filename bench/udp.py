@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.procstat import cpu_seconds, wait_listening
+from bench.procstat import wait_listening
 from bench.report import _fmt, _table
-from bench.targets import BACKEND, TARGETS, Gateway, Target, _tool
+from bench.targets import BACKEND, TARGETS, Gateway, Target, _tool, gateway_cpu
 from bench.testbed import ALLOWED_NETWORK, BACKEND_PORT, GW4, MARK, Testbed
 from bench.tools import Tools, fake_client
 from bench.workloads import Context, _collect, _last_json
@@ -105,11 +105,6 @@ class UdpRun:
     gateway_exit: int | None = None
     gateway_log: str = ""
 
-    def gateway_cpu(self) -> float | None:
-        if self.gateway is None or not self.gateway.alive():
-            return None
-        return cpu_seconds(self.gateway.pid)
-
 
 @contextmanager
 def running(ctx: Context, target: Target) -> Iterator[UdpRun]:
@@ -160,10 +155,10 @@ def _phase(ctx: Context, target: Target, run: UdpRun, size: int, expected: set[s
     s = ctx.settings
     per_proc = max(1, s.udp_flows // s.udp_procs)
     lat_files = [ctx.workdir / f"udp-lat-{i}.bin" for i in range(s.udp_procs)]
-    before = run.gateway_cpu()
+    before = gateway_cpu(run.gateway)
     procs = [_start(ctx, target, size, i, per_proc, lat_files[i]) for i in range(s.udp_procs)]
     outs = [_collect(p, s.udp_seconds + 30) for p in procs]
-    after = run.gateway_cpu()
+    after = gateway_cpu(run.gateway)
     used = s.udp_procs * per_proc
     expected |= {_endpoint(fake_client(ctx.next_tuple + n)) for n in range(used)}
     ctx.consume_tuples(used)

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.procstat import Footprint, cpu_seconds, footprint
-from bench.targets import Gateway, Target
+from bench.procstat import Footprint, footprint
+from bench.targets import Gateway, Target, gateway_cpu
 from bench.testbed import SOURCES, Testbed
 from bench.tools import FAKE_ADDRS, FAKE_PORTS, Backend, Tools
 
@@ -64,11 +64,6 @@ class Running:
     backend_stats: dict[str, float] = field(default_factory=dict)
     gateway_exit: int | None = None
     gateway_log: str = ""
-
-    def gateway_cpu(self) -> float | None:
-        if self.gateway is None or not self.gateway.alive():
-            return None
-        return cpu_seconds(self.gateway.pid)
 
 
 @contextmanager
@@ -159,9 +154,9 @@ def bulk(ctx: Context, target: Target) -> Result:
 def _transfer(ctx: Context, target: Target, run: Running, direction: str) -> Result:
     argv = loadgen_argv(ctx, target, direction, "--size", str(ctx.settings.bulk_bytes),
                         "--sources", SOURCES[0])  # fmt: skip
-    before = run.gateway_cpu()
+    before = gateway_cpu(run.gateway)
     out = _run_json(argv, timeout=600)
-    after = run.gateway_cpu()
+    after = gateway_cpu(run.gateway)
     ctx.consume_tuples(out["tuples"])
     if not out["complete"]:
         raise RuntimeError(f"{direction}load incomplete: {out}")
@@ -180,10 +175,10 @@ def rate(ctx: Context, target: Target) -> Result:
     per_proc = max(1, s.rate_conc // s.rate_procs)
     lat_files = [ctx.workdir / f"lat-{i}.bin" for i in range(s.rate_procs)]
     with running(ctx, target) as run:
-        before = run.gateway_cpu()
+        before = gateway_cpu(run.gateway)
         procs = [_start_rate(ctx, target, i, per_proc, lat_files[i]) for i in range(s.rate_procs)]
         outs = [_collect(p, s.rate_seconds + 60) for p in procs]
-        after = run.gateway_cpu()
+        after = gateway_cpu(run.gateway)
     ctx.consume_tuples(s.rate_procs * max(o["tuples"] for o in outs))
     return _rate_result(outs, _latencies(lat_files), _cpu_delta(before, after), run)
 

@@ -7,15 +7,19 @@ interface needs the fwmark + connmark rules (nftables or iptables).
 
 Several instances may share a mark and table. Each instance that applies routing leaves
 a state file in the runtime directory; removing an instance's routing removes only what
-no remaining state file still needs.
+no remaining state file still needs. systemd stops instances in parallel (apt remove,
+shutdown), so each `up` and `down` holds a lock on the directory: otherwise two instances
+going down at once could each see the other's state file and both leave a shared rule.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -224,22 +228,39 @@ class RoutingState:
             found[path.stem] = Plan(**data)
         return found
 
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
     def up(self, instance: str, plan: Plan) -> None:
         """Apply `plan` for `instance`, dropping what its previous plan needed alone."""
-        previous = self.plans().get(instance)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._path(instance).write_text(json.dumps(asdict(plan)))
-        for item in sorted(plan.needs(), key=str):
-            ensure(item)
-        if previous is not None:
-            self._withdraw_unneeded(previous.needs() - plan.needs())
+        with self._locked():
+            path = self._path(instance)
+            previous = self.plans().get(instance)
+            # Written whole then renamed, so no reader ever sees half a state file.
+            staging = self.directory / f".{instance}.json.new"
+            staging.write_text(json.dumps(asdict(plan)))
+            staging.replace(path)
+            for item in sorted(plan.needs(), key=str):
+                ensure(item)
+            if previous is not None:
+                self._withdraw_unneeded(previous.needs() - plan.needs())
 
     def down(self, instance: str) -> None:
-        plan = self.plans().get(instance)
-        if plan is None:
+        if not self._path(instance).exists():
             return
-        self._path(instance).unlink()
-        self._withdraw_unneeded(plan.needs())
+        with self._locked():
+            plan = self.plans().get(instance)
+            if plan is None:
+                return
+            self._path(instance).unlink()
+            self._withdraw_unneeded(plan.needs())
 
     def _withdraw_unneeded(self, items: Iterable[tuple[object, ...]]) -> None:
         still = set().union(*(p.needs() for p in self.plans().values()))

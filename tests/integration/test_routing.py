@@ -87,6 +87,30 @@ def test_routing_up_is_idempotent_and_shared_rules_outlive_one_instance(
     assert bare.gw.sh("ip", "route", "show", "table", "100").stdout == ""
 
 
+def test_instances_going_up_and_down_at_once_leave_nothing_behind(
+    bare: Net, tmp_path: Path
+) -> None:
+    # systemd stops every instance in parallel (apt remove, shutdown): each one's
+    # `routing down` must see the others' state, or a shared rule outlives them all.
+    configs = [write_config(tmp_path, f"i{n}", ipv4=f"127.0.0.1:{100 + n}") for n in range(6)]
+    env = {**os.environ, "MMPROXY_RUNTIME_DIR": str(tmp_path / "run")}
+
+    def all_at_once(*args_each: list[str]) -> None:
+        pipe = subprocess.PIPE
+        argvs = [bare.gw.exec_args(sys.executable, "-m", "mmproxy", *args) for args in args_each]
+        procs = [subprocess.Popen(a, stdout=pipe, stderr=pipe, text=True, env=env) for a in argvs]
+        for proc in procs:
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, out + err
+
+    for _ in range(3):
+        all_at_once(*(["routing", "up", "-c", str(c)] for c in configs))
+        assert rules(bare).count("iif lo lookup 100") == 1
+        all_at_once(*(["routing", "down", "--instance", c.stem] for c in configs))
+        assert "lookup 100" not in rules(bare)
+        assert bare.gw.sh("ip", "route", "show", "table", "100").stdout == ""
+
+
 @pytest.mark.parametrize("firewall", ["nftables", "iptables"])
 def test_fwmark_variant_applied_by_mmproxy_carries_real_traffic(
     bare: Net, tmp_path: Path, firewall: str

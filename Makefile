@@ -14,7 +14,15 @@ PYTRICIA := pytricia==1.3.0
 PIP := $(VENV)/bin/pip
 INSTALL_NEEDS := venv
 
-.PHONY: all deps venv demo test lint typecheck unit integration system install deb fuzz soak clean
+# The relay's C part (mmproxy/_splice.c), built against Debian's python3. CFLAGS and
+# LDFLAGS come from the environment when set (debian/rules exports dpkg's hardening flags).
+EXT_SUFFIX := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+PY_INCLUDE := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+SPLICE_EXT := mmproxy/_splice$(EXT_SUFFIX)
+CFLAGS ?= -O2 -g
+EXT_CFLAGS := -Wall -Wextra -Werror=implicit-function-declaration -fPIC -fno-strict-aliasing
+
+.PHONY: all deps venv ext demo test lint typecheck unit integration system install deb fuzz soak clean
 
 all: test
 
@@ -32,7 +40,12 @@ $(VENV)/.installed: pyproject.toml | deps
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $@
 
-venv: deps $(VENV)/.installed
+venv: deps $(VENV)/.installed ext
+
+ext: $(SPLICE_EXT)
+
+$(SPLICE_EXT): mmproxy/_splice.c
+	gcc $(CPPFLAGS) $(CFLAGS) $(EXT_CFLAGS) -I$(PY_INCLUDE) -shared $(LDFLAGS) -o $@ $<
 
 demo: venv
 	$(PY) -m mmproxy.demo etc/mmproxy/example.yaml
@@ -55,9 +68,10 @@ system: venv
 
 # The installed layout (the Debian package is built from it): the program and what
 # Debian lacks (pytricia) in a private directory, run by Debian's python3.
-install: $(INSTALL_NEEDS)
+install: $(INSTALL_NEEDS) $(SPLICE_EXT)
 	install -d $(DESTDIR)$(LIBDIR)/mmproxy $(DESTDIR)$(PREFIX)/bin
 	install -m 644 mmproxy/*.py $(DESTDIR)$(LIBDIR)/mmproxy/
+	install -m 644 $(SPLICE_EXT) $(DESTDIR)$(LIBDIR)/mmproxy/
 	$(PIP) install -q --disable-pip-version-check --no-deps --no-compile \
 		--target $(DESTDIR)$(LIBDIR) $(PYTRICIA)
 	rm -rf $(DESTDIR)$(LIBDIR)/bin
@@ -90,6 +104,7 @@ deb:
 	fi
 	rm -rf $(DEB_BUILD) && mkdir -p $(DEB_BUILD)/src $(DEB_DIST)
 	cp -r $(DEB_TREE) $(DEB_BUILD)/src/
+	rm -f $(DEB_BUILD)/src/mmproxy/*.so  # built again there, with dpkg's hardening flags
 	cd $(DEB_BUILD)/src && dpkg-buildpackage -b -us -uc >../build.log 2>&1 \
 		|| { tail -n 40 ../build.log; exit 1; }
 	rm -f $(DEB_DIST)/mmproxy_*.deb

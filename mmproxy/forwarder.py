@@ -449,9 +449,7 @@ class Forwarder:
     def _established(
         self, client: socket.socket, upstream: socket.socket, info: ConnInfo, early: int
     ) -> None:
-        conn = Connection(client, upstream, info)
-        conn.inbound.nbytes = early
-        self._relay.add(conn)
+        self._relay.add(Connection(client, upstream, info, early))
 
     def _fail(
         self,
@@ -491,7 +489,7 @@ class Forwarder:
     # --- end of a connection (relay thread) ------------------------------------------
 
     def _on_close(self, conn: Connection, reason: str) -> None:
-        nin, nout = conn.inbound.nbytes, conn.outbound.nbytes
+        nin, nout = conn.bytes_in, conn.bytes_out
         stats = self.stats
         stats.active -= 1
         stats.bytes_in += nin

@@ -1,16 +1,18 @@
 """The relay: one epoll thread moves the bytes of every established connection (and,
 through add_listener, runs the forwarder's accept loop too).
 
-Bytes go socket -> pipe -> socket with splice(2), so they never enter Python. An idle
-connection holds its two sockets and nothing else: a pipe is taken from a shared pool
-only while bytes are waiting in it, and given back as soon as it is empty (so 10,000 idle
-connections need 20,000 fds, not 60,000).
+Bytes go socket -> pipe -> socket with splice(2), so they never enter Python; the
+per-event work (which direction, how much, half-closes, errors) is done in C by
+mmproxy._splice, which owns the established connections' sockets. Python keeps the loop:
+listeners, sockets being hand-shaken (watch), timers, and the record of each connection
+that ended. An idle connection holds its two sockets and nothing else: a pipe is taken
+from a shared pool only while bytes are waiting in it (so 10,000 idle connections need
+20,000 fds, not 60,000).
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import heapq
 import itertools
 import logging
@@ -18,119 +20,34 @@ import os
 import queue
 import select
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
 
-F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-# Edge-triggered: a direction is pumped until the kernel says EAGAIN, so no wake-up is lost.
-# EPOLLOUT is added to a socket only once a write to it has met a full buffer: a fresh
-# socket is writable, and asking for EPOLLOUT from the start costs one useless event per
-# socket (two per connection, most of which never fill a buffer).
-EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
-EVENTS_AND_OUT = EVENTS | select.EPOLLOUT
-READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
-END_EVENTS = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-WRITE_EVENTS = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
-LINGER_RESET = struct.pack("ii", 1, 0)
+from mmproxy import _splice
+
 SWEEP_INTERVAL = 1.0  # seconds between checks of the idle and half-close timeouts
+SIDES = ("client", "target")
 
 log = logging.getLogger("mmproxy.relay")
 
 
-class PipePool:
-    """Pipes of one size, reused: creating and sizing a pipe costs three syscalls."""
-
-    def __init__(self, size: int, keep: int = 64) -> None:
-        self.size = size
-        self._keep = keep
-        self._free: list[tuple[int, int]] = []
-        # A splice from a socket that moved fewer bytes than this has emptied the
-        # socket's queue: each byte takes at most one of the pipe's page slots, so the
-        # pipe cannot be what stopped it. 0 once a pipe could not be sized.
-        self.short_read = size // PAGE_SIZE
-
-    def take(self) -> tuple[int, int]:
-        if self._free:
-            return self._free.pop()
-        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        try:
-            fcntl.fcntl(w, F_SETPIPE_SZ, self.size)
-        except OSError:
-            # Over the per-user pipe budget: a smaller pipe still works, only slower.
-            self.short_read = 0
-        return r, w
-
-    def give(self, pipe: tuple[int, int]) -> None:
-        if len(self._free) < self._keep:
-            self._free.append(pipe)
-        else:
-            os.close(pipe[0])
-            os.close(pipe[1])
-
-    def close(self) -> None:
-        for r, w in self._free:
-            os.close(r)
-            os.close(w)
-        self._free.clear()
-
-
-class Flow:
-    """One direction of a connection: bytes read from `src` and written to `dst`."""
-
-    __slots__ = (
-        "done",
-        "dst",
-        "dst_sock",
-        "dst_watched",
-        "name",
-        "nbytes",
-        "pending",
-        "pipe",
-        "src",
-    )
-
-    def __init__(self, name: str, src: socket.socket, dst: socket.socket) -> None:
-        self.name = name  # who sends on this flow: "client" or "target"
-        self.src = src.fileno()
-        self.dst = dst.fileno()
-        self.dst_sock = dst
-        self.dst_watched = False  # EPOLLOUT asked for on dst
-        self.pipe: tuple[int, int] | None = None
-        self.pending = 0
-        self.nbytes = 0
-        self.done = False
-
-
 class Connection:
-    """An established client <-> target pair, owned by the relay once added."""
+    """An established client <-> target pair: the relay owns (and closes) its sockets
+    once added; bytes_in / bytes_out are final when the relay reports it closed."""
 
-    __slots__ = (
-        "client",
-        "closed",
-        "first_eof",
-        "half_closed_at",
-        "inbound",
-        "info",
-        "last_active",
-        "outbound",
-        "started",
-        "upstream",
-    )
+    __slots__ = ("bytes_in", "bytes_out", "client", "closed", "info", "started", "upstream")
 
-    def __init__(self, client: socket.socket, upstream: socket.socket, info: object) -> None:
+    def __init__(
+        self, client: socket.socket, upstream: socket.socket, info: object, bytes_in: int = 0
+    ) -> None:
         self.client = client
         self.upstream = upstream
         self.info = info
-        self.started = self.last_active = time.monotonic()
-        self.half_closed_at = 0.0
-        self.inbound = Flow("client", client, upstream)  # client -> application
-        self.outbound = Flow("target", upstream, client)  # application -> client
+        self.started = time.monotonic()
+        self.bytes_in = bytes_in  # client -> application (bytes already sent count)
+        self.bytes_out = 0  # application -> client
         self.closed = False
-        self.first_eof: str | None = None  # which side closed first, for the log
 
 
 # Called once per connection when it ends: (connection, why it ended).
@@ -153,13 +70,6 @@ class _Watch:
         self.on_expire = on_expire
 
 
-class _Abort(Exception):
-    def __init__(self, reason: str, reset_peer: bool) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.reset_peer = reset_peer
-
-
 class Relay:
     """Owns established connections until both directions have ended."""
 
@@ -169,14 +79,14 @@ class Relay:
         pipe_size: int = 1 << 20,
         idle_timeout: float = 0.0,
         half_close_timeout: float = 0.0,
+        keep_pipes: int = 64,
     ) -> None:
         self._on_close = on_close
         # 0 turns a timeout off; both may be changed while running (a reload).
         self.idle_timeout = idle_timeout
         self.half_close_timeout = half_close_timeout
-        self._pipes = PipePool(pipe_size)
         self._epoll = select.epoll()
-        self._by_fd: dict[int, Connection] = {}
+        self._core = _splice.Core(self._epoll.fileno(), pipe_size, keep_pipes)
         self._calls: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._epoll.register(self._wake, select.EPOLLIN)
@@ -227,26 +137,24 @@ class Relay:
         return self._thread.is_alive()
 
     def __len__(self) -> int:
-        return len(self._by_fd) // 2
+        return len(self._core)
 
     def add(self, conn: Connection) -> None:
         """Hand a connection over (both sockets non-blocking); safe from any thread."""
-        # Published before registration: events are handled as soon as a socket is in.
-        self._by_fd[conn.inbound.src] = conn
-        self._by_fd[conn.outbound.src] = conn
         if threading.current_thread() is self._thread:
-            self._register(conn)
+            self._adopt(conn)
         else:
-            # Registered by the relay thread: once the first socket is registered the relay
-            # may finish the connection (a reset) and close both sockets, so registering the
-            # second one from here could hit a closed, or already reused, descriptor.
-            self._request(lambda: self._register(conn))
+            # Adopted by the relay thread, which alone touches the core.
+            self._request(lambda: self._adopt(conn))
 
-    def _register(self, conn: Connection) -> None:
-        if conn.closed:  # ended meanwhile (close_all)
-            return
-        self._epoll.register(conn.inbound.src, EVENTS)
-        self._epoll.register(conn.outbound.src, EVENTS)
+    def _adopt(self, conn: Connection) -> None:
+        client, upstream = conn.client.detach(), conn.upstream.detach()
+        try:
+            self._core.add(client, upstream, conn, conn.bytes_in)
+        except OSError as exc:  # epoll out of memory: this connection fails, not the loop
+            os.close(client)
+            os.close(upstream)
+            self._report([(conn, _splice.END_RELAY, 0, exc.errno or 0, conn.bytes_in, 0)])
 
     def watch(
         self,
@@ -268,14 +176,17 @@ class Relay:
         return len(self._watches)
 
     def connections(self) -> list[Connection]:
-        return list(set(self._by_fd.values()))
+        return self._core.handles()
+
+    def pipes(self) -> tuple[int, int]:
+        """(pipes held by connections now, pipes kept for reuse)."""
+        return self._core.pipes()
 
     def close_all(self, reason: str) -> None:
         """End every connection now (from any thread): used when a drain time runs out."""
 
         def finish_all() -> None:
-            for conn in self.connections():
-                self._finish(conn, reason)
+            self._report(self._core.close_all(), reason)
             for watch in list(self._watches.values()):
                 self._unwatch(watch)[1]()
 
@@ -286,7 +197,7 @@ class Relay:
         os.eventfd_write(self._wake, 1)
         if self._thread.is_alive():
             self._thread.join()
-        self._pipes.close()
+        self._core.close()
         self._epoll.close()
         os.close(self._wake)
 
@@ -296,7 +207,7 @@ class Relay:
         os.eventfd_write(self._wake, 1)
 
     def _run(self) -> None:
-        by_fd = self._by_fd
+        poll = self._core.poll
         wake = self._wake
         listeners = self._listeners
         watches = self._watches
@@ -308,40 +219,59 @@ class Relay:
             timeout = min(SWEEP_INTERVAL if timed else 3600.0, self.tick_interval or 3600.0)
             if deadlines:
                 timeout = max(0.0, min(timeout, deadlines[0][0] - monotonic()))
-            try:
-                events = self._epoll.poll(timeout)
-            except InterruptedError:
-                continue
+            # The connections' events are handled inside poll(); the rest come back here.
+            events, ended = poll(timeout)
+            if ended:
+                self._report(ended)
             now = monotonic()
             if deadlines and deadlines[0][0] <= now:
                 self._expire(now)
             if timed and now >= next_sweep:
                 next_sweep = now + SWEEP_INTERVAL
-                self._sweep(now)
+                self._report(self._core.sweep(self.idle_timeout, self.half_close_timeout))
             if self.on_tick is not None and now >= next_tick:
                 next_tick = now + self.tick_interval
                 self.on_tick(now)
-            for fd, ev in events:
-                conn = by_fd.get(fd)
-                if conn is None:
-                    watch = watches.get(fd)
-                    if watch is not None:
-                        self._call(self._unwatch(watch)[0])
-                    elif fd == wake:
-                        self._on_wake()
-                    elif fd in listeners:
-                        listeners[fd]()
-                    continue
-                if conn.closed:
-                    continue
-                conn.last_active = now
-                try:
-                    self._on_event(conn, fd, ev)
-                except _Abort as abort:
-                    self._finish(conn, abort.reason, abort.reset_peer)
-                except Exception:  # never let one connection take the relay down
-                    log.exception("relay error on one connection; closing it")
-                    self._finish(conn, "internal error")
+            for fd, _ in events:
+                watch = watches.get(fd)
+                if watch is not None:
+                    self._call(self._unwatch(watch)[0])
+                elif fd == wake:
+                    self._on_wake()
+                elif fd in listeners:
+                    listeners[fd]()
+
+    def _report(
+        self, ended: list[tuple[Connection, int, int, int, int, int]], reason: str = ""
+    ) -> None:
+        """Tell the owner about connections that ended (records from the core)."""
+        for conn, kind, side, err, nin, nout in ended:
+            conn.closed = True
+            conn.bytes_in, conn.bytes_out = nin, nout
+            try:
+                self._on_close(conn, reason or self._why(kind, side, err))
+            except Exception:
+                log.exception("error while recording a closed connection")
+
+    def _why(self, kind: int, side: int, err: int) -> str:
+        who = SIDES[side]
+        if kind == _splice.END_EOF:
+            return f"{who} closed first"
+        if kind == _splice.END_READ:
+            if err == errno.ECONNRESET:
+                return f"{who} reset the connection"
+            if err == errno.ETIMEDOUT:
+                return f"{who} timed out (keepalive)"
+            return f"read from {who} failed: {os.strerror(err)}"
+        if kind == _splice.END_WRITE:
+            if err in (errno.EPIPE, errno.ECONNRESET):
+                return f"{who} closed while data was still being sent to it"
+            return f"write to {who} failed: {os.strerror(err)}"
+        if kind == _splice.END_IDLE:
+            return f"idle for more than {self.idle_timeout:g} s"
+        if kind == _splice.END_HALF_CLOSED:
+            return f"half-closed by the {who} for more than {self.half_close_timeout:g} s"
+        return f"relay error: {os.strerror(err)}"
 
     def _unwatch(self, watch: _Watch) -> tuple[Callable[[], None], Callable[[], None]]:
         """Stop watching; returns (on_ready, on_expire). The heap keeps the entry until
@@ -369,16 +299,6 @@ class Relay:
         except Exception:  # never let one hand-shake take the relay down
             log.exception("error in a hand-shake step on the relay thread")
 
-    def _sweep(self, now: float) -> None:
-        """Close connections idle, or half-closed, for longer than allowed."""
-        idle, half = self.idle_timeout, self.half_close_timeout
-        for conn in self.connections():
-            if idle and now - conn.last_active > idle:
-                self._finish(conn, f"idle for more than {idle:g} s", reset_peer=True)
-            elif half and conn.half_closed_at and now - conn.half_closed_at > half:
-                reason = f"half-closed by the {conn.first_eof} for more than {half:g} s"
-                self._finish(conn, reason, reset_peer=True)
-
     def _on_wake(self) -> None:
         try:
             os.eventfd_read(self._wake)
@@ -387,119 +307,6 @@ class Relay:
         while not self._calls.empty():
             self._calls.get()()
 
-    def _on_event(self, conn: Connection, fd: int, ev: int) -> None:
-        if fd == conn.inbound.src:
-            reading, writing = conn.inbound, conn.outbound
-        else:
-            reading, writing = conn.outbound, conn.inbound
-        # A flow blocked on its destination resumes reading when that becomes writable.
-        if ev & READ_EVENTS and not reading.pending and not reading.done:
-            # Unless the peer has closed (its EOF is still to be read), a short read may
-            # end the pump: data that arrives later is a new edge-triggered event.
-            self._pump(reading, conn, not ev & END_EVENTS)
-        if ev & WRITE_EVENTS and writing.pending:
-            self._pump(writing, conn, False)
-        if conn.inbound.done and conn.outbound.done:
-            self._finish(conn, f"{conn.first_eof} closed first")
-
-    def _pump(self, flow: Flow, conn: Connection, short_read_ends: bool) -> None:
-        """Move bytes until the source says EAGAIN or EOF, or the destination is full.
-        `short_read_ends`: a read that emptied the socket's queue ends it too, which
-        spares a splice() that would say EAGAIN (and the exception it raises here)."""
-        pipes = self._pipes
-        splice = os.splice
-        drained = False
-        while True:
-            if flow.pending:
-                assert flow.pipe is not None
-                try:
-                    n = splice(flow.pipe[0], flow.dst, flow.pending, flags=SPLICE_FLAGS)
-                except BlockingIOError:
-                    if not flow.dst_watched:  # resumes on its EPOLLOUT from now on
-                        flow.dst_watched = True
-                        self._epoll.modify(flow.dst, EVENTS_AND_OUT)
-                    return
-                except OSError as exc:
-                    raise _write_abort(flow, conn, exc) from exc
-                flow.pending -= n
-                flow.nbytes += n
-                if drained and not flow.pending:
-                    pipes.give(flow.pipe)
-                    flow.pipe = None
-                    return
-                continue
-            if flow.pipe is None:
-                flow.pipe = pipes.take()
-            try:
-                n = splice(flow.src, flow.pipe[1], pipes.size, flags=SPLICE_FLAGS)
-            except BlockingIOError:
-                pipes.give(flow.pipe)
-                flow.pipe = None
-                return
-            except OSError as exc:
-                raise _read_abort(flow, conn, exc) from exc
-            if n == 0:
-                pipes.give(flow.pipe)
-                flow.pipe = None
-                flow.done = True
-                if conn.first_eof is None:
-                    conn.first_eof = flow.name
-                    conn.half_closed_at = time.monotonic()
-                elif conn.inbound.done and conn.outbound.done:
-                    return  # both ways ended: closing the sockets, next, says it
-                # Pass the half-close on: the peer may still answer the other way.
-                try:
-                    flow.dst_sock.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
-                return
-            flow.pending = n
-            drained = short_read_ends and n < pipes.short_read
-
-    def _finish(self, conn: Connection, reason: str, reset_peer: bool = False) -> None:
-        if conn.closed:
-            return
-        conn.closed = True
-        for flow in (conn.inbound, conn.outbound):
-            self._by_fd.pop(flow.src, None)
-            if flow.pipe is not None:
-                # Bytes still in the pipe can't be delivered: the pipe is not reusable.
-                os.close(flow.pipe[0])
-                os.close(flow.pipe[1])
-                flow.pipe = None
-        if reset_peer:
-            for sock in (conn.client, conn.upstream):
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-                except OSError:
-                    pass
-        conn.client.close()
-        conn.upstream.close()
-        try:
-            self._on_close(conn, reason)
-        except Exception:
-            log.exception("error while recording a closed connection")
-
 
 def _nothing() -> None:
     pass
-
-
-def _side(conn: Connection, fd: int) -> str:
-    return "client" if fd == conn.inbound.src else "target"
-
-
-def _read_abort(flow: Flow, conn: Connection, exc: OSError) -> _Abort:
-    side = _side(conn, flow.src)
-    if exc.errno == errno.ECONNRESET:
-        return _Abort(f"{side} reset the connection", reset_peer=True)
-    if exc.errno == errno.ETIMEDOUT:
-        return _Abort(f"{side} timed out (keepalive)", reset_peer=True)
-    return _Abort(f"read from {side} failed: {exc.strerror}", reset_peer=True)
-
-
-def _write_abort(flow: Flow, conn: Connection, exc: OSError) -> _Abort:
-    side = _side(conn, flow.dst)
-    if exc.errno in (errno.EPIPE, errno.ECONNRESET):
-        return _Abort(f"{side} closed while data was still being sent to it", reset_peer=True)
-    return _Abort(f"write to {side} failed: {exc.strerror}", reset_peer=True)

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from mmproxy.relay import Connection, PipePool, Relay
+from mmproxy.relay import Connection, Relay
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -75,7 +75,7 @@ def test_bytes_pass_both_ways_and_are_counted(relay: tuple[Relay, list]) -> None
     h.app.close()
     assert h.client.recv(1) == b""
     assert h.wait_closed() == "client closed first"
-    assert (h.conn.inbound.nbytes, h.conn.outbound.nbytes) == (len(up), len(down))
+    assert (h.conn.bytes_in, h.conn.bytes_out) == (len(up), len(down))
 
 
 def test_application_closing_first_is_reported(relay: tuple[Relay, list]) -> None:
@@ -100,16 +100,20 @@ def test_a_reset_is_passed_on(relay: tuple[Relay, list]) -> None:
 
 
 def test_idle_connections_hold_no_pipe(relay: tuple[Relay, list]) -> None:
+    r, _ = relay
     h = Harness(*relay)
     h.client.sendall(b"x" * 1000)
     recv_exactly(h.app, 1000)
     time.sleep(0.05)
-    assert h.conn.inbound.pipe is None and h.conn.outbound.pipe is None
+    assert r.pipes()[0] == 0
 
 
 def test_close_all_ends_every_connection(relay: tuple[Relay, list]) -> None:
     r, closed = relay
     harnesses = [Harness(r, closed) for _ in range(5)]
+    deadline = time.monotonic() + 5
+    while len(r) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)  # added from this thread: the relay thread adopts them
     assert len(r) == 5
     r.close_all("mmproxy is stopping")
     for h in harnesses:
@@ -117,15 +121,34 @@ def test_close_all_ends_every_connection(relay: tuple[Relay, list]) -> None:
     assert len(r) == 0
 
 
-def test_pipe_pool_reuses_and_bounds_pipes() -> None:
-    pool = PipePool(65536, keep=2)
-    pipes = [pool.take() for _ in range(3)]
-    for p in pipes:
-        pool.give(p)
-    assert pool.take() in pipes[:2]
-    with pytest.raises(OSError):
-        os.fstat(pipes[2][0])  # the third was closed, not kept
-    pool.close()
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_pipes_are_held_only_while_bytes_wait_and_the_pool_is_bounded() -> None:
+    closed: list[tuple[Connection, str]] = []
+    r = Relay(lambda conn, reason: closed.append((conn, reason)), pipe_size=65536, keep_pipes=2)
+    r.start()
+    try:
+        harnesses = [Harness(r, closed) for _ in range(3)]
+        payload = os.urandom(8 << 20)
+        senders = [threading.Thread(target=h.client.sendall, args=(payload,)) for h in harnesses]
+        for t in senders:
+            t.start()
+        deadline = time.monotonic() + 5
+        while r.pipes()[0] < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the applications read nothing: every pipe stays full
+        assert r.pipes() == (3, 0)
+        before = open_fds()
+        for h in harnesses:
+            assert recv_exactly(h.app, len(payload)) == payload
+        for t in senders:
+            t.join()
+        time.sleep(0.05)
+        assert r.pipes() == (0, 2)  # two kept for reuse, the third closed
+        assert open_fds() == before - 2
+    finally:
+        r.stop()
 
 
 @pytest.fixture

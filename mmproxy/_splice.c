@@ -1,0 +1,643 @@
+/* mmproxy._splice: the relay's per-event work, in C.
+ *
+ * mmproxy.relay owns the event loop; this module owns the established connections in it.
+ * Core.poll() waits on the relay's epoll set and moves the bytes of every ready
+ * connection with splice(2) (socket -> pipe -> socket) without the GIL and without a
+ * Python call per event; the events it does not own (listeners, sockets being
+ * hand-shaken, the wake-up eventfd) go back to Python, as do the connections that
+ * ended, with why. Profiles of the pure-Python relay showed the interpreter's share of
+ * a short connection's cost at twice HAProxy's whole user time (docs/performance.md).
+ *
+ * A connection holds its two sockets and nothing else while idle: a pipe is taken from
+ * a small pool only while bytes wait in it, and given back once it is empty.
+ * Only the relay thread calls into a Core.
+ */
+#define _GNU_SOURCE
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_EVENTS 256
+#define SPLICE_FLAGS (SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+/* Edge-triggered: a direction is pumped until the kernel says EAGAIN. EPOLLOUT is asked
+ * for only once a write has met a full buffer (a fresh socket is writable). */
+#define EVENTS (EPOLLIN | EPOLLRDHUP | EPOLLET)
+#define READ_EVENTS (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)
+#define END_EVENTS (EPOLLRDHUP | EPOLLHUP | EPOLLERR)
+#define WRITE_EVENTS (EPOLLOUT | EPOLLHUP | EPOLLERR)
+
+/* Flow 0 carries client -> target, flow 1 target -> client; a flow's index is also the
+ * side its source is (0 client, 1 target). */
+enum { INBOUND = 0, OUTBOUND = 1 };
+/* Why a connection ended; mmproxy.relay words it. */
+enum { END_EOF, END_READ, END_WRITE, END_IDLE, END_HALF_CLOSED, END_CLOSED, END_RELAY };
+
+typedef struct {
+    int src, dst;
+    int pipe_r, pipe_w; /* -1: no pipe held */
+    size_t pending;     /* bytes in the pipe */
+    long long nbytes;
+    char done, dst_watched;
+} Flow;
+
+typedef struct {
+    Flow flow[2];
+    PyObject *handle; /* the caller's object, given back when the connection ends */
+    double last_active, half_closed_at;
+    int first_eof; /* -1, or the side that closed first */
+} Conn;
+
+typedef struct {
+    PyObject *handle;
+    int kind, side, err;
+    long long nin, nout;
+} Ended;
+
+typedef struct {
+    int kind, side, err;
+} Why;
+
+typedef struct {
+    PyObject_HEAD
+    int epfd;
+    size_t pipe_size;
+    /* A read from a socket that moved fewer bytes than this emptied its queue: each byte
+     * takes at most one of the pipe's page slots. 0 once a pipe could not be sized. */
+    size_t short_read;
+    int keep;
+    int (*pool)[2];
+    int npool;
+    Conn **by_fd;
+    int cap;
+    Py_ssize_t count;
+    Ended *ended;
+    size_t nended, ended_cap;
+    struct epoll_event events[MAX_EVENTS];
+} Core;
+
+static double monotonic_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* --- pipes ----------------------------------------------------------------------- */
+
+static int take_pipe(Core *c, Flow *f)
+{
+    int p[2];
+    if (c->npool) {
+        c->npool--;
+        f->pipe_r = c->pool[c->npool][0];
+        f->pipe_w = c->pool[c->npool][1];
+        return 0;
+    }
+    if (pipe2(p, O_CLOEXEC | O_NONBLOCK) < 0)
+        return -1;
+    /* Over the per-user pipe budget a smaller pipe still works, only slower. */
+    if (fcntl(p[1], F_SETPIPE_SZ, (int)c->pipe_size) < 0)
+        c->short_read = 0;
+    f->pipe_r = p[0];
+    f->pipe_w = p[1];
+    return 0;
+}
+
+static void give_pipe(Core *c, Flow *f)
+{
+    if (c->npool < c->keep) {
+        c->pool[c->npool][0] = f->pipe_r;
+        c->pool[c->npool][1] = f->pipe_w;
+        c->npool++;
+    } else {
+        close(f->pipe_r);
+        close(f->pipe_w);
+    }
+    f->pipe_r = f->pipe_w = -1;
+}
+
+static void drop_pipe(Flow *f)
+{
+    /* Bytes still in it cannot be delivered: the pipe is not reusable. */
+    if (f->pipe_r >= 0) {
+        close(f->pipe_r);
+        close(f->pipe_w);
+        f->pipe_r = f->pipe_w = -1;
+    }
+}
+
+/* --- connections ------------------------------------------------------------------ */
+
+static void finish(Core *c, Conn *conn, Why why, int reset_peer)
+{
+    static const struct linger reset = {1, 0};
+    int i;
+    for (i = 0; i < 2; i++) {
+        c->by_fd[conn->flow[i].src] = NULL;
+        drop_pipe(&conn->flow[i]);
+    }
+    for (i = 0; i < 2; i++) {
+        if (reset_peer)
+            setsockopt(conn->flow[i].src, SOL_SOCKET, SO_LINGER, &reset, sizeof reset);
+        close(conn->flow[i].src);
+    }
+    c->count--;
+    /* The caller made room: at most one end per event, or per connection swept. */
+    Ended *e = &c->ended[c->nended++];
+    e->handle = conn->handle; /* the reference moves to the record */
+    e->kind = why.kind;
+    e->side = why.side;
+    e->err = why.err;
+    e->nin = conn->flow[INBOUND].nbytes;
+    e->nout = conn->flow[OUTBOUND].nbytes;
+    free(conn);
+}
+
+/* Move bytes until the source says EAGAIN or EOF, or the destination is full. With
+ * short_read_ends, a read that emptied the socket's queue ends it too, which spares a
+ * splice() that would only say EAGAIN. Returns 0, or 1 with `why` set: the connection
+ * must end. */
+static int pump(Core *c, Conn *conn, int i, int short_read_ends, double now, Why *why)
+{
+    Flow *f = &conn->flow[i];
+    int drained = 0;
+    ssize_t n;
+    for (;;) {
+        if (f->pending) {
+            n = splice(f->pipe_r, NULL, f->dst, NULL, f->pending, SPLICE_FLAGS);
+            if (n < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno != EAGAIN) {
+                    *why = (Why){END_WRITE, 1 - i, errno};
+                    return 1;
+                }
+                if (!f->dst_watched) { /* resumes on its EPOLLOUT from now on */
+                    struct epoll_event ev = {.events = EVENTS | EPOLLOUT, .data.fd = f->dst};
+                    f->dst_watched = 1;
+                    if (epoll_ctl(c->epfd, EPOLL_CTL_MOD, f->dst, &ev) < 0) {
+                        *why = (Why){END_RELAY, 1 - i, errno};
+                        return 1;
+                    }
+                }
+                return 0;
+            }
+            f->pending -= (size_t)n;
+            f->nbytes += n;
+            if (drained && !f->pending) {
+                give_pipe(c, f);
+                return 0;
+            }
+            continue;
+        }
+        if (f->pipe_r < 0 && take_pipe(c, f) < 0) {
+            *why = (Why){END_RELAY, i, errno};
+            return 1;
+        }
+        n = splice(f->src, NULL, f->pipe_w, NULL, c->pipe_size, SPLICE_FLAGS);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN) {
+                give_pipe(c, f);
+                return 0;
+            }
+            *why = (Why){END_READ, i, errno};
+            return 1;
+        }
+        if (n == 0) {
+            give_pipe(c, f);
+            f->done = 1;
+            if (conn->first_eof < 0) {
+                conn->first_eof = i;
+                conn->half_closed_at = now;
+            } else if (conn->flow[0].done && conn->flow[1].done) {
+                return 0; /* both ways ended: closing the sockets says it */
+            }
+            /* Pass the half-close on: the peer may still answer the other way. */
+            shutdown(f->dst, SHUT_WR);
+            return 0;
+        }
+        f->pending = (size_t)n;
+        drained = short_read_ends && (size_t)n < c->short_read;
+    }
+}
+
+static void on_event(Core *c, Conn *conn, int fd, uint32_t ev, double now)
+{
+    int r = fd == conn->flow[INBOUND].src ? INBOUND : OUTBOUND;
+    int w = 1 - r;
+    Why why;
+    conn->last_active = now;
+    /* A flow blocked on its destination resumes reading when that becomes writable. */
+    if ((ev & READ_EVENTS) && !conn->flow[r].pending && !conn->flow[r].done) {
+        /* Unless the peer has closed (its EOF is still to be read), a short read may
+         * end the pump: data that arrives later is a new edge-triggered event. */
+        if (pump(c, conn, r, !(ev & END_EVENTS), now, &why)) {
+            finish(c, conn, why, 1);
+            return;
+        }
+    }
+    if ((ev & WRITE_EVENTS) && conn->flow[w].pending) {
+        if (pump(c, conn, w, 0, now, &why)) {
+            finish(c, conn, why, 1);
+            return;
+        }
+    }
+    if (conn->flow[0].done && conn->flow[1].done)
+        finish(c, conn, (Why){END_EOF, conn->first_eof, 0}, 0);
+}
+
+static int reserve_ended(Core *c, size_t more)
+{
+    size_t need = c->nended + more;
+    if (need <= c->ended_cap)
+        return 0;
+    Ended *grown = realloc(c->ended, need * sizeof *grown);
+    if (grown == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    c->ended = grown;
+    c->ended_cap = need;
+    return 0;
+}
+
+/* The records of the connections that ended, as a list of
+ * (handle, kind, side, errno, bytes_in, bytes_out); the handles' references move to it. */
+static PyObject *take_ended(Core *c)
+{
+    PyObject *list = PyList_New((Py_ssize_t)c->nended);
+    size_t k;
+    if (list == NULL)
+        return NULL;
+    for (k = 0; k < c->nended; k++) {
+        Ended *e = &c->ended[k];
+        PyObject *t = Py_BuildValue("(NiiiLL)", e->handle, e->kind, e->side, e->err, e->nin,
+                                    e->nout);
+        if (t == NULL) {
+            for (k++; k < c->nended; k++)
+                Py_DECREF(c->ended[k].handle);
+            c->nended = 0;
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)k, t);
+    }
+    c->nended = 0;
+    return list;
+}
+
+/* --- the Python type ------------------------------------------------------------- */
+
+static int Core_init(Core *c, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"epoll_fd", "pipe_size", "keep_pipes", NULL};
+    int epfd, keep = 64;
+    Py_ssize_t pipe_size = 1 << 20;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|ni", kwlist, &epfd, &pipe_size, &keep))
+        return -1;
+    if (epfd < 0 || pipe_size < 4096 || keep < 0) {
+        PyErr_SetString(PyExc_ValueError, "bad epoll fd, pipe size or pool size");
+        return -1;
+    }
+    if (c->pool != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Core is already initialised");
+        return -1;
+    }
+    c->epfd = epfd;
+    c->pipe_size = (size_t)pipe_size;
+    c->short_read = (size_t)pipe_size / (size_t)sysconf(_SC_PAGESIZE);
+    c->keep = keep;
+    c->pool = calloc((size_t)keep + 1, sizeof *c->pool);
+    c->ended = calloc(MAX_EVENTS, sizeof *c->ended);
+    if (c->pool == NULL || c->ended == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    c->ended_cap = MAX_EVENTS;
+    return 0;
+}
+
+static void close_pool(Core *c)
+{
+    while (c->npool) {
+        c->npool--;
+        close(c->pool[c->npool][0]);
+        close(c->pool[c->npool][1]);
+    }
+}
+
+static void Core_dealloc(Core *c)
+{
+    int fd;
+    for (fd = 0; fd < c->cap; fd++) {
+        Conn *conn = c->by_fd[fd];
+        if (conn != NULL && fd == conn->flow[INBOUND].src) {
+            PyObject *handle = conn->handle;
+            if (reserve_ended(c, 1) == 0) {
+                finish(c, conn, (Why){END_CLOSED, 0, 0}, 0);
+                c->nended = 0;
+            }
+            Py_DECREF(handle);
+        }
+    }
+    close_pool(c);
+    free(c->pool);
+    free(c->by_fd);
+    free(c->ended);
+    Py_TYPE(c)->tp_free((PyObject *)c);
+}
+
+static int grow_table(Core *c, int fd)
+{
+    int cap = c->cap ? c->cap : 1024;
+    Conn **grown;
+    while (cap <= fd)
+        cap *= 2;
+    if (cap == c->cap)
+        return 0;
+    grown = realloc(c->by_fd, (size_t)cap * sizeof *grown);
+    if (grown == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memset(grown + c->cap, 0, (size_t)(cap - c->cap) * sizeof *grown);
+    c->by_fd = grown;
+    c->cap = cap;
+    return 0;
+}
+
+PyDoc_STRVAR(add_doc, "add(client_fd, upstream_fd, handle, bytes_in=0)\n--\n\n"
+                      "Own an established pair of non-blocking sockets from now on (the core "
+                      "closes them). On OSError the caller still owns them.");
+
+static PyObject *Core_add(Core *c, PyObject *args)
+{
+    int fds[2], i;
+    PyObject *handle;
+    long long early = 0;
+    if (!PyArg_ParseTuple(args, "iiO|L", &fds[0], &fds[1], &handle, &early))
+        return NULL;
+    if (c->pool == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Core is not initialised");
+        return NULL;
+    }
+    if (fds[0] < 0 || fds[1] < 0 || fds[0] == fds[1]) {
+        PyErr_SetString(PyExc_ValueError, "two distinct open sockets are needed");
+        return NULL;
+    }
+    if (grow_table(c, fds[0] > fds[1] ? fds[0] : fds[1]) < 0)
+        return NULL;
+    if (c->by_fd[fds[0]] != NULL || c->by_fd[fds[1]] != NULL) {
+        PyErr_SetString(PyExc_ValueError, "socket already relayed");
+        return NULL;
+    }
+    for (i = 0; i < 2; i++) {
+        struct epoll_event ev = {.events = EVENTS, .data.fd = fds[i]};
+        if (epoll_ctl(c->epfd, EPOLL_CTL_ADD, fds[i], &ev) < 0) {
+            int saved = errno;
+            if (i == 1)
+                epoll_ctl(c->epfd, EPOLL_CTL_DEL, fds[0], NULL);
+            errno = saved;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+    }
+    Conn *conn = calloc(1, sizeof *conn);
+    if (conn == NULL) {
+        epoll_ctl(c->epfd, EPOLL_CTL_DEL, fds[0], NULL);
+        epoll_ctl(c->epfd, EPOLL_CTL_DEL, fds[1], NULL);
+        return PyErr_NoMemory();
+    }
+    for (i = 0; i < 2; i++) {
+        conn->flow[i].src = fds[i];
+        conn->flow[i].dst = fds[1 - i];
+        conn->flow[i].pipe_r = conn->flow[i].pipe_w = -1;
+    }
+    conn->flow[INBOUND].nbytes = early;
+    conn->first_eof = -1;
+    conn->last_active = monotonic_now();
+    Py_INCREF(handle);
+    conn->handle = handle;
+    c->by_fd[fds[0]] = c->by_fd[fds[1]] = conn;
+    c->count++;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(poll_doc, "poll(timeout)\n--\n\n"
+                       "Wait up to `timeout` s (negative: forever) for events and relay the "
+                       "connections' bytes. Returns (other events as (fd, events) pairs, "
+                       "ended connections as (handle, kind, side, errno, bytes_in, "
+                       "bytes_out)).");
+
+static PyObject *Core_poll(Core *c, PyObject *arg)
+{
+    double timeout = PyFloat_AsDouble(arg);
+    int ms, n, k, saved = 0;
+    PyObject *others, *ended, *result;
+    if (timeout == -1.0 && PyErr_Occurred())
+        return NULL;
+    if (c->pool == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Core is not initialised");
+        return NULL;
+    }
+    ms = timeout < 0 ? -1 : timeout > 86400.0 ? 86400000 : (int)ceil(timeout * 1000.0);
+    Py_BEGIN_ALLOW_THREADS
+    n = epoll_wait(c->epfd, c->events, MAX_EVENTS, ms);
+    saved = errno;
+    if (n > 0) {
+        double now = monotonic_now();
+        for (k = 0; k < n; k++) {
+            int fd = c->events[k].data.fd;
+            Conn *conn = fd < c->cap ? c->by_fd[fd] : NULL;
+            if (conn != NULL) {
+                on_event(c, conn, fd, c->events[k].events, now);
+                c->events[k].data.fd = -1; /* handled here */
+            }
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (n < 0) {
+        if (saved != EINTR) {
+            errno = saved;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        n = 0;
+    }
+    others = PyList_New(0);
+    if (others == NULL)
+        return NULL;
+    for (k = 0; k < n; k++) {
+        if (c->events[k].data.fd < 0)
+            continue;
+        PyObject *pair = Py_BuildValue("(iI)", c->events[k].data.fd, c->events[k].events);
+        if (pair == NULL || PyList_Append(others, pair) < 0) {
+            Py_XDECREF(pair);
+            Py_DECREF(others);
+            return NULL;
+        }
+        Py_DECREF(pair);
+    }
+    ended = take_ended(c);
+    if (ended == NULL) {
+        Py_DECREF(others);
+        return NULL;
+    }
+    result = PyTuple_Pack(2, others, ended);
+    Py_DECREF(others);
+    Py_DECREF(ended);
+    return result;
+}
+
+PyDoc_STRVAR(sweep_doc, "sweep(idle_timeout, half_close_timeout)\n--\n\n"
+                        "End the connections idle, or half-closed, for longer than allowed "
+                        "(0: no limit); returns their records, as poll() does.");
+
+static PyObject *Core_sweep(Core *c, PyObject *args)
+{
+    double idle, half, now = monotonic_now();
+    int fd;
+    if (!PyArg_ParseTuple(args, "dd", &idle, &half))
+        return NULL;
+    if (reserve_ended(c, (size_t)c->count) < 0)
+        return NULL;
+    for (fd = 0; fd < c->cap; fd++) {
+        Conn *conn = c->by_fd[fd];
+        if (conn == NULL || fd != conn->flow[INBOUND].src)
+            continue; /* each connection once */
+        if (idle > 0 && now - conn->last_active > idle)
+            finish(c, conn, (Why){END_IDLE, 0, 0}, 1);
+        else if (half > 0 && conn->first_eof >= 0 && now - conn->half_closed_at > half)
+            finish(c, conn, (Why){END_HALF_CLOSED, conn->first_eof, 0}, 1);
+    }
+    return take_ended(c);
+}
+
+PyDoc_STRVAR(close_all_doc, "close_all()\n--\n\n"
+                            "End every connection now; returns their records.");
+
+static PyObject *Core_close_all(Core *c, PyObject *Py_UNUSED(ignored))
+{
+    int fd;
+    if (reserve_ended(c, (size_t)c->count) < 0)
+        return NULL;
+    for (fd = 0; fd < c->cap; fd++) {
+        Conn *conn = c->by_fd[fd];
+        if (conn != NULL && fd == conn->flow[INBOUND].src)
+            finish(c, conn, (Why){END_CLOSED, 0, 0}, 0);
+    }
+    return take_ended(c);
+}
+
+PyDoc_STRVAR(handles_doc, "handles()\n--\n\nThe handles of the connections relayed now.");
+
+static PyObject *Core_handles(Core *c, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *list = PyList_New(0);
+    int fd;
+    if (list == NULL)
+        return NULL;
+    for (fd = 0; fd < c->cap; fd++) {
+        Conn *conn = c->by_fd[fd];
+        if (conn != NULL && fd == conn->flow[INBOUND].src &&
+            PyList_Append(list, conn->handle) < 0) {
+            Py_DECREF(list);
+            return NULL;
+        }
+    }
+    return list;
+}
+
+PyDoc_STRVAR(pipes_doc, "pipes()\n--\n\n(pipes held by connections, pipes kept in the pool)");
+
+static PyObject *Core_pipes(Core *c, PyObject *Py_UNUSED(ignored))
+{
+    int fd, held = 0;
+    for (fd = 0; fd < c->cap; fd++) {
+        Conn *conn = c->by_fd[fd];
+        if (conn != NULL && fd == conn->flow[INBOUND].src)
+            held += (conn->flow[0].pipe_r >= 0) + (conn->flow[1].pipe_r >= 0);
+    }
+    return Py_BuildValue("(ii)", held, c->npool);
+}
+
+PyDoc_STRVAR(close_doc, "close()\n--\n\nClose the pooled pipes (the relay is stopping).");
+
+static PyObject *Core_close(Core *c, PyObject *Py_UNUSED(ignored))
+{
+    close_pool(c);
+    Py_RETURN_NONE;
+}
+
+static Py_ssize_t Core_len(Core *c)
+{
+    return c->count;
+}
+
+static PyMethodDef Core_methods[] = {
+    {"add", (PyCFunction)Core_add, METH_VARARGS, add_doc},
+    {"poll", (PyCFunction)Core_poll, METH_O, poll_doc},
+    {"sweep", (PyCFunction)Core_sweep, METH_VARARGS, sweep_doc},
+    {"close_all", (PyCFunction)Core_close_all, METH_NOARGS, close_all_doc},
+    {"handles", (PyCFunction)Core_handles, METH_NOARGS, handles_doc},
+    {"pipes", (PyCFunction)Core_pipes, METH_NOARGS, pipes_doc},
+    {"close", (PyCFunction)Core_close, METH_NOARGS, close_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PySequenceMethods Core_as_sequence = {
+    .sq_length = (lenfunc)Core_len,
+};
+
+static PyTypeObject CoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "mmproxy._splice.Core",
+    .tp_doc = PyDoc_STR("Core(epoll_fd, pipe_size=1 MiB, keep_pipes=64): the established "
+                        "connections of one relay loop."),
+    .tp_basicsize = sizeof(Core),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Core_init,
+    .tp_dealloc = (destructor)Core_dealloc,
+    .tp_methods = Core_methods,
+    .tp_as_sequence = &Core_as_sequence,
+};
+
+static struct PyModuleDef splice_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "mmproxy._splice",
+    .m_doc = PyDoc_STR("The relay's per-event work: splice(2) between socket pairs."),
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC PyInit__splice(void)
+{
+    PyObject *m;
+    if (PyType_Ready(&CoreType) < 0)
+        return NULL;
+    m = PyModule_Create(&splice_module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&CoreType);
+    if (PyModule_AddObject(m, "Core", (PyObject *)&CoreType) < 0 ||
+        PyModule_AddIntConstant(m, "END_EOF", END_EOF) < 0 ||
+        PyModule_AddIntConstant(m, "END_READ", END_READ) < 0 ||
+        PyModule_AddIntConstant(m, "END_WRITE", END_WRITE) < 0 ||
+        PyModule_AddIntConstant(m, "END_IDLE", END_IDLE) < 0 ||
+        PyModule_AddIntConstant(m, "END_HALF_CLOSED", END_HALF_CLOSED) < 0 ||
+        PyModule_AddIntConstant(m, "END_CLOSED", END_CLOSED) < 0 ||
+        PyModule_AddIntConstant(m, "END_RELAY", END_RELAY) < 0) {
+        Py_DECREF(&CoreType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

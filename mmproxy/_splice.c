@@ -17,11 +17,14 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <limits.h>
 #include <fcntl.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -611,11 +614,75 @@ static PyTypeObject CoreType = {
     .tp_as_sequence = &Core_as_sequence,
 };
 
+/* --- accept ----------------------------------------------------------------------- */
+
+PyDoc_STRVAR(accept_doc, "accept(listen_fd)\n--\n\n"
+                         "Accept one connection: (fd, peer host, peer port). The socket is "
+                         "non-blocking and close-on-exec; an IPv4 peer of a dual-stack "
+                         "listener is given as IPv4. Raises BlockingIOError when none waits.");
+
+static PyObject *splice_accept(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    /* One accept4() with the flags set, instead of socket.accept()'s accept4() plus a
+     * getsockname() (validating the new fd) and an ioctl() to make it non-blocking. */
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof ss;
+    char host[INET6_ADDRSTRLEN];
+    const void *addr;
+    int family, port, fd, lfd;
+    long given = PyLong_AsLong(arg);
+    if (given == -1 && PyErr_Occurred())
+        return NULL;
+    if (given < 0 || given > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "not a file descriptor");
+        return NULL;
+    }
+    lfd = (int)given;
+    Py_BEGIN_ALLOW_THREADS
+    fd = accept4(lfd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    Py_END_ALLOW_THREADS
+    if (fd < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    if (ss.ss_family == AF_INET6) {
+        struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&ss;
+        port = ntohs(sin6->sin6_port);
+        if (IN6_IS_ADDR_V4MAPPED(&sin6->sin6_addr)) {
+            family = AF_INET;
+            addr = &sin6->sin6_addr.s6_addr[12];
+        } else {
+            family = AF_INET6;
+            addr = &sin6->sin6_addr;
+        }
+    } else if (ss.ss_family == AF_INET) {
+        struct sockaddr_in *sin = (struct sockaddr_in *)&ss;
+        port = ntohs(sin->sin_port);
+        family = AF_INET;
+        addr = &sin->sin_addr;
+    } else {
+        close(fd);
+        PyErr_Format(PyExc_OSError, "accepted a socket of address family %d", ss.ss_family);
+        return NULL;
+    }
+    if (inet_ntop(family, addr, host, sizeof host) == NULL) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return Py_BuildValue("(isi)", fd, host, port);
+}
+
+static PyMethodDef splice_functions[] = {
+    {"accept", splice_accept, METH_O, accept_doc},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef splice_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "mmproxy._splice",
     .m_doc = PyDoc_STR("The relay's per-event work: splice(2) between socket pairs."),
     .m_size = -1,
+    .m_methods = splice_functions,
 };
 
 PyMODINIT_FUNC PyInit__splice(void)

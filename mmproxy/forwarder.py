@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import os
 import select
 import socket
 import threading
@@ -21,6 +22,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from mmproxy import _splice
 from mmproxy.config import Address, Config
 from mmproxy.networks import AllowedNetworks
 from mmproxy.policy import Rejected, route
@@ -39,7 +41,6 @@ from mmproxy.transparent import (
     finish_upstream,
     set_keepalive,
     start_upstream,
-    unmap,
 )
 
 log = logging.getLogger("mmproxy")
@@ -224,10 +225,10 @@ class Forwarder:
         """Accept until the backlog is empty or a batch is done (one epoll wake-up serves
         many clients; the batch limit keeps the heartbeat and other listeners served)."""
         max_connections = self.config.max_connections
-        # The C-level accept: socket.accept() also converts the family and type to enums,
-        # twice per client, which costs more than the accept4() itself.
-        accept = listener._accept  # type: ignore[attr-defined]
-        family = int(listener.family)
+        # The accepted sockets stay plain fds: a socket object per client costs more than
+        # the accept4() itself (socket.accept() adds a getsockname() and an ioctl()).
+        accept = _splice.accept
+        listen_fd = listener.fileno()
         stats = self.stats
         for _ in range(_ACCEPT_BATCH):
             if self._stopping:
@@ -238,7 +239,7 @@ class Forwarder:
                 self._relay.listening(False)
                 return
             try:
-                fd, peer = accept()
+                fd, host, port = accept(listen_fd)
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -254,12 +255,11 @@ class Forwarder:
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue
                 raise
-            self._admit(socket.socket(family, socket.SOCK_STREAM, 0, fd), peer)
+            self._admit(fd, (host, port))
 
-    def _admit(self, sock: socket.socket, peer: tuple[str, int]) -> None:
-        balancer = (unmap(peer[0]), peer[1])
+    def _admit(self, client: int, balancer: tuple[str, int]) -> None:
         if balancer[0] not in self.allowed:
-            sock.close()  # before reading a byte: an untrusted peer may not send a header
+            os.close(client)  # before reading a byte: an untrusted peer may not send a header
             self._reject(
                 ConnInfo(balancer),
                 Rejected("untrusted-balancer", "peer is not in allowed_networks"),
@@ -270,9 +270,9 @@ class Forwarder:
         stats.total += 1
         info = ConnInfo(balancer)
         try:
-            self._handshake_now(sock, info)
+            self._read_header(client, info, b"", 0.0)
         except Exception as exc:  # a bug must cost one connection, not the acceptor
-            self._internal_error(info, (sock,), exc)
+            self._internal_error(info, client, None, exc)
 
     # --- hand-shake ------------------------------------------------------------------
     # All of it runs on the relay thread. Usually the header came with the connection and
@@ -281,16 +281,10 @@ class Forwarder:
     # when it is ready (Relay.watch), with the header or connect timeout as its deadline.
     # No thread hand-off, hence no GIL hand-off, on any path.
 
-    def _handshake_now(self, client: socket.socket, info: ConnInfo) -> None:
-        client.setblocking(False)
-        self._read_header(client, info, b"", 0.0)
-
-    def _read_header(
-        self, client: socket.socket, info: ConnInfo, data: bytes, deadline: float
-    ) -> None:
+    def _read_header(self, client: int, info: ConnInfo, data: bytes, deadline: float) -> None:
         """Read what the client sent so far; `deadline` 0: not waited yet."""
         try:
-            chunk = client.recv(_RECV_SIZE)
+            chunk = os.read(client, _RECV_SIZE)
         except BlockingIOError:
             self._wait_for_header(client, info, data, deadline)
             return
@@ -311,9 +305,7 @@ class Forwarder:
             return
         self._connect(client, info, header, data[header.length :])
 
-    def _wait_for_header(
-        self, client: socket.socket, info: ConnInfo, data: bytes, deadline: float
-    ) -> None:
+    def _wait_for_header(self, client: int, info: ConnInfo, data: bytes, deadline: float) -> None:
         timeout = self.config.header_timeout
         deadline = deadline or time.monotonic() + timeout
         expired = Rejected(
@@ -321,16 +313,14 @@ class Forwarder:
             f"no complete PROXY header within {timeout:g} s ({len(data)} bytes received)",
         )
         self._relay.watch(
-            client.fileno(),
+            client,
             select.EPOLLIN | select.EPOLLRDHUP,
             deadline,
-            self._later(info, (client,), self._read_header, client, info, data, deadline),
-            self._later(info, (client,), self._fail, client, None, info, expired),
+            self._later(info, client, None, self._read_header, client, info, data, deadline),
+            self._later(info, client, None, self._fail, client, None, info, expired),
         )
 
-    def _connect(
-        self, client: socket.socket, info: ConnInfo, header: ProxyHeader, early: bytes
-    ) -> None:
+    def _connect(self, client: int, info: ConnInfo, header: ProxyHeader, early: bytes) -> None:
         try:
             upstream = self._start_upstream(header, info, bool(early))
         except Rejected as exc:
@@ -343,7 +333,7 @@ class Forwarder:
 
     def _send_early(
         self,
-        client: socket.socket,
+        client: int,
         upstream: socket.socket,
         info: ConnInfo,
         early: bytes,
@@ -369,7 +359,7 @@ class Forwarder:
         self._established(client, upstream, info, total)
 
     def _await_connect(
-        self, client: socket.socket, upstream: socket.socket, info: ConnInfo, deadline: float
+        self, client: int, upstream: socket.socket, info: ConnInfo, deadline: float
     ) -> None:
         try:
             connected = finish_upstream(upstream, _target(info), 0)
@@ -385,7 +375,7 @@ class Forwarder:
 
     def _wait_for_target(
         self,
-        client: socket.socket,
+        client: int,
         upstream: socket.socket,
         info: ConnInfo,
         deadline: float,
@@ -398,19 +388,19 @@ class Forwarder:
         expired = _unavailable(
             UpstreamError(f"target {_target(info)} did not answer within {timeout:g} s")
         )
-        socks = (client, upstream)
         self._relay.watch(
             upstream.fileno(),
             select.EPOLLOUT,
             deadline,
-            self._later(info, socks, step, *args, deadline),
-            self._later(info, socks, self._fail, client, upstream, info, expired),
+            self._later(info, client, upstream, step, *args, deadline),
+            self._later(info, client, upstream, self._fail, client, upstream, info, expired),
         )
 
     def _later(
         self,
         info: ConnInfo,
-        socks: tuple[socket.socket, ...],
+        client: int,
+        upstream: socket.socket | None,
         step: Callable[..., None],
         *args: object,
     ) -> Callable[[], None]:
@@ -420,17 +410,15 @@ class Forwarder:
             try:
                 step(*args)
             except Exception as exc:  # a bug must cost one connection, not the relay
-                self._internal_error(info, socks, exc)
+                self._internal_error(info, client, upstream, exc)
 
         return run
 
     def _internal_error(
-        self, info: ConnInfo, socks: tuple[socket.socket, ...], exc: Exception
+        self, info: ConnInfo, client: int, upstream: socket.socket | None, exc: Exception
     ) -> None:
         log.exception("unexpected error during a hand-shake")
-        for sock in socks:
-            sock.close()
-        self._handshake_failed(info, Rejected("internal-error", repr(exc)))
+        self._fail(client, upstream, info, Rejected("internal-error", repr(exc)))
 
     def _start_upstream(
         self, header: ProxyHeader, info: ConnInfo, data_follows: bool
@@ -447,18 +435,21 @@ class Forwarder:
             raise _unavailable(exc) from exc
 
     def _established(
-        self, client: socket.socket, upstream: socket.socket, info: ConnInfo, early: int
+        self, client: int, upstream: socket.socket, info: ConnInfo, early: int
     ) -> None:
-        self._relay.add(Connection(client, upstream, info, early))
+        self._relay.add(Connection(client, upstream.detach(), info, early))
 
     def _fail(
         self,
-        client: socket.socket,
+        client: int,
         upstream: socket.socket | None,
         info: ConnInfo,
         reason: Rejected,
     ) -> None:
-        client.close()
+        try:
+            os.close(client)
+        except OSError:
+            pass  # a bug closed it already (an internal error after the close)
         if upstream is not None:
             upstream.close()
         self._handshake_failed(info, reason)

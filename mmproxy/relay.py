@@ -19,7 +19,6 @@ import logging
 import os
 import queue
 import select
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -33,14 +32,13 @@ log = logging.getLogger("mmproxy.relay")
 
 
 class Connection:
-    """An established client <-> target pair: the relay owns (and closes) its sockets
-    once added; bytes_in / bytes_out are final when the relay reports it closed."""
+    """An established client <-> target pair of non-blocking sockets (their fds): the
+    relay owns and closes them once added; bytes_in / bytes_out are final when the relay
+    reports it closed."""
 
     __slots__ = ("bytes_in", "bytes_out", "client", "closed", "info", "started", "upstream")
 
-    def __init__(
-        self, client: socket.socket, upstream: socket.socket, info: object, bytes_in: int = 0
-    ) -> None:
+    def __init__(self, client: int, upstream: int, info: object, bytes_in: int = 0) -> None:
         self.client = client
         self.upstream = upstream
         self.info = info
@@ -140,7 +138,7 @@ class Relay:
         return len(self._core)
 
     def add(self, conn: Connection) -> None:
-        """Hand a connection over (both sockets non-blocking); safe from any thread."""
+        """Hand a connection over; safe from any thread."""
         if threading.current_thread() is self._thread:
             self._adopt(conn)
         else:
@@ -148,12 +146,11 @@ class Relay:
             self._request(lambda: self._adopt(conn))
 
     def _adopt(self, conn: Connection) -> None:
-        client, upstream = conn.client.detach(), conn.upstream.detach()
         try:
-            self._core.add(client, upstream, conn, conn.bytes_in)
+            self._core.add(conn.client, conn.upstream, conn, conn.bytes_in)
         except OSError as exc:  # epoll out of memory: this connection fails, not the loop
-            os.close(client)
-            os.close(upstream)
+            os.close(conn.client)
+            os.close(conn.upstream)
             self._report([(conn, _splice.END_RELAY, 0, exc.errno or 0, conn.bytes_in, 0)])
 
     def watch(

@@ -31,7 +31,7 @@ class Harness:
         upstream_side, self.app = tcp_pair()
         client_side.setblocking(False)  # the relay's contract: non-blocking sockets
         upstream_side.setblocking(False)
-        self.conn = Connection(client_side, upstream_side, info="test")
+        self.conn = Connection(client_side.detach(), upstream_side.detach(), info="test")
         relay.add(self.conn)
 
     def wait_closed(self, timeout: float = 5.0) -> str:
@@ -251,7 +251,8 @@ def test_adding_from_another_thread_a_connection_that_resets_at_once(
         client_side.setblocking(False)
         upstream_side.setblocking(False)
         worker = threading.Thread(
-            target=hand_over, args=(Connection(client_side, upstream_side, info="test"),)
+            target=hand_over,
+            args=(Connection(client_side.detach(), upstream_side.detach(), info="test"),),
         )
         worker.start()
         worker.join()

@@ -24,7 +24,9 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <arpa/inet.h>
+#include <net/if.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -672,8 +674,151 @@ static PyObject *splice_accept(PyObject *Py_UNUSED(module), PyObject *arg)
     return Py_BuildValue("(isi)", fd, host, port);
 }
 
+/* --- connect ---------------------------------------------------------------------- */
+
+/* Options of connect(); the kernel's numbers where Debian 12's headers lack a name. */
+#define CONNECT_KEEP_PORT 1
+#define CONNECT_KEEPALIVE 2
+#define CONNECT_DEFER_ACK 4
+#ifndef IP_TRANSPARENT
+#define IP_TRANSPARENT 19
+#endif
+#ifndef IPV6_TRANSPARENT
+#define IPV6_TRANSPARENT 75
+#endif
+#ifndef IP_BIND_ADDRESS_NO_PORT
+#define IP_BIND_ADDRESS_NO_PORT 24
+#endif
+
+/* "192.0.2.1" or "2001:db8::1" (optionally "%scope") and a port -> a sockaddr. */
+static int make_sockaddr(int family, const char *host, int port, struct sockaddr_storage *ss,
+                         socklen_t *len)
+{
+    memset(ss, 0, sizeof *ss);
+    if (port < 0 || port > 65535)
+        return -1;
+    if (family == AF_INET) {
+        struct sockaddr_in *sin = (struct sockaddr_in *)ss;
+        sin->sin_family = AF_INET;
+        sin->sin_port = htons((uint16_t)port);
+        *len = sizeof *sin;
+        return inet_pton(AF_INET, host, &sin->sin_addr) == 1 ? 0 : -1;
+    }
+    if (family == AF_INET6) {
+        struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)ss;
+        char plain[INET6_ADDRSTRLEN];
+        const char *scope = strchr(host, '%');
+        size_t n = scope ? (size_t)(scope - host) : strlen(host);
+        if (n >= sizeof plain)
+            return -1;
+        memcpy(plain, host, n);
+        plain[n] = '\0';
+        sin6->sin6_family = AF_INET6;
+        sin6->sin6_port = htons((uint16_t)port);
+        if (scope != NULL) {
+            char *end;
+            unsigned long id = strtoul(scope + 1, &end, 10);
+            sin6->sin6_scope_id = *end == '\0' && end != scope + 1 ? (uint32_t)id
+                                                                   : if_nametoindex(scope + 1);
+            if (sin6->sin6_scope_id == 0)
+                return -1;
+        }
+        *len = sizeof *sin6;
+        return inet_pton(AF_INET6, plain, &sin6->sin6_addr) == 1 ? 0 : -1;
+    }
+    return -1;
+}
+
+static int set_int(int fd, int level, int name, int value)
+{
+    return setsockopt(fd, level, name, &value, sizeof value);
+}
+
+PyDoc_STRVAR(connect_doc,
+             "connect(family, source_host, source_port, target_host, target_port, mark, "
+             "options)\n--\n\n"
+             "Open a non-blocking TCP socket to the target, transparently bound to the "
+             "source unless source_host is None, and start its connect. Returns (fd, "
+             "step, errno): fd >= 0 when the connect is done or under way, else -1 with "
+             "the step that failed (socket, address, transparent, mark, bind, connect) and "
+             "its errno; the socket is closed then. options: CONNECT_KEEP_PORT, "
+             "CONNECT_KEEPALIVE, CONNECT_DEFER_ACK.");
+
+static PyObject *connect_result(int fd, const char *step, int err)
+{
+    if (fd >= 0 && err != 0) {
+        close(fd);
+        fd = -1;
+    }
+    return Py_BuildValue("(isi)", fd, step, err);
+}
+
+static PyObject *splice_connect(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    /* The hand-shake's socket in one call: socket(), up to six setsockopt(), bind() and
+     * connect() cost about as much in Python's per-call overhead as in the kernel. */
+    int family, source_port, target_port, options, fd;
+    unsigned int mark;
+    const char *source_host, *target_host;
+    struct sockaddr_storage source, target;
+    socklen_t source_len = 0, target_len = 0;
+    if (!PyArg_ParseTuple(args, "izisiIi", &family, &source_host, &source_port, &target_host,
+                          &target_port, &mark, &options))
+        return NULL;
+    if (make_sockaddr(family, target_host, target_port, &target, &target_len) < 0 ||
+        (source_host != NULL &&
+         make_sockaddr(family, source_host, options & CONNECT_KEEP_PORT ? source_port : 0,
+                       &source, &source_len) < 0))
+        return connect_result(-1, "address", EINVAL);
+    fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return connect_result(-1, "socket", errno);
+    if (source_host != NULL) {
+        int ok = family == AF_INET6 ? set_int(fd, IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+                                    : set_int(fd, IPPROTO_IP, IP_TRANSPARENT, 1);
+        if (ok < 0)
+            return connect_result(fd, "transparent", errno);
+        if (mark && set_int(fd, SOL_SOCKET, SO_MARK, (int)mark) < 0)
+            return connect_result(fd, "mark", errno);
+        /* Keeping the client's port: only the full 4-tuple has to be unique (the port may
+         * be in TIME_WAIT towards another target). Else connect() picks the port. */
+        ok = options & CONNECT_KEEP_PORT ? set_int(fd, SOL_SOCKET, SO_REUSEADDR, 1)
+                                         : set_int(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1);
+        if (ok < 0 || bind(fd, (struct sockaddr *)&source, source_len) < 0)
+            return connect_result(fd, "bind", errno);
+    }
+    if (set_int(fd, IPPROTO_TCP, TCP_NODELAY, 1) < 0)
+        return connect_result(fd, "socket", errno);
+    if ((options & CONNECT_KEEPALIVE) && set_int(fd, SOL_SOCKET, SO_KEEPALIVE, 1) < 0)
+        return connect_result(fd, "socket", errno);
+    /* On a connecting socket TCP_DEFER_ACCEPT holds back the hand-shake's last ACK until
+     * the first data, which carries it (mmproxy.transparent says when). */
+    if ((options & CONNECT_DEFER_ACK) && set_int(fd, IPPROTO_TCP, TCP_DEFER_ACCEPT, 1) < 0)
+        return connect_result(fd, "socket", errno);
+    if (connect(fd, (struct sockaddr *)&target, target_len) < 0 && errno != EINPROGRESS)
+        return connect_result(fd, "connect", errno);
+    return connect_result(fd, "", 0);
+}
+
+PyDoc_STRVAR(socket_error_doc, "socket_error(fd)\n--\n\nThe socket's pending error (SO_ERROR), "
+                               "e.g. how its connect failed; 0 if none.");
+
+static PyObject *splice_socket_error(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    int value = 0;
+    socklen_t len = sizeof value;
+    long fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    if (fd < 0 || fd > INT_MAX || getsockopt((int)fd, SOL_SOCKET, SO_ERROR, &value, &len) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromLong(value);
+}
+
 static PyMethodDef splice_functions[] = {
     {"accept", splice_accept, METH_O, accept_doc},
+    {"connect", splice_connect, METH_VARARGS, connect_doc},
+    {"socket_error", splice_socket_error, METH_O, socket_error_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -701,7 +846,10 @@ PyMODINIT_FUNC PyInit__splice(void)
         PyModule_AddIntConstant(m, "END_IDLE", END_IDLE) < 0 ||
         PyModule_AddIntConstant(m, "END_HALF_CLOSED", END_HALF_CLOSED) < 0 ||
         PyModule_AddIntConstant(m, "END_CLOSED", END_CLOSED) < 0 ||
-        PyModule_AddIntConstant(m, "END_RELAY", END_RELAY) < 0) {
+        PyModule_AddIntConstant(m, "END_RELAY", END_RELAY) < 0 ||
+        PyModule_AddIntConstant(m, "CONNECT_KEEP_PORT", CONNECT_KEEP_PORT) < 0 ||
+        PyModule_AddIntConstant(m, "CONNECT_KEEPALIVE", CONNECT_KEEPALIVE) < 0 ||
+        PyModule_AddIntConstant(m, "CONNECT_DEFER_ACK", CONNECT_DEFER_ACK) < 0) {
         Py_DECREF(&CoreType);
         Py_DECREF(m);
         return NULL;

@@ -23,3 +23,18 @@ class Core:
     def __len__(self) -> int: ...
 
 def accept(listen_fd: int) -> tuple[int, str, int]: ...
+
+CONNECT_KEEP_PORT: int
+CONNECT_KEEPALIVE: int
+CONNECT_DEFER_ACK: int
+
+def connect(
+    family: int,
+    source_host: str | None,
+    source_port: int,
+    target_host: str,
+    target_port: int,
+    mark: int,
+    options: int,
+) -> tuple[int, str, int]: ...
+def socket_error(fd: int) -> int: ...

@@ -224,8 +224,7 @@ def _connect_check(
     try:
         connect().close()
     except UpstreamError as exc:
-        denied = isinstance(exc.__cause__, PermissionError)
-        return Result(False, what, str(exc), denied_fix if denied and denied_fix else fix)
+        return Result(False, what, str(exc), denied_fix if exc.denied and denied_fix else fix)
     return Result(True, what)
 
 

@@ -334,7 +334,7 @@ class Forwarder:
     def _send_early(
         self,
         client: int,
-        upstream: socket.socket,
+        upstream: int,
         info: ConnInfo,
         early: bytes,
         total: int,
@@ -344,7 +344,7 @@ class Forwarder:
         connect done, which spares a poll() and a getsockopt(): a socket still connecting
         says EAGAIN, one whose connect failed gives the reason."""
         try:
-            sent = upstream.send(early)
+            sent = os.write(upstream, early)
         except BlockingIOError:
             sent = 0
         except OSError as exc:
@@ -358,9 +358,7 @@ class Forwarder:
             return
         self._established(client, upstream, info, total)
 
-    def _await_connect(
-        self, client: int, upstream: socket.socket, info: ConnInfo, deadline: float
-    ) -> None:
+    def _await_connect(self, client: int, upstream: int, info: ConnInfo, deadline: float) -> None:
         try:
             connected = finish_upstream(upstream, _target(info), 0)
         except UpstreamError as exc:
@@ -376,7 +374,7 @@ class Forwarder:
     def _wait_for_target(
         self,
         client: int,
-        upstream: socket.socket,
+        upstream: int,
         info: ConnInfo,
         deadline: float,
         step: Callable[..., None],
@@ -389,7 +387,7 @@ class Forwarder:
             UpstreamError(f"target {_target(info)} did not answer within {timeout:g} s")
         )
         self._relay.watch(
-            upstream.fileno(),
+            upstream,
             select.EPOLLOUT,
             deadline,
             self._later(info, client, upstream, step, *args, deadline),
@@ -400,7 +398,7 @@ class Forwarder:
         self,
         info: ConnInfo,
         client: int,
-        upstream: socket.socket | None,
+        upstream: int | None,
         step: Callable[..., None],
         *args: object,
     ) -> Callable[[], None]:
@@ -415,14 +413,12 @@ class Forwarder:
         return run
 
     def _internal_error(
-        self, info: ConnInfo, client: int, upstream: socket.socket | None, exc: Exception
+        self, info: ConnInfo, client: int, upstream: int | None, exc: Exception
     ) -> None:
         log.exception("unexpected error during a hand-shake")
         self._fail(client, upstream, info, Rejected("internal-error", repr(exc)))
 
-    def _start_upstream(
-        self, header: ProxyHeader, info: ConnInfo, data_follows: bool
-    ) -> socket.socket:
+    def _start_upstream(self, header: ProxyHeader, info: ConnInfo, data_follows: bool) -> int:
         config = self.config
         info.client, info.target = route(header, config, self._local)
         if header.version == 2:
@@ -434,15 +430,13 @@ class Forwarder:
         except UpstreamError as exc:
             raise _unavailable(exc) from exc
 
-    def _established(
-        self, client: int, upstream: socket.socket, info: ConnInfo, early: int
-    ) -> None:
-        self._relay.add(Connection(client, upstream.detach(), info, early))
+    def _established(self, client: int, upstream: int, info: ConnInfo, early: int) -> None:
+        self._relay.add(Connection(client, upstream, info, early))
 
     def _fail(
         self,
         client: int,
-        upstream: socket.socket | None,
+        upstream: int | None,
         info: ConnInfo,
         reason: Rejected,
     ) -> None:
@@ -451,7 +445,7 @@ class Forwarder:
         except OSError:
             pass  # a bug closed it already (an internal error after the close)
         if upstream is not None:
-            upstream.close()
+            os.close(upstream)
         self._handshake_failed(info, reason)
 
     def _handshake_failed(self, info: ConnInfo, exc: Rejected) -> None:

@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 
+from mmproxy import _splice
 from mmproxy.config import Address
 
 log = logging.getLogger("mmproxy")
@@ -24,12 +25,16 @@ log = logging.getLogger("mmproxy")
 # Python 3.11's socket module lacks some of these on some builds: the kernel's numbers.
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
 IPV6_TRANSPARENT = 75
-IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 SO_MARK = getattr(socket, "SO_MARK", 36)
 
 
 class UpstreamError(Exception):
-    """The connection to the application could not be opened; the message says why."""
+    """The connection to the application could not be opened; the message says why.
+    `denied`: the kernel refused for want of a privilege (CAP_NET_ADMIN)."""
+
+    def __init__(self, message: str, denied: bool = False) -> None:
+        super().__init__(message)
+        self.denied = denied
 
 
 def unmap(host: str) -> str:
@@ -60,13 +65,13 @@ def open_upstream(
 ) -> socket.socket:
     """Connect to `target`, from `source` when given (spoofed), else from this host, and
     wait up to `timeout` s. The socket returned is non-blocking."""
-    sock = start_upstream(target, source, mark, keepalive)
+    fd = start_upstream(target, source, mark, keepalive)
     try:
-        finish_upstream(sock, target, timeout)
+        finish_upstream(fd, target, timeout)
     except BaseException:
-        sock.close()
+        os.close(fd)
         raise
-    return sock
+    return socket.socket(fileno=fd)
 
 
 def start_upstream(
@@ -75,76 +80,84 @@ def start_upstream(
     mark: int,
     keepalive: bool = False,
     data_follows: bool = False,
-) -> socket.socket:
-    """A non-blocking socket whose connect to `target` is under way (or done).
+) -> int:
+    """A non-blocking socket (its fd) whose connect to `target` is under way (or done).
 
     The client's port is kept when it is free; a port in use (another connection from the
     same client port to the same target, or one in TIME_WAIT) falls back to an ephemeral one.
     `data_follows`: the caller sends as soon as it is connected, so the hand-shake's last
-    ACK may wait for that data and go with it.
+    ACK may wait for that data and go with it: on a connecting socket TCP_DEFER_ACCEPT
+    holds it back (Linux; what HAProxy's tcp-smart-connect does with TCP_QUICKACK), so the
+    application is woken once, with its data, and one packet fewer crosses the stack.
+    Never without data to send: the ACK would wait for the delayed-ACK timer (40 ms).
+    The socket is made in C (mmproxy._splice.connect): one call instead of about ten.
     """
-    keep_port = source is not None
-    try:
-        return _start(target, source, mark, keepalive, keep_port, data_follows)
-    except _PortBusy:
-        return _start(target, source, mark, keepalive, False, data_follows)
+    options = (_splice.CONNECT_KEEPALIVE if keepalive else 0) | (
+        _splice.CONNECT_DEFER_ACK if data_follows else 0
+    )
+    family, host, port = target.family, target.host, target.port
+    if source is None:
+        fd, step, error = _splice.connect(family, None, 0, host, port, 0, options)
+    else:
+        fd, step, error = _splice.connect(
+            family, source.host, source.port, host, port, mark, options | _splice.CONNECT_KEEP_PORT
+        )
+        if fd < 0 and _port_busy(source, step, error):
+            fd, step, error = _splice.connect(family, source.host, 0, host, port, mark, options)
+    if fd < 0:
+        denied = step in ("transparent", "mark") and error in _NO_PRIVILEGE
+        raise UpstreamError(_describe_failure(target, source, mark, step, error), denied)
+    return fd
 
 
-def finish_upstream(sock: socket.socket, target: Address, timeout: float) -> bool:
-    """Wait up to `timeout` s for the connect; True once connected. With timeout 0 it only
-    looks (False: still under way); otherwise running out of time is an UpstreamError."""
+def _port_busy(source: Address, step: str, error: int) -> bool:
+    """Whether keeping the client's port is what failed (a port in use, in TIME_WAIT
+    towards the same target, or below 1024 without CAP_NET_BIND_SERVICE)."""
+    if step == "bind" and error == errno.EACCES:
+        _privileged_port(source)
+        return True
+    return (step, error) in _PORT_BUSY
+
+
+_PORT_BUSY = {("bind", errno.EADDRINUSE), ("connect", errno.EADDRNOTAVAIL),
+              ("connect", errno.EADDRINUSE)}  # fmt: skip
+_NO_PRIVILEGE = (errno.EPERM, errno.EACCES)
+
+
+def _describe_failure(
+    target: Address, source: Address | None, mark: int, step: str, error: int
+) -> str:
+    if step == "connect":
+        return _describe_connect_error(target, error)
+    if step == "transparent":
+        if error in _NO_PRIVILEGE:
+            return "cannot set IP_TRANSPARENT: the process needs CAP_NET_ADMIN"
+        return f"cannot set IP_TRANSPARENT: {os.strerror(error)}"
+    if step == "mark":
+        if error in _NO_PRIVILEGE:
+            return f"cannot set SO_MARK {mark}: the process needs CAP_NET_ADMIN"
+        return f"cannot set SO_MARK {mark}: {os.strerror(error)}"
+    if step == "bind":
+        return f"cannot bind the client address {source}: {os.strerror(error)}"
+    if step == "address":
+        return f"cannot connect to target {target} from {source}: not an IP address"
+    return f"cannot open a socket to {target}: {os.strerror(error)}"
+
+
+def finish_upstream(fd: int, target: Address, timeout: float) -> bool:
+    """Wait up to `timeout` s for the connect of socket `fd`; True once connected. With
+    timeout 0 it only looks (False: still under way); otherwise running out of time is
+    an UpstreamError."""
     poller = select.poll()
-    poller.register(sock, select.POLLOUT)
+    poller.register(fd, select.POLLOUT)
     if not poller.poll(timeout * 1000):
         if timeout == 0:
             return False
         raise UpstreamError(f"target {target} did not answer within {timeout:g} s")
-    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    error = _splice.socket_error(fd)
     if error:
         raise UpstreamError(_describe_connect_error(target, error))
     return True
-
-
-class _PortBusy(Exception):
-    pass
-
-
-def _start(
-    target: Address,
-    source: Address | None,
-    mark: int,
-    keepalive: bool,
-    keep_port: bool,
-    data_follows: bool,
-) -> socket.socket:
-    try:
-        sock = socket.socket(target.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-    except OSError as exc:  # EMFILE, ENOBUFS: this connection fails, the daemon goes on
-        raise UpstreamError(f"cannot open a socket to {target}: {exc.strerror}") from exc
-    try:
-        if source is not None:
-            _make_transparent(sock, target.family, mark)
-            _bind_source(sock, source, keep_port)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if keepalive:
-            # Towards a local application the kernel's timings do: it answers or resets.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if data_follows:
-            # On a connecting socket TCP_DEFER_ACCEPT holds back the hand-shake's last ACK
-            # (Linux; what HAProxy's tcp-smart-connect does with TCP_QUICKACK): the first
-            # data segment carries it, so the application is woken once, with its data,
-            # and one packet fewer crosses the stack. Never without data to send: the ACK
-            # would wait for the delayed-ACK timer (40 ms).
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
-        error = sock.connect_ex((target.host, target.port))
-        if error in (0, errno.EINPROGRESS):
-            return sock
-        if keep_port and error in (errno.EADDRNOTAVAIL, errno.EADDRINUSE):
-            raise _PortBusy
-        raise UpstreamError(_describe_connect_error(target, error))
-    except BaseException:
-        sock.close()
-        raise
 
 
 def open_datagram(target: Address, source: Address | None, mark: int) -> socket.socket:
@@ -188,33 +201,16 @@ def _make_transparent(sock: socket.socket, family: int, mark: int) -> None:
         else:
             sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
     except PermissionError as exc:
-        raise UpstreamError("cannot set IP_TRANSPARENT: the process needs CAP_NET_ADMIN") from exc
+        raise UpstreamError(
+            "cannot set IP_TRANSPARENT: the process needs CAP_NET_ADMIN", denied=True
+        ) from exc
     if mark:
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
         except PermissionError as exc:
             raise UpstreamError(
-                f"cannot set SO_MARK {mark}: the process needs CAP_NET_ADMIN"
+                f"cannot set SO_MARK {mark}: the process needs CAP_NET_ADMIN", denied=True
             ) from exc
-
-
-def _bind_source(sock: socket.socket, source: Address, keep_port: bool) -> None:
-    if keep_port:
-        # The client's port may still be in TIME_WAIT towards another target: only the
-        # full 4-tuple has to be unique (connect() says EADDRNOTAVAIL if it is not).
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    else:
-        # Let connect() pick the port, so the 4-tuple, not the 2-tuple, must be unique.
-        sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-    try:
-        sock.bind((source.host, source.port if keep_port else 0))
-    except OSError as exc:
-        if keep_port and exc.errno == errno.EADDRINUSE:
-            raise _PortBusy from exc
-        if keep_port and exc.errno == errno.EACCES:
-            _privileged_port(source)
-            raise _PortBusy from exc
-        raise UpstreamError(f"cannot bind the client address {source}: {exc.strerror}") from exc
 
 
 def connect_failure(target: Address, error: int) -> UpstreamError:

@@ -103,13 +103,13 @@ connect, send, epoll_ctl, four splice, shutdown, two close; about 23 for mmproxy
 HAProxy), and over loopback the application's side of each packet is processed in the
 sender's system call. What differs is the user time around them. In pure Python it was
 about 20 µs per connection against HAProxy's 7.5 µs (2026-12-01, `perf` and
-`/proc/PID/stat`, the rate test), which left mmproxy at 1.38 × HAProxy's CPU per
+`/proc/PID/stat`, the rate test), which left mmproxy at 1.38 x HAProxy's CPU per
 connection. `mmproxy/_splice.c` now does the per-event relay work (which direction, how
 much, half-closes, errors: without the GIL and without a Python call per event), the
 accept (one accept4() with the flags, no socket object) and the upstream socket (one
 call for socket, transparent bind, options and connect); the PROXY header, the policy
 (who may claim what) and the records stay in Python. That brought the user time to
-about 12–13 µs per connection. The relay is still mmproxy's design: one epoll loop per
+about 12 to 13 µs per connection. The relay is still mmproxy's design: one epoll loop per
 worker, a pool of 1 MiB pipes taken only while bytes wait, edge-triggered events.
 
 ## Profiling mmproxy under the same load

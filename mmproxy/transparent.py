@@ -71,7 +71,9 @@ def open_upstream(
     except BaseException:
         os.close(fd)
         raise
-    return socket.socket(fileno=fd)
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)  # it is already: this tells the socket object so
+    return sock
 
 
 def start_upstream(

@@ -47,6 +47,9 @@ def ask(net: Net, port: int) -> bytes:
         line = reader.readline()
         sock.sendall(b"ping")
         assert reader.read(4) == b"ping"
+        # Ended on both sides before the next step: the counters are then final.
+        sock.shutdown(socket.SHUT_WR)
+        assert reader.read() == b""
         return line
 
 

@@ -1,6 +1,9 @@
-/* mmproxy._splice: the relay's per-event work, in C.
+/* mmproxy._splice: the forwarder's hot path in C, where Python's per-call overhead cost
+ * more than the system calls themselves: the relay's per-event work (Core), one accept
+ * (accept) and one upstream socket (connect) per client. What decides anything (the PROXY
+ * header, who may claim what, the records) stays in Python.
  *
- * mmproxy.relay owns the event loop; this module owns the established connections in it.
+ * mmproxy.relay owns the event loop; a Core owns the established connections in it.
  * Core.poll() waits on the relay's epoll set and moves the bytes of every ready
  * connection with splice(2) (socket -> pipe -> socket) without the GIL and without a
  * Python call per event; the events it does not own (listeners, sockets being
@@ -16,17 +19,17 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include <errno.h>
-#include <limits.h>
-#include <fcntl.h>
-#include <math.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/epoll.h>
 #include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <math.h>
 #include <net/if.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -825,7 +828,7 @@ static PyMethodDef splice_functions[] = {
 static struct PyModuleDef splice_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "mmproxy._splice",
-    .m_doc = PyDoc_STR("The relay's per-event work: splice(2) between socket pairs."),
+    .m_doc = PyDoc_STR("The forwarder's hot path: the relay's splice(2) work, accept, connect."),
     .m_size = -1,
     .m_methods = splice_functions,
 };

@@ -370,6 +370,10 @@ static int grow_table(Core *c, int fd)
 {
     int cap = c->cap ? c->cap : 1024;
     Conn **grown;
+    if (fd >= 1 << 30) { /* above the kernel's fs.nr_open ceiling: not an fd */
+        PyErr_SetString(PyExc_ValueError, "file descriptor out of range");
+        return -1;
+    }
     while (cap <= fd)
         cap *= 2;
     if (cap == c->cap)

@@ -154,6 +154,8 @@ def test_core_add_refuses_bad_sockets_and_leaves_them_to_the_caller() -> None:
             core.add(r, r, "same twice")
         with pytest.raises(ValueError):
             core.add(-1, r, "negative")
+        with pytest.raises(ValueError):
+            core.add(1 << 30, r, "no fd can be this high")
         with open(__file__) as regular, pytest.raises(OSError) as info:
             core.add(regular.fileno(), r, "a file cannot be polled")
         assert info.value.errno == errno.EPERM

@@ -124,6 +124,9 @@ fuzz: venv
 # Soak (tests/integration/test_soak.py): 100,000 connections with random sizes and close
 # orders through one mmproxy, every byte checked; `make test` runs 3,000 of them.
 SOAK_CONNECTIONS ?= 100000
+soak: venv
+	SOAK_CONNECTIONS=$(SOAK_CONNECTIONS) $(VENV)/bin/pytest -q -s tests/integration/test_soak.py
+
 # The C part under AddressSanitizer and UBSan: the tests that drive it (relay, accept,
 # connect, faults, workers, EMFILE); any report fails the run. replace_str=0: iproute2's
 # `ip` (run by the self-checks) trips ASan's strncpy check. Not the soak: its RSS bound
@@ -143,14 +146,11 @@ sanitize: venv
 		cat /tmp/mmproxy-asan.* /tmp/mmproxy-ubsan.* 2>/dev/null; exit 1; fi; \
 	exit $$status
 
-soak: venv
-	SOAK_CONNECTIONS=$(SOAK_CONNECTIONS) $(VENV)/bin/pytest -q -s tests/integration/test_soak.py
-
 test: lint typecheck
 	$(VENV)/bin/pytest -q
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache mmproxy/*.so
 
 # The benchmark (bench/, docs/performance.md): mmproxy beside go-mmproxy and HAProxy in
 # network namespaces; installs its own tools. bench-quick: reduced sizes, ~2 minutes.

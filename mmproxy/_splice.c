@@ -550,25 +550,6 @@ static PyObject *Core_close_all(Core *c, PyObject *Py_UNUSED(ignored))
     return take_ended(c);
 }
 
-PyDoc_STRVAR(handles_doc, "handles()\n--\n\nThe handles of the connections relayed now.");
-
-static PyObject *Core_handles(Core *c, PyObject *Py_UNUSED(ignored))
-{
-    PyObject *list = PyList_New(0);
-    int fd;
-    if (list == NULL)
-        return NULL;
-    for (fd = 0; fd < c->cap; fd++) {
-        Conn *conn = c->by_fd[fd];
-        if (conn != NULL && fd == conn->flow[INBOUND].src &&
-            PyList_Append(list, conn->handle) < 0) {
-            Py_DECREF(list);
-            return NULL;
-        }
-    }
-    return list;
-}
-
 PyDoc_STRVAR(pipes_doc, "pipes()\n--\n\n(pipes held by connections, pipes kept in the pool)");
 
 static PyObject *Core_pipes(Core *c, PyObject *Py_UNUSED(ignored))
@@ -600,7 +581,6 @@ static PyMethodDef Core_methods[] = {
     {"poll", (PyCFunction)Core_poll, METH_O, poll_doc},
     {"sweep", (PyCFunction)Core_sweep, METH_VARARGS, sweep_doc},
     {"close_all", (PyCFunction)Core_close_all, METH_NOARGS, close_all_doc},
-    {"handles", (PyCFunction)Core_handles, METH_NOARGS, handles_doc},
     {"pipes", (PyCFunction)Core_pipes, METH_NOARGS, pipes_doc},
     {"close", (PyCFunction)Core_close, METH_NOARGS, close_doc},
     {NULL, NULL, 0, NULL},

@@ -36,7 +36,7 @@ class Connection:
     relay owns and closes them once added; bytes_in / bytes_out are final when the relay
     reports it closed."""
 
-    __slots__ = ("bytes_in", "bytes_out", "client", "closed", "info", "started", "upstream")
+    __slots__ = ("bytes_in", "bytes_out", "client", "info", "started", "upstream")
 
     def __init__(self, client: int, upstream: int, info: object, bytes_in: int = 0) -> None:
         self.client = client
@@ -45,7 +45,6 @@ class Connection:
         self.started = time.monotonic()
         self.bytes_in = bytes_in  # client -> application (bytes already sent count)
         self.bytes_out = 0  # application -> client
-        self.closed = False
 
 
 # Called once per connection when it ends: (connection, why it ended).
@@ -172,9 +171,6 @@ class Relay:
         """Sockets watched now (not yet connections)."""
         return len(self._watches)
 
-    def connections(self) -> list[Connection]:
-        return self._core.handles()
-
     def pipes(self) -> tuple[int, int]:
         """(pipes held by connections now, pipes kept for reuse)."""
         return self._core.pipes()
@@ -243,7 +239,6 @@ class Relay:
     ) -> None:
         """Tell the owner about connections that ended (records from the core)."""
         for conn, kind, side, err, nin, nout in ended:
-            conn.closed = True
             conn.bytes_in, conn.bytes_out = nin, nout
             try:
                 self._on_close(conn, reason or self._why(kind, side, err))

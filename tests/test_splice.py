@@ -164,7 +164,7 @@ def test_core_add_refuses_bad_sockets_and_leaves_them_to_the_caller() -> None:
         assert len(core) == 0
         os.fstat(r)  # still open: the caller's to close
         core.add(r, w, "both pollable")  # r was taken out of the epoll set again
-        assert len(core) == 1 and core.handles() == ["both pollable"]
+        assert len(core) == 1
         assert core.close_all() == [("both pollable", _splice.END_CLOSED, 0, 0, 0, 0)]
         with pytest.raises(OSError):
             os.fstat(r)  # the core closed what it owned

@@ -420,7 +420,7 @@ class Forwarder:
 
     def _start_upstream(self, header: ProxyHeader, info: ConnInfo, data_follows: bool) -> int:
         config = self.config
-        info.client, info.target = route(header, config, self._local)
+        info.client, info.target = route(header, config, self._local, info.balancer)
         if header.version == 2:
             info.unique_id = header.tlv(PP2_TYPE_UNIQUE_ID)
         try:

@@ -5,6 +5,8 @@ Shared by the TCP forwarder and the UDP one, so that both refuse the same forger
 
 from __future__ import annotations
 
+import ipaddress
+
 from mmproxy.config import Address, Config
 from mmproxy.proxy_protocol import ProxyHeader
 from mmproxy.transparent import LocalAddresses, forbidden_source_reason, unmap
@@ -26,17 +28,17 @@ def route(
     header: ProxyHeader,
     config: Config,
     local: LocalAddresses,
+    balancer: tuple[str, int],
     families: tuple[str, str] = TCP_FAMILIES,
 ) -> tuple[Address | None, Address]:
     """(spoofed source or None, target) for a header; Rejected when it may not be served.
 
-    `families` are the header families this transport forwards (TCP4/TCP6 or UDP4/UDP6).
+    `balancer` is the real peer (host unmapped, port); `families` are the header families
+    this transport forwards (TCP4/TCP6 or UDP4/UDP6). None as the source means a plain
+    connection from this host.
     """
     if header.command == "LOCAL" or header.family == "UNKNOWN":
-        # The balancer's own health check: it speaks for itself, not for a client.
-        target = config.ipv4 or config.ipv6
-        assert target is not None  # the config layer requires one
-        return None, target
+        return balancer_route(config, local, balancer)
     if header.family not in families or header.source is None:
         over = "UDP" if families == UDP_FAMILIES else "TCP"
         raise Rejected(
@@ -63,3 +65,33 @@ def route(
     if config.follow_destination_port and header.destination is not None:
         target = Address(target.host, header.destination[1])
     return source, target
+
+
+def balancer_route(
+    config: Config, local: LocalAddresses, balancer: tuple[str, int]
+) -> tuple[Address | None, Address]:
+    """The route of a header that speaks for the balancer itself (LOCAL, UNKNOWN).
+
+    The spec says to use the real endpoints: the application must see the balancer, never
+    this host, or any allowed balancer could reach it "from localhost". Only a balancer
+    on this host itself is connected plainly.
+    """
+    host = unmap(balancer[0])
+    if is_this_host(host, local):
+        target = config.ipv4 or config.ipv6
+        assert target is not None  # the config layer requires one
+        return None, target
+    version = "ipv6" if ":" in host else "ipv4"
+    target = config.ipv6 if version == "ipv6" else config.ipv4
+    if target is None:
+        raise Rejected(
+            "no-target",
+            f"the balancer's own connection from {host} is {version} "
+            f"but no `{version}` target is configured",
+        )
+    return Address(host, balancer[1]), target
+
+
+def is_this_host(host: str, local: LocalAddresses) -> bool:
+    """A loopback address or one of this host's own."""
+    return ipaddress.ip_address(host).is_loopback or host in local

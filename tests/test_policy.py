@@ -11,6 +11,7 @@ from mmproxy.transparent import LocalAddresses
 
 CONFIG = Config(ipv4=Address("127.0.0.1", 22), ipv6=Address("::1", 22))
 LOCAL = LocalAddresses()
+BALANCER = ("198.51.100.7", 40001)
 
 
 def header(family: str, source: str, version: int = 2) -> bytes:
@@ -26,8 +27,8 @@ def header(family: str, source: str, version: int = 2) -> bytes:
         (header("TCP4", "203.0.113.7"), None, (Address("203.0.113.7", 40000), CONFIG.ipv4)),
         (header("TCP6", "2001:db8::7", 1), None, (Address("2001:db8::7", 40000), CONFIG.ipv6)),
         (header("UDP4", "203.0.113.7"), UDP_FAMILIES, (Address("203.0.113.7", 40000), CONFIG.ipv4)),
-        (encode_v2("LOCAL", "UNSPEC"), UDP_FAMILIES, (None, CONFIG.ipv4)),
-        (encode_v1("UNKNOWN"), None, (None, CONFIG.ipv4)),
+        (encode_v2("LOCAL", "UNSPEC"), UDP_FAMILIES, (Address(*BALANCER), CONFIG.ipv4)),
+        (encode_v1("UNKNOWN"), None, (Address(*BALANCER), CONFIG.ipv4)),
     ],
     ids=["tcp4", "tcp6-v1", "udp4", "local", "unknown"],
 )
@@ -35,8 +36,8 @@ def test_route(
     data: bytes, families: tuple[str, str] | None, expected: tuple[Address | None, Address]
 ) -> None:
     parsed = parse(data)
-    assert (route(parsed, CONFIG, LOCAL, families) if families else route(parsed, CONFIG, LOCAL)) \
-        == expected  # fmt: skip
+    args = (parsed, CONFIG, LOCAL, BALANCER)
+    assert (route(*args, families) if families else route(*args)) == expected
 
 
 @pytest.mark.parametrize(
@@ -57,18 +58,61 @@ def test_route(
 )
 def test_refused(data: bytes, families: tuple[str, str] | None, reason: str, detail: str) -> None:
     with pytest.raises(Rejected) as caught:
-        route(parse(data), CONFIG, LOCAL, *([families] if families else []))
+        route(parse(data), CONFIG, LOCAL, BALANCER, *([families] if families else []))
     assert caught.value.reason == reason
     assert detail in str(caught.value)
 
 
 def test_no_target_for_the_family() -> None:
     with pytest.raises(Rejected, match="is ipv6 but no `ipv6` target"):
-        route(parse(header("UDP6", "2001:db8::7")), Config(ipv4=CONFIG.ipv4), LOCAL, UDP_FAMILIES)
+        route(
+            parse(header("UDP6", "2001:db8::7")),
+            Config(ipv4=CONFIG.ipv4),
+            LOCAL,
+            BALANCER,
+            UDP_FAMILIES,
+        )
 
 
 def test_follow_destination_port() -> None:
     config = Config(ipv4=CONFIG.ipv4, follow_destination_port=True)
-    assert route(parse(header("TCP4", "203.0.113.7")), config, LOCAL)[1] == Address(
+    assert route(parse(header("TCP4", "203.0.113.7")), config, LOCAL, BALANCER)[1] == Address(
         "127.0.0.1", 2222
     )
+
+
+@pytest.mark.parametrize("data", [encode_v2("LOCAL", "UNSPEC"), encode_v1("UNKNOWN")])
+@pytest.mark.parametrize(
+    ("balancer", "expected"),
+    [
+        (("198.51.100.7", 40001), (Address("198.51.100.7", 40001), CONFIG.ipv4)),
+        (("::ffff:198.51.100.7", 40001), (Address("198.51.100.7", 40001), CONFIG.ipv4)),
+        (("2001:db8::7", 40001), (Address("2001:db8::7", 40001), CONFIG.ipv6)),
+        (("127.0.0.1", 40001), (None, CONFIG.ipv4)),
+        (("::1", 40001), (None, CONFIG.ipv4)),
+    ],
+    ids=["remote4", "remote4-mapped", "remote6", "loopback4", "loopback6"],
+)
+def test_health_checks_speak_as_the_balancer(
+    data: bytes, balancer: tuple[str, int], expected: tuple[Address | None, Address]
+) -> None:
+    """LOCAL / UNKNOWN: the application sees the balancer's own address (the spec's real
+    endpoints), never this host's: a remote balancer gets no local identity."""
+    assert route(parse(data), CONFIG, LOCAL, balancer) == expected
+
+
+def test_health_check_from_this_hosts_own_address_is_plain() -> None:
+    class Local(LocalAddresses):
+        def __contains__(self, host: str) -> bool:
+            return host == "192.0.2.10"
+
+    assert route(parse(encode_v1("UNKNOWN")), CONFIG, Local(), ("192.0.2.10", 1)) == (
+        None,
+        CONFIG.ipv4,
+    )
+
+
+def test_health_check_needs_a_target_of_the_balancers_family() -> None:
+    with pytest.raises(Rejected, match="is ipv6 but no `ipv6` target") as caught:
+        route(parse(encode_v1("UNKNOWN")), Config(ipv4=CONFIG.ipv4), LOCAL, ("2001:db8::7", 1))
+    assert caught.value.reason == "no-target"

@@ -19,6 +19,7 @@ from .conftest import (
     CLIENT6,
     GW4,
     GW6,
+    PEER4,
     Mmproxy,
     Net,
     Seen,
@@ -148,7 +149,31 @@ def test_local_source_allowed_when_configured(lo_net: Net, run_mmproxy: StartMmp
     ],
     ids=["v2-LOCAL", "v1-UNKNOWN"],
 )
-def test_health_checks_reach_the_target_unspoofed(
+def test_health_checks_reach_the_target_as_the_balancer(
+    net: Net, run_mmproxy: StartMmproxy, health_check: bytes
+) -> None:
+    """A remote balancer's LOCAL / UNKNOWN: the application sees the balancer's own address
+    (the spec's real endpoints), never this host's, so no allowed balancer gets local
+    identity (security issue 11)."""
+    app = start_backend(net.gw, targets(net)[0])
+    run_mmproxy(
+        net,
+        ipv4=app.address,
+        listen=[f"{GW4}:2222"],
+        allowed_networks=[f"{PEER4}/32"],
+    )
+    with net.peer.connect((GW4, 2222)) as sock:
+        port = sock.getsockname()[1]
+        sock.sendall(health_check)
+        assert read_line(sock) == f"{PEER4} {port}\n"
+
+
+@pytest.mark.parametrize(
+    "health_check",
+    [encode_v2("LOCAL", "UNSPEC", None, None), encode_v1("UNKNOWN", None, None)],
+    ids=["v2-LOCAL", "v1-UNKNOWN"],
+)
+def test_health_checks_from_this_host_are_plain(
     lo_net: Net, run_mmproxy: StartMmproxy, health_check: bytes
 ) -> None:
     app = start_backend(lo_net.gw, "127.0.0.1")

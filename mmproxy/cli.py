@@ -144,7 +144,7 @@ def routing_up(config: Config, args: argparse.Namespace) -> int:
         print("mmproxy routing: give --instance NAME or -c FILE", file=sys.stderr)
         return 2
     try:
-        RoutingState(runtime_dir()).up(instance, plan_for(config))
+        RoutingState(runtime_dir()).up(instance, plan_for(config), config.share_table)
     except RoutingError as exc:
         print(f"mmproxy routing: {exc}", file=sys.stderr)
         return 1

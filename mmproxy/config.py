@@ -277,6 +277,18 @@ def _parse_workers(value: _Value) -> int:
     return _integer(1, 256, ' or "auto"')(value)
 
 
+def _parse_mark(value: _Value) -> int:
+    if _is_int(value) and value.data == 0:
+        # `ip rule add fwmark 0` matches every packet: with the table's `local 0.0.0.0/0`,
+        # all of this host's traffic (SSH included) would be delivered to lo.
+        _fail(
+            value,
+            "mark 0 would match every packet (an `ip rule fwmark 0` takes over the whole "
+            "host's routing); pick a non-zero mark, such as the default 123",
+        )
+    return _integer(1, U32_MAX)(value)
+
+
 def _parse_table(value: _Value) -> int:
     table = _integer(1, U32_MAX, " other than 253, 254 and 255")(value)
     if table in RESERVED_TABLES:
@@ -651,7 +663,7 @@ KEYS: tuple[Key, ...] = (
     Key("ipv6", _backend(6), None, "where to connect for IPv6 clients ([IPv6 address]:port)"),
     Key("allowed_networks", _parse_networks, (), "peers allowed to send PROXY headers"),
     Key("allowed_networks_file", _parse_networks_file, None, "more allowed networks, one a line"),
-    Key("mark", _integer(0, U32_MAX), 123, "firewall mark put on connections to the backend"),
+    Key("mark", _parse_mark, 123, "firewall mark put on connections to the backend"),
     Key("table", _parse_table, 100, "routing table that routes replies back to mmproxy"),
     Key("header_timeout", _parse_header_timeout, 5.0, "how long to wait for the PROXY header"),
     Key("connect_timeout", _parse_connect_timeout, 5.0, "how long to wait for the backend"),
@@ -663,6 +675,7 @@ KEYS: tuple[Key, ...] = (
     Key("drain_timeout", _parse_duration, 30.0, "how long a stop waits for connections"),
     Key("check_failure", _choice("fail", "warn"), "fail", "what a failed self-check does"),
     Key("manage_routing", _parse_bool, True, "apply and remove the routing rules"),
+    Key("share_table", _parse_bool, False, "allow `table` to hold routes mmproxy did not add"),
     Key("routing", _choice("auto", "lo", "fwmark"), "auto", "which routing variant to use"),
     Key("firewall", _choice("nftables", "iptables"), "nftables", "tool for the fwmark rules"),
     Key("idle_timeout", _parse_duration, 0.0, "close after this long without traffic"),
@@ -696,6 +709,7 @@ class Config:
     drain_timeout: float = 30.0
     check_failure: str = "fail"
     manage_routing: bool = True
+    share_table: bool = False
     routing: str = "auto"
     firewall: str = "nftables"
     idle_timeout: float = 0.0

@@ -64,7 +64,9 @@ def lo_rule(family: int, table: int) -> Command:
 
 
 def mark_rule(family: int, mark: int, table: int) -> Command:
-    return [*_ip(family), "rule", "add", "fwmark", str(mark), "lookup", str(table)]
+    # An explicit full mask: a bare `fwmark 0` would mean "every packet".
+    selector = f"{mark}/0xffffffff"
+    return [*_ip(family), "rule", "add", "fwmark", selector, "lookup", str(table)]
 
 
 def local_route(family: int, table: int) -> Command:
@@ -150,13 +152,48 @@ def _as_query(add: Command) -> Command:
     return [add[0], add[1], add[2], "show", *add[4:]]
 
 
+def _routes(family: int, table: int) -> list[dict[str, object]]:
+    listing = run([*_ip(family), "-j", "route", "show", "table", str(table)], check=False)
+    routes = json.loads(listing or "[]")  # a table that does not exist yet: empty
+    return [r for r in routes if isinstance(r, dict)]
+
+
+def _is_ours(route: dict[str, object]) -> bool:
+    """The one route mmproxy adds to its table: `local default dev lo`."""
+    return (
+        route.get("type") == "local"
+        and route.get("dst") == "default"
+        and (route.get("dev") == "lo")
+    )
+
+
+def foreign_routes(family: int, table: int) -> list[str]:
+    """Routes in `table` that mmproxy did not put there, as `ip route` would show them."""
+    return [
+        " ".join(str(v) for v in (r.get("type", "unicast"), r.get("dst"), "dev", r.get("dev")))
+        for r in _routes(family, table)
+        if not _is_ours(r)
+    ]
+
+
+def check_table(plan: Plan) -> None:
+    """Refuse a table that already routes other things: `local 0.0.0.0/0` added to it
+    would hijack them (and what uses the table would hijack mmproxy's replies)."""
+    for family in plan.families:
+        found = foreign_routes(family, plan.table)
+        if found:
+            raise RoutingError(
+                f"routing table {plan.table} already holds IPv{family} routes that mmproxy "
+                f"did not add ({'; '.join(found[:3])}): pick a table of mmproxy's own "
+                "(`table:`), or set `share_table: true` if sharing it is intended"
+            )
+
+
 def present(add: Command) -> bool:
     if add[2] == "route":
-        table = add[-1]
+        family, table = int(add[1][1:]), int(add[-1])
         dst = "default" if add[5] in ("0.0.0.0/0", "::/0") else add[5]
-        listing = run([*add[:2], "-j", "route", "show", "table", table], check=False)
-        routes = json.loads(listing or "[]")  # a table that does not exist yet: empty
-        return any(r.get("type") == "local" and r.get("dst") == dst for r in routes)
+        return any(r.get("type") == "local" and r.get("dst") == dst for r in _routes(family, table))
     return bool(run(_as_query(add), check=False).strip())
 
 
@@ -238,9 +275,13 @@ class RoutingState:
         finally:
             os.close(fd)
 
-    def up(self, instance: str, plan: Plan) -> None:
-        """Apply `plan` for `instance`, dropping what its previous plan needed alone."""
+    def up(self, instance: str, plan: Plan, share_table: bool = False) -> None:
+        """Apply `plan` for `instance`, dropping what its previous plan needed alone.
+
+        Unless `share_table`, a table holding routes mmproxy did not add is refused."""
         with self._locked():
+            if not share_table:
+                check_table(plan)
             path = self._path(instance)
             previous = self.plans().get(instance)
             # Written whole then renamed, so no reader ever sees half a state file.

@@ -262,7 +262,9 @@ class UdpForwarder:
             raise Rejected(
                 "invalid-header", "PROXY v1 cannot describe UDP: the balancer must send v2"
             )
-        source, target = route(header, self.config, self._local, balancer, UDP_FAMILIES)
+        source, target = route(
+            header, self.config, self._local, (balancer[0], int(str(balancer[1]))), UDP_FAMILIES
+        )
         key = (listener.sock.fileno(), balancer, source)
         flow = self._flows.get(key)
         if flow is None:

@@ -87,7 +87,7 @@ def last_line(text: str) -> int:
         pytest.param("ipv4", '"tcp://127.0.0.1:22"', Address("127.0.0.1", 22), id="ipv4-tcp"),
         pytest.param("ipv6", '"[::1]:22"', Address("::1", 22), id="ipv6"),
         pytest.param("ipv6", '"[::1]:65535"', Address("::1", 65535), id="ipv6-max-port"),
-        pytest.param("mark", "0", 0, id="mark-zero"),
+        pytest.param("mark", "1", 1, id="mark-one"),
         pytest.param("mark", "4294967295", 2**32 - 1, id="mark-max"),
         pytest.param("mark", "0x7b", 123, id="mark-hex"),
         pytest.param("table", "1", 1, id="table-min"),
@@ -228,9 +228,11 @@ def test_allowed_returns_a_lookup(tmp_path: Path) -> None:
         pytest.param(
             "mark",
             "abc",
-            "mark: expected an integer from 0 to 4294967295, got 'abc'",
+            "mark: expected an integer from 1 to 4294967295, got 'abc'",
             id="mark-string",
         ),
+        pytest.param("mark", "0", "mark 0 would match every packet", id="mark-zero"),
+        pytest.param("mark", "0x0", "mark 0 would match every packet", id="mark-zero-hex"),
         pytest.param("mark", "-1", "got -1", id="mark-negative"),
         pytest.param("mark", "4294967296", "got 4294967296", id="mark-too-big"),
         pytest.param("mark", "1.5", "got 1.5", id="mark-float"),
@@ -302,7 +304,7 @@ def test_error_message_is_one_readable_line(tmp_path: Path) -> None:
     text += "\n\n\nmark: abc\n"
     error = load_error(tmp_path, text)
     assert str(error) == (
-        f"{tmp_path / 'mmproxy.yaml'}:7: mark: expected an integer from 0 to 4294967295, got 'abc'"
+        f"{tmp_path / 'mmproxy.yaml'}:7: mark: expected an integer from 1 to 4294967295, got 'abc'"
     )
 
 
@@ -656,7 +658,7 @@ def test_override_networks_file_replaces_and_is_relative_to_cwd(
     [
         pytest.param(
             Override("mark", "abc", "option --mark"),
-            "option --mark: mark: expected an integer from 0 to 4294967295, got 'abc'",
+            "option --mark: mark: expected an integer from 1 to 4294967295, got 'abc'",
             id="mark-string",
         ),
         pytest.param(
@@ -905,6 +907,7 @@ _BY_KIND: dict[str, list[tuple[str, str]]] = {
 _KIND = {
     "follow_destination_port": "bool",
     "manage_routing": "bool",
+    "share_table": "bool",
     "tcp_keepalive": "bool",
     "allow_local_sources": "bool",
     "drain_timeout": "duration",

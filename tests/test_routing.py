@@ -9,5 +9,5 @@ def test_lo_commands_use_the_table() -> None:
 
 def test_mark_commands_use_mark_and_table() -> None:
     text = [" ".join(c) for c in mark_commands(7, 42)]
-    assert "ip -4 rule add fwmark 7 lookup 42" in text
+    assert "ip -4 rule add fwmark 7/0xffffffff lookup 42" in text
     assert any(t.startswith("ip6tables -t mangle -I OUTPUT -m connmark --mark 7") for t in text)

@@ -87,6 +87,39 @@ def test_routing_up_is_idempotent_and_shared_rules_outlive_one_instance(
     assert bare.gw.sh("ip", "route", "show", "table", "100").stdout == ""
 
 
+def test_routing_up_refuses_a_table_with_routes_it_did_not_add(bare: Net, tmp_path: Path) -> None:
+    """`local 0.0.0.0/0` in a table someone else uses would hijack its traffic."""
+    bare.gw.ip("route", "add", "192.0.2.0/24", "via", PEER4, "table", "100")
+    config = write_config(tmp_path, "ssh", ipv4="127.0.0.1:22")
+    refused = mmproxy(bare, tmp_path, "routing", "up", "-c", str(config))
+    assert refused.returncode == 1
+    assert "routing table 100 already holds IPv4 routes that mmproxy did not add" in refused.stderr
+    assert "192.0.2.0/24" in refused.stderr and "share_table: true" in refused.stderr
+    assert "lookup 100" not in rules(bare)
+    shared = write_config(tmp_path, "ssh", ipv4="127.0.0.1:22", share_table=True)
+    assert mmproxy(bare, tmp_path, "routing", "up", "-c", str(shared)).returncode == 0
+    assert "iif lo lookup 100" in rules(bare)
+
+
+def test_fwmark_rules_carry_an_explicit_full_mask(bare: Net, tmp_path: Path) -> None:
+    config = write_config(tmp_path, "fw", ipv4="127.0.0.1:22", routing="fwmark", mark=1)
+    assert mmproxy(bare, tmp_path, "routing", "up", "-c", str(config)).returncode == 0
+    assert "fwmark 0x1 lookup 100" in rules(bare)
+    # The rule matches mark 1 exactly: an unmarked packet is not sent to table 100.
+    assert "table 100" not in bare.gw.sh("ip", "route", "get", "192.0.2.9").stdout
+    assert "local" in bare.gw.sh("ip", "route", "get", "192.0.2.9", "mark", "1").stdout
+    mmproxy(bare, tmp_path, "routing", "down", "--instance", "fw")
+    assert "lookup 100" not in rules(bare)
+
+
+def test_mark_zero_is_refused_before_touching_the_routing(bare: Net, tmp_path: Path) -> None:
+    config = write_config(tmp_path, "z", ipv4="127.0.0.1:22", routing="fwmark", mark=0)
+    refused = mmproxy(bare, tmp_path, "routing", "up", "-c", str(config))
+    assert refused.returncode == 78
+    assert "mark 0 would match every packet" in refused.stderr
+    assert "100" not in rules(bare)
+
+
 def test_instances_going_up_and_down_at_once_leave_nothing_behind(
     bare: Net, tmp_path: Path
 ) -> None:

@@ -11,7 +11,6 @@ import json
 import shlex
 import socket
 import struct
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -68,7 +67,9 @@ def _effective_capabilities() -> int | None:
     return None
 
 
-def check_capabilities(config: Config) -> list[Result]:
+def check_capabilities(config: Config, host: bool = True) -> list[Result]:
+    """`host`: the host checks run in this process too (the fwmark one needs the right
+    to read firewall rules)."""
     # CAP_NET_ADMIN is all mmproxy needs: IP_TRANSPARENT, IPV6_TRANSPARENT and SO_MARK
     # accept it on every kernel, and reading the fwmark variant's firewall rules needs it.
     # (The kernel also accepts CAP_NET_RAW for the socket options, for SO_MARK only since
@@ -98,7 +99,7 @@ def check_capabilities(config: Config) -> list[Result]:
             r if r.ok else replace(r, detail=f"{r.detail} (the process lacks CAP_NET_ADMIN)")
             for r in results
         ]
-    if config.routing_variant() == "fwmark" and lacks_admin:
+    if host and config.routing_variant() == "fwmark" and lacks_admin:
         results.append(
             Result(
                 False,
@@ -178,7 +179,7 @@ def plan_for(config: Config) -> routing.Plan:
 
 
 def check_target(config: Config, target: Address) -> list[Result]:
-    results = [_routes_locally(target)]
+    results = []
     plain = _connect_check(
         f"target {target} answers a plain connection",
         lambda: open_upstream(target, None, 0, config.connect_timeout),
@@ -201,11 +202,9 @@ def check_target(config: Config, target: Address) -> list[Result]:
 def _routes_locally(target: Address) -> Result:
     what = f"routing to {target.host} points to this host"
     try:
-        proc = subprocess.run(
-            ["ip", "-j", "route", "get", target.host], capture_output=True, text=True, check=False
-        )
-        routes = json.loads(proc.stdout or "[]")
-    except (OSError, ValueError) as exc:
+        listing = routing.run(["ip", "-j", "route", "get", target.host], check=False)
+        routes = json.loads(listing or "[]")
+    except (routing.RoutingError, ValueError) as exc:
         return Result(False, what, str(exc), "apt install iproute2")
     if routes and routes[0].get("type") == "local":
         return Result(True, what)
@@ -297,9 +296,17 @@ def _proc_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ipaddress.ip_address(packed)
 
 
-def run_checks(config: Config, instance: str | None = None) -> list[Result]:
-    results = check_capabilities(config)
-    results += check_routing(config, instance)
+def host_checks(config: Config, instance: str | None = None) -> list[Result]:
+    """The checks that read the host's routing and firewall (netlink): under systemd the
+    root helper (`mmproxy routing up`) runs them, so the daemon needs no netlink socket."""
+    return check_routing(config, instance) + [_routes_locally(t) for t in config.targets()]
+
+
+def run_checks(config: Config, instance: str | None = None, host: bool = True) -> list[Result]:
+    """Every self-check; `host=False` leaves out host_checks (already run as root)."""
+    results = check_capabilities(config, host)
+    if host:
+        results += host_checks(config, instance)
     transports = {address.transport for address in config.listen}
     for target in config.targets():
         if "tcp" in transports:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mmproxy import __version__
-from mmproxy.checks import plan_for, report, run_checks
+from mmproxy.checks import host_checks, plan_for, report, run_checks
 from mmproxy.config import Config, ConfigError, Override, load_config
 from mmproxy.log import setup_logging
 from mmproxy.routing import RoutingError, RoutingState, runtime_dir
@@ -63,6 +63,12 @@ def build_parser(command: str = "run") -> argparse.ArgumentParser:
         help="don't print the routing reminder; log warnings and errors only",
     )  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    if command == "run":
+        parser.add_argument(
+            "--no-host-checks", action="store_true",
+            help="leave out the routing checks: `mmproxy routing up` ran them as root "
+            "(the systemd unit does this, so the daemon needs no netlink socket)",
+        )  # fmt: skip
     parser.add_argument("--version", action="version", version=f"mmproxy {__version__}")
     return parser
 
@@ -119,6 +125,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
         config,
         reload_config=lambda: load_config(args.config, overrides_from(args)),
         instance=instance_name(args),
+        host_checks=not args.no_host_checks,
     )
     try:
         return server.run()
@@ -136,17 +143,29 @@ def check(config: Config, args: argparse.Namespace) -> int:
 
 
 def routing_up(config: Config, args: argparse.Namespace) -> int:
+    """Apply the routing (unless manage_routing is false), then run the host checks: under
+    systemd this root helper runs them, so the daemon needs no netlink socket."""
     instance = instance_name(args)
-    if not config.manage_routing:
-        print(f"mmproxy: manage_routing is false for {instance}: routing left as it is")
-        return 0
     if instance is None:
         print("mmproxy routing: give --instance NAME or -c FILE", file=sys.stderr)
         return 2
-    try:
-        RoutingState(runtime_dir()).up(instance, plan_for(config), config.share_table)
-    except RoutingError as exc:
-        print(f"mmproxy routing: {exc}", file=sys.stderr)
+    if not config.manage_routing:
+        print(f"mmproxy: manage_routing is false for {instance}: routing left as it is")
+    else:
+        try:
+            RoutingState(runtime_dir()).up(instance, plan_for(config), config.share_table)
+        except RoutingError as exc:
+            print(f"mmproxy routing: {exc}", file=sys.stderr)
+            return 1
+    results = host_checks(config, instance)
+    print(report(results))
+    failed = sum(not r.ok for r in results)
+    if failed and config.check_failure == "fail":
+        print(
+            f"mmproxy routing: {failed} host checks failed; not starting "
+            "(set check_failure: warn to start anyway)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -25,6 +26,8 @@ from pathlib import Path
 
 Command = list[str]
 NFT_TABLE = "mmproxy"  # `table inet mmproxy`: ours alone, removed whole when unused
+# Where ip, nft and iptables are looked for, in order. This runs as root: never $PATH.
+TOOL_DIRS = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
 
 
 class RoutingError(Exception):
@@ -130,9 +133,28 @@ def mark_commands(mark: int, table: int) -> list[Command]:
 # --- applying and removing -----------------------------------------------------------
 
 
+def executable(name: str) -> str | None:
+    """The absolute path of a tool in TOOL_DIRS, or None when none has it."""
+    for directory in TOOL_DIRS:
+        path = os.path.join(directory, name)
+        if os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def _absolute(cmd: Command) -> Command:
+    """`cmd` with its tool by absolute path (commands stay short where they are shown)."""
+    path = executable(cmd[0])
+    if path is None:
+        raise FileNotFoundError(cmd[0])
+    return [path, *cmd[1:]]
+
+
 def run(cmd: Command, stdin: str | None = None, check: bool = True) -> str:
     try:
-        proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True, check=False)
+        proc = subprocess.run(
+            _absolute(cmd), input=stdin, capture_output=True, text=True, check=False
+        )
     except FileNotFoundError as exc:
         raise RoutingError(f"`{cmd[0]}` is not installed (needed for `{' '.join(cmd)}`)") from exc
     if check and proc.returncode != 0:
@@ -142,7 +164,7 @@ def run(cmd: Command, stdin: str | None = None, check: bool = True) -> str:
 
 def succeeds(cmd: Command) -> bool:
     try:
-        return subprocess.run(cmd, capture_output=True, check=False).returncode == 0
+        return subprocess.run(_absolute(cmd), capture_output=True, check=False).returncode == 0
     except FileNotFoundError:
         return False
 
@@ -260,9 +282,9 @@ class RoutingState:
         for path in sorted(self.directory.glob("*.json")):
             if path.stem == excluding:
                 continue
-            data = json.loads(path.read_text())
-            data["families"] = tuple(data["families"])
-            found[path.stem] = Plan(**data)
+            plan = _read_plan(path)
+            if plan is not None:
+                found[path.stem] = plan
         return found
 
     @contextmanager
@@ -297,16 +319,36 @@ class RoutingState:
         if not self._path(instance).exists():
             return
         with self._locked():
-            plan = self.plans().get(instance)
-            if plan is None:
+            path = self._path(instance)
+            if not path.exists():
                 return
-            self._path(instance).unlink()
-            self._withdraw_unneeded(plan.needs())
+            plan = _read_plan(path)  # None when corrupt: the file goes, nothing is withdrawn
+            path.unlink()
+            if plan is not None:
+                self._withdraw_unneeded(plan.needs())
 
     def _withdraw_unneeded(self, items: Iterable[tuple[object, ...]]) -> None:
         still = set().union(*(p.needs() for p in self.plans().values()))
         for item in sorted(set(items) - still, key=str):
             withdraw(item)
+
+
+def _read_plan(path: Path) -> Plan | None:
+    """One state file's plan; None (with a warning) when it is unreadable or corrupt, so
+    that one bad file cannot stop up/down for every instance."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        plan = Plan(
+            variant=str(data["variant"]),
+            mark=int(data["mark"]),
+            table=int(data["table"]),
+            families=tuple(int(f) for f in data["families"]),
+            firewall=str(data.get("firewall", "nftables")),
+        )
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        print(f"mmproxy routing: ignoring corrupt state file {path}: {exc!r}", file=sys.stderr)
+        return None
+    return plan
 
 
 def runtime_dir() -> Path:

@@ -99,9 +99,11 @@ class Server:
         reload_config: Callable[[], Config] | None = None,
         instance: str | None = None,
         notifier: Notifier | None = None,
+        host_checks: bool = True,
     ) -> None:
         self.config = config
         self.instance = instance
+        self.host_checks = host_checks  # False: the root helper ran them (see checks.py)
         self._reload_config = reload_config
         self.notifier = notifier or Notifier()
         self.forwarder: Forwarder | None = None
@@ -132,7 +134,7 @@ class Server:
 
     def self_check(self) -> bool:
         """Run the checks and log them; False when a failure should stop the start."""
-        results = run_checks(self.config, self.instance)
+        results = run_checks(self.config, self.instance, self.host_checks)
         failed = [r for r in results if not r.ok]
         for result in results:
             (log.info if result.ok else log.error)("%s", result.line())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -118,6 +119,63 @@ def test_mark_zero_is_refused_before_touching_the_routing(bare: Net, tmp_path: P
     assert refused.returncode == 78
     assert "mark 0 would match every packet" in refused.stderr
     assert "100" not in rules(bare)
+
+
+def test_routing_up_runs_the_host_checks_and_fails_when_they_fail(
+    bare: Net, tmp_path: Path
+) -> None:
+    """Under systemd the root helper runs the checks that read netlink, so the daemon
+    needs no AF_NETLINK; a failure there must still stop the start, with the fix."""
+    config = write_config(tmp_path, "ssh", ipv4="127.0.0.1:22", manage_routing=False)
+    failed = mmproxy(bare, tmp_path, "routing", "up", "-c", str(config))
+    assert failed.returncode == 1
+    assert "[!] FAILED    ip -4 rule add from 127.0.0.1/8 iif lo table 100" in failed.stdout
+    assert "[+] VERIFIED  routing to 127.0.0.1 points to this host" in failed.stdout
+    assert "host checks failed; not starting" in failed.stderr
+    managed = write_config(tmp_path, "ssh", ipv4="127.0.0.1:22")
+    done = mmproxy(bare, tmp_path, "routing", "up", "-c", str(managed))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "[+] VERIFIED  ip -4 rule add from 127.0.0.1/8 iif lo table 100" in done.stdout
+
+
+def test_routing_tools_are_run_by_absolute_path(bare: Net, tmp_path: Path) -> None:
+    """The helper runs as root: an `ip` earlier on $PATH must never be the one run."""
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    marker = tmp_path / "ran"
+    for tool in ("ip", "nft", "iptables", "ip6tables"):
+        (evil / tool).write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+        (evil / tool).chmod(0o755)
+    config = write_config(tmp_path, "ssh", ipv4="127.0.0.1:22", routing="fwmark")
+    env = {
+        **os.environ,
+        "MMPROXY_RUNTIME_DIR": str(tmp_path / "run"),
+        "PATH": f"{evil}:{os.environ['PATH']}",
+    }
+    argv = bare.gw.exec_args(sys.executable, "-m", "mmproxy", "routing", "up", "-c", str(config))
+    argv[0] = shutil.which("ip", path="/usr/sbin:/usr/bin") or "/usr/bin/ip"  # the test's own
+    up = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert not marker.exists()
+    assert "fwmark 0x7b lookup 100" in rules(bare)
+
+
+def test_a_corrupt_state_file_does_not_stop_up_or_down(bare: Net, tmp_path: Path) -> None:
+    run = tmp_path / "run" / "routing"
+    run.mkdir(parents=True)
+    (run / "broken.json").write_text('{"variant": "lo", "mark"')
+    (run / "odd.json").write_text("[1, 2]")
+    config = write_config(tmp_path, "ssh", ipv4="127.0.0.1:22")
+    up = mmproxy(bare, tmp_path, "routing", "up", "-c", str(config))
+    assert up.returncode == 0, up.stderr
+    assert f"ignoring corrupt state file {run / 'broken.json'}" in up.stderr
+    assert "iif lo lookup 100" in rules(bare)
+    down = mmproxy(bare, tmp_path, "routing", "down", "--instance", "ssh")
+    assert down.returncode == 0, down.stderr
+    assert "lookup 100" not in rules(bare)
+    down = mmproxy(bare, tmp_path, "routing", "down", "--instance", "broken")
+    assert down.returncode == 0, down.stderr
+    assert not (run / "broken.json").exists()
 
 
 def test_instances_going_up_and_down_at_once_leave_nothing_behind(

@@ -1,0 +1,21 @@
+"""The shipped systemd units: what they grant the daemon."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SERVICE = Path(__file__).parent.parent / "units" / "mmproxy@.service"
+
+
+def _values(key: str) -> list[str]:
+    prefix = f"{key}="
+    return [
+        line[len(prefix) :] for line in SERVICE.read_text().splitlines() if line.startswith(prefix)
+    ]
+
+
+def test_the_daemon_gets_no_netlink_socket() -> None:
+    """The routing checks (netlink) run in the root ExecStartPre helper instead."""
+    assert _values("RestrictAddressFamilies") == ["AF_INET AF_INET6 AF_UNIX"]
+    assert any(v.startswith("+/usr/bin/mmproxy routing up ") for v in _values("ExecStartPre"))
+    assert all("--no-host-checks" in v for v in _values("ExecStart"))

@@ -26,7 +26,7 @@ import pytest
 from mmproxy.netns import NetNS, link
 from mmproxy.proxy_protocol import PP2_TYPE_CRC32C, PP2_TYPE_NOOP, V2_SIGNATURE, crc32c
 
-from .conftest import GW4, GW6, PEER4, PEER6, Mmproxy, Net
+from .conftest import GW4, GW6, PEER4, PEER6, Backend, Mmproxy, Net, tell_peer
 
 CLIENT_NET4 = "192.0.2.7", "192.0.2.1"  # the client, the balancer's address facing it
 APP_PORT = 8080
@@ -317,3 +317,71 @@ def test_aws_nlb_style_health_check(bed: Bed) -> None:
     line = bed.app.wait_line("/nlb-health")
     # Depends on the lead's policy change (issue 13), as for HAProxy's check above.
     assert peer_of(line) == PEER4, line
+
+
+# --- port ranges: a game server's span of ports through HAProxy ------------------------------
+
+RANGE = range(27015, 27018)
+RANGE_HAPROXY_CONFIG = """\
+global
+    maxconn 64
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend game
+    bind {bind}:{first}-{last}
+    default_backend gateway
+backend gateway
+    # No port: each connection goes to the port the client connected to.
+    server mmproxy {gateway} send-proxy-v2
+"""
+
+
+@pytest.mark.parametrize("follow", [True, False], ids=["follow_destination_port", "one-target"])
+def test_listen_port_range_through_haproxy(
+    lo_net: Net, run_mmproxy: Callable[..., Mmproxy], tmp_path: Path, follow: bool
+) -> None:
+    client = NetNS("mmp-client")
+    link(client, lo_net.peer, [f"{CLIENT_NET4[0]}/24"], [f"{CLIENT_NET4[1]}/24"])
+    apps = {port: lo_net.gw.listen(("127.0.0.1", port)) for port in RANGE}
+    backends = {port: Backend(sock, tell_peer) for port, sock in apps.items()}
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(
+        RANGE_HAPROXY_CONFIG.format(
+            bind=CLIENT_NET4[1], first=RANGE[0], last=RANGE[-1], gateway=GW4
+        )
+    )
+    proc = subprocess.Popen(
+        lo_net.peer.exec_args(_tool("haproxy"), "-f", str(config), "-db"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        run_mmproxy(
+            lo_net,
+            listen=[f"{GW4}:{RANGE[0]}-{RANGE[-1]}"],
+            allowed_networks=["198.51.100.0/24"],
+            ipv4=f"127.0.0.1:{RANGE[0]}",
+            follow_destination_port=follow,
+        )
+        for backend in backends.values():
+            backend.seen.clear()  # mmproxy's start-up self-checks
+        for port in RANGE:
+            wait_connect(client, (CLIENT_NET4[1], port), proc)
+            with client.connect((CLIENT_NET4[1], port), timeout=10) as sock:
+                line = sock.makefile("rb").readline().decode()
+            assert line.split()[0] == CLIENT_NET4[0], line
+        served = {port: len(b.seen) for port, b in backends.items()}
+        if follow:
+            # Each port of the range reaches the same port on the target.
+            assert all(count >= 1 for count in served.values()), served
+        else:
+            assert served[RANGE[0]] >= len(RANGE) and served[RANGE[-1]] == 0, served
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        for backend in backends.values():
+            backend.close()
+        client.delete()

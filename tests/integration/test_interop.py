@@ -24,9 +24,15 @@ from pathlib import Path
 import pytest
 
 from mmproxy.netns import NetNS, link
-from mmproxy.proxy_protocol import PP2_TYPE_CRC32C, PP2_TYPE_NOOP, V2_SIGNATURE, crc32c
+from mmproxy.proxy_protocol import (
+    PP2_TYPE_CRC32C,
+    PP2_TYPE_NOOP,
+    V2_SIGNATURE,
+    crc32c,
+    encode_v1,
+)
 
-from .conftest import GW4, GW6, PEER4, PEER6, Backend, Mmproxy, Net, tell_peer
+from .conftest import CLIENT4, GW4, GW6, PEER4, PEER6, Backend, Mmproxy, Net, tell_peer
 
 CLIENT_NET4 = "192.0.2.7", "192.0.2.1"  # the client, the balancer's address facing it
 APP_PORT = 8080
@@ -385,3 +391,35 @@ def test_listen_port_range_through_haproxy(
         for backend in backends.values():
             backend.close()
         client.delete()
+
+
+def test_wider_span_redirected_to_one_listener(
+    lo_net: Net, run_mmproxy: Callable[..., Mmproxy]
+) -> None:
+    # The set-up the docs give past the 1,024-port cap: the firewall steers the whole
+    # span to one listener; the header still names the port the client asked for.
+    rules = (
+        "add table inet mmprange\n"
+        "add chain inet mmprange pre { type nat hook prerouting priority dstnat; }\n"
+        f"add rule inet mmprange pre ip daddr {GW4} tcp dport 20000-40000 redirect to :2222\n"
+    )
+    subprocess.run(lo_net.gw.exec_args("nft", "-f", "-"), input=rules, text=True, check=True)
+    port = 31337
+    backend = Backend(lo_net.gw.listen(("127.0.0.1", port)), tell_peer)
+    try:
+        run_mmproxy(
+            lo_net,
+            listen=[f"{GW4}:2222"],
+            allowed_networks=["198.51.100.0/24"],
+            ipv4="127.0.0.1:22",
+            follow_destination_port=True,
+            check_failure="warn",  # nothing listens on the configured port 22
+        )
+        header = encode_v1("TCP4", (CLIENT4, 40000), (GW4, port))
+        with lo_net.peer.connect((GW4, port), timeout=10) as sock:
+            sock.sendall(header)
+            line = sock.makefile("rb").readline().decode()
+        assert line.split()[0] == CLIENT4, line
+        assert len(backend.seen) == 1
+    finally:
+        backend.close()

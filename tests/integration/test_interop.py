@@ -30,9 +30,10 @@ from mmproxy.proxy_protocol import (
     V2_SIGNATURE,
     crc32c,
     encode_v1,
+    encode_v2,
 )
 
-from .conftest import CLIENT4, GW4, GW6, PEER4, PEER6, Backend, Mmproxy, Net, tell_peer
+from .conftest import CLIENT4, CLIENT6, GW4, GW6, PEER4, PEER6, Backend, Mmproxy, Net, tell_peer
 
 CLIENT_NET4 = "192.0.2.7", "192.0.2.1"  # the client, the balancer's address facing it
 APP_PORT = 8080
@@ -423,3 +424,58 @@ def test_wider_span_redirected_to_one_listener(
         assert len(backend.seen) == 1
     finally:
         backend.close()
+
+
+def test_a_full_1024_port_range_serves_its_last_port(
+    lo_net: Net, run_mmproxy: Callable[..., Mmproxy]
+) -> None:
+    backend = Backend(lo_net.gw.listen(("127.0.0.1", 0)), tell_peer)
+    try:
+        proc = run_mmproxy(
+            lo_net,
+            listen=[f"{GW4}:10000-11023"],
+            allowed_networks=["198.51.100.0/24"],
+            ipv4=backend.address,
+        )
+        proc.wait_for(rf"listening on {GW4}:11023\b")
+        assert sum("listening on" in line for line in proc.lines) == 1024
+        backend.seen.clear()  # mmproxy's start-up self-checks
+        for port in (10000, 11023):
+            with lo_net.peer.connect((GW4, port), timeout=10) as sock:
+                sock.sendall(encode_v1("TCP4", (CLIENT4, 40000), (GW4, port)))
+                line = sock.makefile("rb").readline().decode()
+            assert line.split()[0] == CLIENT4, line
+        assert len(backend.seen) == 2
+    finally:
+        backend.close()
+
+
+def test_udp_range_follows_the_destination_port(
+    lo_net: Net, run_mmproxy: Callable[..., Mmproxy]
+) -> None:
+    apps = []
+    for port in (7000, 7001, 7002):
+        sock = lo_net.gw.open_socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        sock.bind(("::1", port))
+        apps.append(sock)
+    try:
+        run_mmproxy(
+            lo_net,
+            listen=[f"udp://[{GW6}]:7000-7002"],
+            allowed_networks=["2001:db8:1::/64"],
+            ipv6="[::1]:7000",
+            follow_destination_port=True,
+            check_failure="warn",  # the UDP self-check wants a reply from the application
+        )
+        lb = lo_net.peer.open_socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        with lb:
+            lb.sendto(
+                encode_v2("PROXY", "UDP6", (CLIENT6, 40000), (GW6, 7002)) + b"ping",
+                (GW6, 7002),
+            )
+            apps[2].settimeout(10)
+            payload, peer = apps[2].recvfrom(100)
+        assert (payload, peer[0]) == (b"ping", CLIENT6)
+    finally:
+        for sock in apps:
+            sock.close()

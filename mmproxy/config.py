@@ -577,7 +577,8 @@ def _parse_port_range(text: str) -> range:
     if last - first + 1 > MAX_LISTEN_RANGE:
         raise ValueError(
             f"port range {text!r} has {last - first + 1} ports, at most {MAX_LISTEN_RANGE}; "
-            "for more, use a TPROXY set-up (see mmproxy.yaml(5), PORT RANGES)"
+            "for more, redirect the span to one port in the firewall (a TPROXY-style "
+            "set-up: mmproxy.yaml(5), PORT RANGES)"
         )
     return range(first, last + 1)
 

@@ -534,7 +534,7 @@ def _parse_port(port: str) -> int:
 
 
 # Ports in one `listen:` range. Each port is a socket (and a systemd ListenStream), so a
-# wider span belongs to a TPROXY set-up, which needs no socket per port.
+# wider span belongs to a firewall redirect onto one port, which needs no socket per port.
 MAX_LISTEN_RANGE = 1024
 
 

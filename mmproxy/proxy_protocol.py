@@ -539,8 +539,8 @@ def _parse_v2(buf: bytes) -> ProxyHeader:
     if command == "LOCAL":
         # The spec: accept, use the real endpoints, "discard the protocol block including
         # the family which is ignored". So no length, family or TLV check: a balancer's
-        # health check (AWS NLB: TCP4 with length 0, or a block padded with NOOP TLVs)
-        # must never be refused, and nothing from these bytes is ever used.
+        # health check (TCP4 with length 0, an opaque UNSPEC block, NOOP padding) must
+        # never be refused, and nothing from these bytes is ever used.
         if size < length:
             raise IncompleteHeader(length - size)
         return ProxyHeader(2, "LOCAL", "UNSPEC", None, None, length)

@@ -52,7 +52,8 @@ def build_parser(command: str = "run") -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument(
         "-l", "--listen", action="append", metavar="ADDR",
-        help="address to listen on, e.g. 0.0.0.0:2222 or [::]:2222 (repeatable)",
+        help="address to listen on, e.g. 0.0.0.0:2222, [::]:2222 or a port range "
+        "0.0.0.0:27015-27030 (repeatable)",
     )  # fmt: skip
     parser.add_argument("-4", "--ipv4", metavar="ADDR", help="IPv4 target, e.g. 127.0.0.1:22")
     parser.add_argument("-6", "--ipv6", metavar="ADDR", help="IPv6 target, e.g. [::1]:22")

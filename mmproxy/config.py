@@ -41,6 +41,7 @@ __all__ = [
     "Override",
     "load_config",
     "parse_address",
+    "parse_listen",
 ]
 
 U32_MAX = 2**32 - 1
@@ -544,9 +545,19 @@ def _parse_port(port: str) -> int:
     return number
 
 
+# Ports in one `listen:` range. Each port is a socket (and a systemd ListenStream), so a
+# wider span belongs to a firewall redirect onto one port, which needs no socket per port.
+MAX_LISTEN_RANGE = 1024
+
+
 def _address(text: str, udp: bool = False) -> Address:
     """Parse [tcp://]host:port or [tcp://][v6]:port (and udp:// when `udp`); ValueError
     says what to write."""
+    return _addresses(text, udp, ranges=False)[0]
+
+
+def _addresses(text: str, udp: bool, ranges: bool) -> tuple[Address, ...]:
+    """One address, or with `ranges` one per port of host:FIRST-LAST, in port order."""
     original = text
     try:
         if not text.strip():
@@ -555,9 +566,33 @@ def _address(text: str, udp: bool = False) -> Address:
             raise ValueError("addresses cannot contain spaces")
         transport, rest = _strip_scheme(text, udp)
         host, port = _split_host_port(rest)
-        return Address(_parse_host(host, port), _parse_port(port), transport)
+        if "-" in port.lstrip("+-"):
+            if not ranges:
+                raise ValueError("a port range (FIRST-LAST) is only allowed in `listen`")
+            ports = _parse_port_range(port)
+        else:
+            number = _parse_port(port)
+            ports = range(number, number + 1)
+        ip = _parse_host(host, str(ports[0]))
+        return tuple(Address(ip, number, transport) for number in ports)
     except ValueError as exc:
         raise ValueError(f"invalid address {original!r}: {exc}") from None
+
+
+def _parse_port_range(text: str) -> range:
+    first_text, _, last_text = text.partition("-")
+    if not first_text or not last_text or "-" in last_text:
+        raise ValueError(f"port range {text!r}: expected FIRST-LAST, e.g. 27015-27030")
+    first, last = _parse_port(first_text), _parse_port(last_text)
+    if first > last:
+        raise ValueError(f"port range {text!r} runs backwards; write {last}-{first}")
+    if last - first + 1 > MAX_LISTEN_RANGE:
+        raise ValueError(
+            f"port range {text!r} has {last - first + 1} ports, at most {MAX_LISTEN_RANGE}; "
+            "for more, redirect the span to one port in the firewall (a TPROXY-style "
+            "set-up: mmproxy.yaml(5), PORT RANGES)"
+        )
+    return range(first, last + 1)
 
 
 def parse_address(text: str, *, what: str) -> Address:
@@ -572,10 +607,27 @@ def parse_address(text: str, *, what: str) -> Address:
         raise ConfigError(str(exc), key=what) from None
 
 
+def parse_listen(text: str) -> tuple[Address, ...]:
+    """A `listen:` entry: one address, or one per port of a range such as
+    "0.0.0.0:27015-27030" or "udp://[::]:7000-7010"."""
+    try:
+        return _addresses(text, udp=True, ranges=True)
+    except ValueError as exc:
+        raise ConfigError(str(exc), key="listen") from None
+
+
 def _address_value(value: _Value, udp: bool = False) -> Address:
     text = _expect_str(value, 'an address string like "127.0.0.1:22" or "[::1]:22"')
     try:
         return _address(text, udp)
+    except ValueError as exc:
+        _fail(value, str(exc))
+
+
+def _listen_value(value: _Value) -> tuple[Address, ...]:
+    text = _expect_str(value, 'an address string like "0.0.0.0:2222" or "[::]:7000-7010"')
+    try:
+        return _addresses(text, udp=True, ranges=True)
     except ValueError as exc:
         _fail(value, str(exc))
 
@@ -596,10 +648,10 @@ def _parse_listen(value: _Value) -> tuple[Address, ...]:
         _fail(value, 'empty list; expected at least one address, e.g. ["0.0.0.0:2222"]')
     seen: dict[Address, int | None] = {}
     for item in items:
-        address = _address_value(item, udp=True)
-        if address in seen:
-            _fail(item, f"{address} is listed twice (also on line {seen[address]}); keep one")
-        seen[address] = item.where.line
+        for address in _listen_value(item):
+            if address in seen:
+                _fail(item, f"{address} is listed twice (also on line {seen[address]}); keep one")
+            seen[address] = item.where.line
     return tuple(seen)
 
 
@@ -658,7 +710,7 @@ class Key:
 
 
 KEYS: tuple[Key, ...] = (
-    Key("listen", _parse_listen, (), "addresses to accept PROXY-protocol connections on"),
+    Key("listen", _parse_listen, (), "addresses (or port ranges) to accept connections on"),
     Key("ipv4", _backend(4), None, "where to connect for IPv4 clients (IPv4 address:port)"),
     Key("ipv6", _backend(6), None, "where to connect for IPv6 clients ([IPv6 address]:port)"),
     Key("allowed_networks", _parse_networks, (), "peers allowed to send PROXY headers"),

@@ -2,8 +2,9 @@
 
 systemd cannot read a socket's address from a file, so at every daemon-reload (and
 `systemctl enable` reloads) this writes, for each /etc/mmproxy/NAME.yaml, a drop-in
-mmproxy@NAME.socket.d/50-listen.conf with the `listen:` addresses. A generator must
-never fail the boot: a file it cannot read is reported and skipped.
+mmproxy@NAME.socket.d/50-listen.conf with the `listen:` addresses (a port range expanded
+to one line per port). A generator must never fail the boot: a file it cannot read is
+reported and skipped.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from mmproxy.config import Address, ConfigError, parse_address
+from mmproxy.config import Address, ConfigError, parse_listen
 
 CONFIG_DIR = "/etc/mmproxy"
 EXAMPLE = "example.yaml"
@@ -34,7 +35,11 @@ def listen_addresses(path: Path) -> list[Address]:
     items = [listen] if isinstance(listen, str) else listen
     if not isinstance(items, list) or not items:
         raise ConfigError("no `listen:` addresses", path=str(path), key="listen")
-    return [parse_address(str(item), what="listen") for item in items]
+    try:
+        # A port range ("0.0.0.0:27015-27030") becomes one socket line per port.
+        return [address for item in items for address in parse_listen(str(item))]
+    except ConfigError as exc:
+        raise ConfigError(exc.message, path=str(path), key="listen") from None
 
 
 def dropin(path: Path, addresses: Sequence[Address]) -> str:

@@ -3,8 +3,13 @@
 A pure codec: no I/O, no sockets opened, no logging. `parse` answers one of three ways:
 a complete header (`ProxyHeader`, with `length` the exact number of bytes it occupies),
 a prefix of a possibly valid header (`IncompleteHeader`, with a lower bound of the bytes
-still missing), or bytes that can never become a header (`InvalidHeader`, raised as soon
-as one byte proves it, with a message written for an admin's log).
+still missing), or bytes that can never become a header (`InvalidHeader`, with a message
+written for an admin's log). A v1 line is refused as soon as one byte proves it wrong; a
+v2 header is judged once its 16-byte fixed part is in, never on a shorter prefix.
+
+The v2 LOCAL command (a balancer's own health check) is taken as the spec says: the
+receiver uses the real connection's endpoints and ignores the family byte and everything
+after the fixed part, so those bytes are skipped, never judged.
 
 Where the spec leaves the receiver a choice this module takes the strict one; every such
 place is marked "STRICT" with the reason next to it.
@@ -153,7 +158,7 @@ class ProxyHeader:
 
     version: int  # 1 or 2
     command: str  # "PROXY" or "LOCAL"
-    family: str  # TCP4 TCP6 UDP4 UDP6 UNIX_STREAM UNIX_DGRAM, UNKNOWN (v1), UNSPEC (v2)
+    family: str  # TCP4 TCP6 UDP4 UDP6 UNIX_STREAM UNIX_DGRAM, UNKNOWN (v1), UNSPEC (v2 LOCAL)
     source: Address | None  # (ip, port) for inet families, else None
     destination: Address | None
     length: int
@@ -507,8 +512,8 @@ def _port_problem(token: bytes) -> str | None:
 
 
 _V2_COMMANDS: Final = {0x0: "LOCAL", 0x1: "PROXY"}
-# family/transport byte -> (family name, address block size). STRICT: only the bytes the
-# spec lists; nibble-valid mixes such as 0x01 or 0x10 are rejected, under LOCAL too.
+# family/transport byte -> (family name, address block size). STRICT under PROXY: only
+# the bytes the spec lists; nibble-valid mixes such as 0x01 or 0x10 are rejected.
 _V2_FAMILIES: Final = {
     0x00: ("UNSPEC", 0),
     0x11: ("TCP4", 12),
@@ -525,13 +530,23 @@ _INET6_BLOCK: Final = struct.Struct("!16s16sHH")
 def _parse_v2(buf: bytes) -> ProxyHeader:
     """Parse a header whose first 12 bytes are the v2 signature."""
     size = len(buf)
-    command, family, block = _v2_fixed_part(buf)
     if size < 16:
+        # Nothing is judged before the fixed part is whole: a sender may write it in
+        # pieces, and a LOCAL header's family byte means nothing until byte 13 says LOCAL.
         raise IncompleteHeader(16 - size)
     length = 16 + ((buf[14] << 8) | buf[15])
+    command = _v2_command(buf[12])
+    if command == "LOCAL":
+        # The spec: accept, use the real endpoints, "discard the protocol block including
+        # the family which is ignored". So no length, family or TLV check: a balancer's
+        # health check (TCP4 with length 0, an opaque UNSPEC block, NOOP padding) must
+        # never be refused, and nothing from these bytes is ever used.
+        if size < length:
+            raise IncompleteHeader(length - size)
+        return ProxyHeader(2, "LOCAL", "UNSPEC", None, None, length)
+    family, block = _v2_family(buf[13])
     if length - 16 < block:
-        # STRICT, LOCAL included: the spec lets LOCAL's block be discarded, but a block
-        # shorter than its own family says means a broken sender. Known at byte 16.
+        # STRICT: a block shorter than its own family says means a broken sender.
         raise InvalidHeader(
             f"v2: length field is {length - 16}, too short for the {block}-byte "
             f"{family} address block"
@@ -550,25 +565,19 @@ def _parse_v2(buf: bytes) -> ProxyHeader:
         src, dst, sport, dport = _INET6_BLOCK.unpack_from(buf, 16)
         source = (socket.inet_ntop(socket.AF_INET6, src), sport)
         destination = (socket.inet_ntop(socket.AF_INET6, dst), dport)
-    elif block == 216:
+    else:
         source_path = _unix_path(buf[16:124])
         destination_path = _unix_path(buf[124:232])
     tlvs: list[Tlv] = []
-    # STRICT (like HAProxy since 2024): everything after the family's block is TLVs, so a
-    # LOCAL+UNSPEC header carrying an opaque address block is rejected, not skipped.
+    # STRICT (like HAProxy): everything after the family's block is TLVs.
     if length > 16 + block:
         tlvs = _v2_tlvs(buf, 16 + block, length)
     return ProxyHeader(
-        2, command, family, source, destination, length, tlvs, source_path, destination_path
+        2, "PROXY", family, source, destination, length, tlvs, source_path, destination_path
     )
 
 
-def _v2_fixed_part(buf: bytes) -> tuple[str, str, int]:
-    """Check bytes 13 and 14 as far as they are present; return (command, family, block)."""
-    size = len(buf)
-    if size < 13:
-        raise IncompleteHeader(16 - size)
-    ver_cmd = buf[12]
+def _v2_command(ver_cmd: int) -> str:
     if ver_cmd >> 4 != 2:
         raise InvalidHeader(
             f"v2: unsupported version {ver_cmd >> 4} (byte 13 is 0x{ver_cmd:02X}; must be 2)"
@@ -579,19 +588,20 @@ def _v2_fixed_part(buf: bytes) -> tuple[str, str, int]:
             f"v2: undefined command {ver_cmd & 0x0F} (byte 13 is 0x{ver_cmd:02X}; "
             "only 0 LOCAL and 1 PROXY exist)"
         )
-    if size < 14:
-        raise IncompleteHeader(16 - size)
-    fam = buf[13]
+    return command
+
+
+def _v2_family(fam: int) -> tuple[str, int]:
+    """(family, address block size) for a PROXY command's family/transport byte."""
     entry = _V2_FAMILIES.get(fam)
     if entry is None:
         raise InvalidHeader(_v2_bad_family(fam))
-    family, block = entry
-    if command == "PROXY" and family == "UNSPEC":
+    if entry[0] == "UNSPEC":
         # STRICT: the spec lets the receiver accept this or reject it. A relayed connection
         # whose client is unknown cannot be forwarded with the right source; refusing it
         # is safer than silently using the balancer's own address.
         raise InvalidHeader("v2: PROXY command with UNSPEC family (0x00): no client address")
-    return command, family, block
+    return entry
 
 
 def _v2_bad_family(fam: int) -> str:

@@ -51,3 +51,28 @@ def test_udp_listeners_become_datagram_sockets(tmp_path: Path) -> None:
     expected = "ListenStream=0.0.0.0:53\nListenDatagram=0.0.0.0:53\nListenDatagram=[::1]:5353\n"
     assert expected in dns
     assert "BindIPv6Only" not in dns  # no IPv6 wildcard beside an IPv4 one on the same port
+
+
+def test_port_ranges_become_one_socket_line_per_port(tmp_path: Path) -> None:
+    etc, out = tmp_path / "etc", tmp_path / "out"
+    etc.mkdir()
+    write(etc, "game.yaml", 'listen: ["0.0.0.0:27015-27017", "udp://[::]:7000-7001"]\n')
+    assert generate(etc, out) == []
+    game = (out / "mmproxy@game.socket.d" / "50-listen.conf").read_text()
+    expected = (
+        "ListenStream=0.0.0.0:27015\nListenStream=0.0.0.0:27016\nListenStream=0.0.0.0:27017\n"
+        "ListenDatagram=[::]:7000\nListenDatagram=[::]:7001\n"
+    )
+    assert expected in game
+
+
+def test_a_range_past_the_cap_is_reported_and_skipped(tmp_path: Path) -> None:
+    etc, out = tmp_path / "etc", tmp_path / "out"
+    etc.mkdir()
+    write(etc, "wide.yaml", 'listen: "0.0.0.0:10000-11024"\n')  # 1,025 ports
+    write(etc, "cap.yaml", 'listen: "0.0.0.0:10000-11023"\n')  # 1,024: allowed
+    [problem] = generate(etc, out)
+    assert "wide.yaml" in problem and "at most 1024" in problem and "TPROXY" in problem
+    assert not (out / "mmproxy@wide.socket.d").exists()
+    cap = (out / "mmproxy@cap.socket.d" / "50-listen.conf").read_text()
+    assert cap.count("ListenStream=") == 1024

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mmproxy.config import KEYS, ConfigError, load_config
-from mmproxy.proxy_protocol import IncompleteHeader, encode_v1, encode_v2, parse
+from mmproxy.proxy_protocol import V2_SIGNATURE, IncompleteHeader, encode_v1, encode_v2, parse
 
 ports = st.integers(0, 65535)
 ipv4 = st.integers(0, 2**32 - 1).map(lambda n: str(ipaddress.IPv4Address(n)))
@@ -51,6 +51,32 @@ def test_every_prefix_of_a_header_is_incomplete(header: bytes) -> None:
             assert exc.needed >= 1
         else:
             raise AssertionError(f"a {end}-byte prefix parsed")
+
+
+@given(st.integers(0, 255), st.binary(max_size=300), st.binary(max_size=32))
+def test_any_v2_local_header_is_accepted_whole(family: int, block: bytes, after: bytes) -> None:
+    # The spec: under LOCAL the family and the block are ignored, whatever they hold.
+    header = V2_SIGNATURE + bytes((0x20, family)) + len(block).to_bytes(2, "big") + block
+    parsed = parse(header + after)
+    assert (parsed.command, parsed.length, parsed.source) == ("LOCAL", len(header), None)
+    for end in range(len(header)):
+        try:
+            parse(header[:end])
+        except IncompleteHeader as exc:
+            assert 1 <= exc.needed <= len(header) - end
+        else:
+            raise AssertionError(f"a {end}-byte prefix parsed")
+
+
+@given(st.binary(min_size=0, max_size=3))
+def test_a_v2_prefix_under_16_bytes_is_incomplete(tail: bytes) -> None:
+    with_tail = V2_SIGNATURE + tail
+    try:
+        parse(with_tail)
+    except IncompleteHeader as exc:
+        assert exc.needed == 16 - len(with_tail)
+    else:
+        raise AssertionError("a short v2 prefix parsed")
 
 
 scalars = st.one_of(

@@ -162,11 +162,6 @@ ROUND_TRIPS = [
         id="v2-LOCAL-UNSPEC",
     ),
     pytest.param(
-        encode_v2("LOCAL", "TCP4", A4, B4),
-        {"version": 2, "command": "LOCAL", "family": "TCP4", "source": A4, "destination": B4},
-        id="v2-LOCAL-TCP4",
-    ),
-    pytest.param(
         encode_v2(
             "PROXY",
             "TCP6",
@@ -229,6 +224,8 @@ VALID = {
     "v2-TCP6-TLVs": encode_v2("PROXY", "TCP6", A6, B6, [(PP2_TYPE_NOOP, b""), (0xE0, b"x")]),
     "v2-UNIX": encode_v2("PROXY", "UNIX_STREAM", b"/a", b"/b"),
     "v2-LOCAL-UNSPEC-TLVs": v2_raw(0x20, 0x00, tlv(PP2_TYPE_NOOP, b"pad")),
+    "v2-LOCAL-TCP4-length-0": v2_raw(0x20, 0x11),
+    "v2-LOCAL-unlisted-family": v2_raw(0x20, 0x41, b"\xff" * 5),
     "v2-CRC32C": encode_v2("PROXY", "TCP4", A4, B4, [(PP2_TYPE_UNIQUE_ID, b"id")], crc32c=True),
 }
 
@@ -416,10 +413,10 @@ EARLY_INVALID = [
     ("first-byte", b"X"),
     ("TLS-first-byte", b"\x16"),
     ("v2-signature-mismatch", b"\r\n\r\n\x01"),
-    ("v2-version-1-at-13-bytes", V2_SIGNATURE + b"\x11"),
-    ("v2-command-2-at-13-bytes", V2_SIGNATURE + b"\x22"),
-    ("v2-bad-family-at-14-bytes", V2_SIGNATURE + b"\x21\x41"),
-    ("v2-PROXY-UNSPEC-at-14-bytes", V2_SIGNATURE + b"\x21\x00"),
+    ("v2-version-1-at-16-bytes", V2_SIGNATURE + b"\x11\x11\x00\x0c"),
+    ("v2-command-2-at-16-bytes", V2_SIGNATURE + b"\x22\x11\x00\x0c"),
+    ("v2-bad-family-at-16-bytes", V2_SIGNATURE + b"\x21\x41\x00\x0c"),
+    ("v2-PROXY-UNSPEC-at-16-bytes", V2_SIGNATURE + b"\x21\x00\x00\x00"),
     ("v2-len-too-short-at-16-bytes", v2_raw(0x21, 0x11, size=11)),
 ]
 
@@ -429,6 +426,25 @@ EARLY_INVALID = [
 )
 def test_invalid_as_soon_as_a_byte_proves_it(data: bytes) -> None:
     invalid(data)
+
+
+@pytest.mark.parametrize(
+    "fixed",
+    [
+        V2_SIGNATURE + b"\x11\x11\x00\x0c",  # version 1
+        V2_SIGNATURE + b"\x22\x11\x00\x0c",  # command 2
+        V2_SIGNATURE + b"\x21\x41\x00\x0c",  # unlisted family under PROXY
+        V2_SIGNATURE + b"\x21\x00\x00\x00",  # PROXY with UNSPEC
+    ],
+    ids=["version-1", "command-2", "family-0x41", "PROXY-UNSPEC"],
+)
+def test_v2_is_incomplete_until_the_fixed_part_is_in(fixed: bytes) -> None:
+    # The issue: a 13- or 14-byte prefix was called invalid though it is only incomplete.
+    for size in range(12, 16):
+        with pytest.raises(IncompleteHeader) as info:
+            parse(fixed[:size])
+        assert info.value.needed == 16 - size
+    invalid(fixed)
 
 
 # --- not a PROXY header at all: say what it looks like -------------------------------------
@@ -469,52 +485,87 @@ def test_v2_undefined_command(ver_cmd: int) -> None:
     assert "undefined command" in invalid(v2_raw(ver_cmd, 0x11, INET4_BLOCK))
 
 
-@pytest.mark.parametrize("command", [0x20, 0x21], ids=["LOCAL", "PROXY"])
-@pytest.mark.parametrize("fam", [0x01, 0x02, 0x10, 0x20, 0x30, 0x13, 0x23, 0x41, 0xFF], ids=hex)
-def test_v2_family_byte_not_listed(command: int, fam: int) -> None:
-    # STRICT: also under LOCAL, where the family is otherwise ignored.
-    message = invalid(v2_raw(command, fam, b"\x00" * 216))
+FAMILIES_NOT_LISTED = [0x01, 0x02, 0x10, 0x20, 0x30, 0x13, 0x23, 0x41, 0xFF]
+
+
+@pytest.mark.parametrize("fam", FAMILIES_NOT_LISTED, ids=hex)
+def test_v2_family_byte_not_listed(fam: int) -> None:
+    # STRICT under PROXY: only the family bytes the spec lists.
+    message = invalid(v2_raw(0x21, fam, b"\x00" * 216))
     assert f"family/transport byte 0x{fam:02X}" in message
 
 
-@pytest.mark.parametrize(
+@pytest.mark.parametrize("fam", FAMILIES_NOT_LISTED, ids=hex)
+def test_v2_local_ignores_the_family_byte(fam: int) -> None:
+    # The spec: under LOCAL "the family ... is ignored".
+    data = v2_raw(0x20, fam, b"\x00" * 216)
+    assert parse(data) == ProxyHeader(2, "LOCAL", "UNSPEC", None, None, len(data))
+
+
+FAMILY_BLOCKS = pytest.mark.parametrize(
     ("fam", "block"),
     [(0x11, 12), (0x12, 12), (0x21, 36), (0x22, 36), (0x31, 216), (0x32, 216)],
     ids=["TCP4", "UDP4", "TCP6", "UDP6", "UNIX_STREAM", "UNIX_DGRAM"],
 )
+
+
+@FAMILY_BLOCKS
 def test_v2_length_shorter_than_address_block(fam: int, block: int) -> None:
     message = invalid(v2_raw(0x21, fam, b"\x00" * (block - 1)))
     assert f"too short for the {block}-byte" in message
+
+
+@FAMILY_BLOCKS
+@pytest.mark.parametrize("short", [0, 1], ids=["length-0", "one-byte-short"])
+def test_v2_local_with_a_short_block_is_accepted(fam: int, block: int, short: int) -> None:
+    # The issue's bug: LOCAL + TCP4 with length 0 was refused, so the balancer's health
+    # check failed and it marked the backend down. LOCAL discards the block.
+    size = 0 if short == 0 else block - 1
+    data = v2_raw(0x20, fam, b"\x07" * size)
+    assert parse(data + b"GET /") == ProxyHeader(2, "LOCAL", "UNSPEC", None, None, 16 + size)
 
 
 def test_v2_proxy_with_unspec_is_rejected() -> None:
     assert "PROXY command with UNSPEC" in invalid(v2_raw(0x21, 0x00))
 
 
-def test_v2_local_unspec_accepted_with_tlvs() -> None:
+def test_v2_local_unspec_with_tlvs_is_accepted_and_the_tlvs_skipped() -> None:
     data = v2_raw(0x20, 0x00, tlv(PP2_TYPE_NOOP, b"") + tlv(0xE0, b"app"))
-    assert parse(data) == ProxyHeader(
-        2, "LOCAL", "UNSPEC", None, None, len(data), [(PP2_TYPE_NOOP, b""), (0xE0, b"app")]
-    )
+    assert parse(data) == ProxyHeader(2, "LOCAL", "UNSPEC", None, None, len(data))
 
 
 def test_v2_local_unspec_without_payload() -> None:
     assert parse(v2_raw(0x20, 0x00)) == ProxyHeader(2, "LOCAL", "UNSPEC", None, None, 16)
 
 
-def test_v2_local_unspec_with_opaque_address_bytes_is_rejected() -> None:
-    # LOCAL+UNSPEC payload is read as TLVs (like HAProxy): an address block is not TLVs.
-    invalid(v2_raw(0x20, 0x00, INET4_BLOCK))
+@pytest.mark.parametrize(
+    "body",
+    [INET4_BLOCK, b"\x04", tlv(PP2_TYPE_ALPN, b"h2")[:-1], tlv(PP2_TYPE_CRC32C, b"\x00" * 4)],
+    ids=["address-block", "stray-byte", "overrun", "wrong-CRC32C"],
+)
+def test_v2_local_unspec_block_is_not_read_as_tlvs(body: bytes) -> None:
+    # The issue's bug: an UNSPEC block was read as TLVs and refused when it was not.
+    data = v2_raw(0x20, 0x00, body)
+    assert parse(data).length == len(data)
 
 
-def test_v2_local_reports_family_and_addresses() -> None:
+def test_v2_local_reports_no_family_or_addresses() -> None:
+    # The spec: the receiver "must use the real connection endpoints"; nothing to misuse.
     header = parse(v2_raw(0x20, 0x11, INET4_BLOCK))
     assert (header.command, header.family, header.source, header.destination) == (
         "LOCAL",
-        "TCP4",
-        A4,
-        B4,
+        "UNSPEC",
+        None,
+        None,
     )
+
+
+def test_v2_aws_nlb_style_health_check() -> None:
+    # An NLB health check: LOCAL, family TCP4, a CRC32C TLV and NOOP padding.
+    tlvs = [(PP2_TYPE_NOOP, b"\x00" * 9)]
+    data = encode_v2("LOCAL", "TCP4", A4, B4, tlvs, crc32c=True)
+    header = parse(data + b"GET / HTTP/1.1\r\n")
+    assert (header.command, header.length) == ("LOCAL", len(data))
 
 
 def test_v2_unix_paths() -> None:

@@ -6,8 +6,8 @@ Shared by the TCP forwarder and the UDP one, so that both refuse the same forger
 from __future__ import annotations
 
 from mmproxy.config import Address, Config
+from mmproxy.localaddr import LocalAddresses, forbidden_source_reason, unmap
 from mmproxy.proxy_protocol import ProxyHeader
-from mmproxy.transparent import LocalAddresses, forbidden_source_reason, unmap
 
 TCP_FAMILIES = ("TCP4", "TCP6")
 UDP_FAMILIES = ("UDP4", "UDP6")

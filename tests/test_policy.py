@@ -72,3 +72,19 @@ def test_follow_destination_port() -> None:
     assert route(parse(header("TCP4", "203.0.113.7")), config, LOCAL)[1] == Address(
         "127.0.0.1", 2222
     )
+
+
+@pytest.mark.parametrize("families", [None, UDP_FAMILIES], ids=["tcp", "udp"])
+@pytest.mark.parametrize(
+    "source",
+    ["::127.0.0.1", "64:ff9b::7f00:1", "2002:7f00:1::", "::ffff:0:7f00:1", "fe80::1",
+     "169.254.169.254"],
+)  # fmt: skip
+def test_embedded_and_link_local_sources_are_refused(
+    source: str, families: tuple[str, str] | None
+) -> None:
+    """Issue 11, item 7: TCP and UDP both go through route(), so both refuse these."""
+    family = ("UDP" if families else "TCP") + ("6" if ":" in source else "4")
+    with pytest.raises(Rejected) as caught:
+        route(parse(header(family, source)), CONFIG, LOCAL, *([families] if families else []))
+    assert caught.value.reason == "forged-local-source"

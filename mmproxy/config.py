@@ -15,15 +15,17 @@ import math
 import os
 import re
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import yaml
 from yaml.constructor import SafeConstructor
+from yaml.events import AliasEvent, Event
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.resolver import Resolver
 
+from mmproxy.files import FileRefused, read_small_file
 from mmproxy.networks import (
     AllowedNetworks,
     Network,
@@ -745,12 +747,9 @@ def _error(exc: _Invalid, key: str) -> ConfigError:
 
 def _read_text(path: str) -> str:
     try:
-        with open(path, "rb") as stream:
-            data = stream.read()
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read the configuration file: {exc.strerror or exc}", path=path
-        ) from None
+        data = read_small_file(path)
+    except FileRefused as exc:
+        raise ConfigError(f"cannot read the configuration file: {exc}", path=path) from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -768,9 +767,54 @@ def _syntax_hint(source_line: str) -> str:
     return ""
 
 
+MAX_DEPTH = 16  # nesting levels; mmproxy's settings use two
+
+
+class _Refused(Exception):
+    """Valid YAML that mmproxy will not read (an alias, deep nesting), and where."""
+
+    def __init__(self, problem: str, event: Event) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        mark = event.start_mark
+        self.line = None if mark is None else mark.line + 1
+        self.column = None if mark is None else mark.column + 1
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader without aliases and with a nesting limit. Files are read as root at
+    boot: an alias bomb ("billion laughs") would exhaust memory, and deep nesting would
+    raise RecursionError, stopping the generator before the next file."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        if isinstance(event, AliasEvent):
+            raise _Refused(
+                f"YAML aliases (*{event.anchor}) are not allowed here; write the value out",
+                event,
+            )
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _Refused(
+                    f"nested more than {MAX_DEPTH} levels deep; mmproxy's settings are "
+                    "plain values and lists",
+                    event,
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
 def _compose(path: str, text: str) -> Node | None:
     try:
-        return yaml.compose(text, Loader=yaml.SafeLoader)
+        return yaml.compose(text, Loader=_StrictLoader)
+    except _Refused as exc:
+        raise ConfigError(exc.problem, path=path, line=exc.line, column=exc.column) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         problem = exc.problem or "invalid YAML"
@@ -802,7 +846,7 @@ def _compose(path: str, text: str) -> Node | None:
         raise ConfigError(f"YAML syntax error: {exc}", path=path) from None
 
 
-def _read_file(path: str) -> dict[str, _Setting]:
+def _read_file(path: str, only: Collection[str] | None = None) -> dict[str, _Setting]:
     root = _compose(path, _read_text(path))
     if root is None:
         raise ConfigError(
@@ -820,6 +864,8 @@ def _read_file(path: str) -> dict[str, _Setting]:
     settings: dict[str, _Setting] = {}
     for key_node, value_node in root.value:
         name, line = _key_name(path, key_node), key_node.start_mark.line + 1
+        if only is not None and name not in only:
+            continue
         if name in settings:
             first = settings[name].where.line
             raise ConfigError(
@@ -910,13 +956,23 @@ def _check_required(path: str | None, values: dict[str, Any]) -> None:
         )
 
 
-def load_config(path: str | None, overrides: Sequence[Override] = ()) -> Config:
-    """Read the YAML file at `path` (None: no file), apply overrides, validate."""
-    settings = _read_file(path) if path is not None else {}
+def load_config(
+    path: str | None, overrides: Sequence[Override] = (), only: Collection[str] | None = None
+) -> Config:
+    """Read the YAML file at `path` (None: no file), apply overrides, validate.
+
+    `only`: read just these keys, for the helpers that run as root (the generator, `mmproxy
+    routing`). Every other key keeps its default and is not looked at, nor is any file it
+    names, and no key is required: the daemon checks the whole file when it starts.
+    """
+    settings = _read_file(path, only) if path is not None else {}
     for override in overrides:
-        settings[override.key] = _override(override)
+        if only is None or override.key in only:
+            settings[override.key] = _override(override)
     values: dict[str, Any] = {key.name: key.default for key in KEYS}
     values.update({name: setting.value for name, setting in settings.items()})
+    if only is not None:
+        return Config(path=path, **values)
     networks_file = settings.get("allowed_networks_file")
     if networks_file is not None and networks_file.value is not None:
         merged = values["allowed_networks"] + _file_networks(networks_file)

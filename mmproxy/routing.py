@@ -26,6 +26,10 @@ from pathlib import Path
 Command = list[str]
 NFT_TABLE = "mmproxy"  # `table inet mmproxy`: ours alone, removed whole when unused
 
+# The configuration keys `mmproxy routing up` reads, as root: no other, so that it never
+# opens a file another key names (allowed_networks_file: /etc/shadow) nor quotes its lines.
+CONFIG_KEYS = ("manage_routing", "routing", "firewall", "mark", "table", "ipv4", "ipv6")
+
 
 class RoutingError(Exception):
     """A routing command failed; the message has the command and its error."""

@@ -465,7 +465,9 @@ def test_unreadable_file_is_a_directory(tmp_path: Path) -> None:
     # Tests run as root, where chmod 000 does not stop reads; a directory does.
     with pytest.raises(ConfigError) as caught:
         load_config(str(tmp_path))
-    assert str(caught.value) == f"{tmp_path}: cannot read the configuration file: Is a directory"
+    assert str(caught.value) == (
+        f"{tmp_path}: cannot read the configuration file: expected a regular file, got a directory"
+    )
 
 
 def test_not_utf8(tmp_path: Path) -> None:
@@ -601,7 +603,7 @@ def test_networks_file_missing_reported_at_the_yaml_line(tmp_path: Path) -> None
 def test_networks_file_is_a_directory(tmp_path: Path) -> None:
     (tmp_path / "nets.d").mkdir()
     error = load_error(tmp_path, config_text() + "allowed_networks_file: nets.d\n")
-    assert "Is a directory" in str(error)
+    assert "expected a regular file, got a directory" in str(error)
     assert error.line == 4
 
 

@@ -635,6 +635,32 @@ def _parse_networks_file(value: _Value) -> str | None:
     return path
 
 
+_PORT_RANGE = re.compile(r"\s*(\d+)\s*-\s*(\d+)\s*")
+_PORTS_EXPECTED = 'a port from 1 to 65535, a range like "8000-8099", or a list of them'
+
+
+def _parse_ports(value: _Value) -> tuple[tuple[int, int], ...]:
+    """Ports and ranges as (low, high) pairs, for allowed_destination_ports."""
+    ranges = [_port_range(item) for item in _items(value, _PORTS_EXPECTED)]
+    if not ranges:
+        _fail(value, f'empty list; expected {_PORTS_EXPECTED}, e.g. [80, 443, "8000-8099"]')
+    return tuple(sorted(set(ranges)))
+
+
+def _port_range(item: _Value) -> tuple[int, int]:
+    if _is_int(item):
+        port = _integer(1, 65535)(item)
+        return port, port
+    if item.kind == "scalar" and isinstance(item.data, str):
+        match = _PORT_RANGE.fullmatch(item.data)
+        if match is not None:
+            low, high = int(match.group(1)), int(match.group(2))
+            if 1 <= low <= high <= 65535:
+                return low, high
+            _fail(item, f"{item.data!r}: expected LOW-HIGH with 1 <= LOW <= HIGH <= 65535")
+    _fail(item, f"expected {_PORTS_EXPECTED}, got {_describe(item)}{_hint(item)}")
+
+
 # --------------------------------------------------------------------------
 # The key table: adding a setting is one line here plus one Config field.
 
@@ -662,6 +688,7 @@ KEYS: tuple[Key, ...] = (
     Key("allow_local_sources", _parse_bool, False, "accept loopback/unspecified client sources"),
     Key("log_level", _parse_log_level, "info", "one of debug, info, warning, error"),
     Key("follow_destination_port", _parse_bool, False, "target port = the header's dest port"),
+    Key("allowed_destination_ports", _parse_ports, (), "ports follow_destination_port may use"),
     Key("drain_timeout", _parse_duration, 30.0, "how long a stop waits for connections"),
     Key("check_failure", _choice("fail", "warn"), "fail", "what a failed self-check does"),
     Key("manage_routing", _parse_bool, True, "apply and remove the routing rules"),
@@ -695,6 +722,7 @@ class Config:
     allow_local_sources: bool = False
     log_level: str = "info"
     follow_destination_port: bool = False
+    allowed_destination_ports: tuple[tuple[int, int], ...] = ()  # (low, high) ranges
     drain_timeout: float = 30.0
     check_failure: str = "fail"
     manage_routing: bool = True
@@ -708,6 +736,10 @@ class Config:
 
     def allowed(self) -> AllowedNetworks:
         return AllowedNetworks(self.allowed_networks)
+
+    def destination_port_allowed(self, port: int) -> bool:
+        """Whether follow_destination_port may connect to `port`."""
+        return any(low <= port <= high for low, high in self.allowed_destination_ports)
 
     def targets(self) -> tuple[Address, ...]:
         return tuple(t for t in (self.ipv4, self.ipv6) if t is not None)
@@ -978,4 +1010,20 @@ def load_config(
         merged = values["allowed_networks"] + _file_networks(networks_file)
         values["allowed_networks"] = tuple(dict.fromkeys(merged))
     _check_required(path, values)
+    _check_destination_ports(settings, values)
     return Config(path=path, **values)
+
+
+def _check_destination_ports(settings: dict[str, _Setting], values: dict[str, Any]) -> None:
+    """follow_destination_port lets the balancer pick the port: only from a list."""
+    follow = settings.get("follow_destination_port")
+    if follow is not None and follow.value and not values["allowed_destination_ports"]:
+        message = (
+            "true lets the balancer pick any port on the target host; list the ports it "
+            'may pick in allowed_destination_ports, e.g. [80, 443, "8000-8099"]'
+        )
+        raise _error(_Invalid(message, follow.where), "follow_destination_port")
+    ports = settings.get("allowed_destination_ports")
+    if ports is not None and not values["follow_destination_port"]:
+        message = "has no effect without follow_destination_port: true; set both, or neither"
+        raise _error(_Invalid(message, ports.where), "allowed_destination_ports")

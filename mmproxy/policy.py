@@ -61,5 +61,12 @@ def route(
                 "(set allow_local_sources: true to permit)",
             )
     if config.follow_destination_port and header.destination is not None:
-        target = Address(target.host, header.destination[1])
+        port = header.destination[1]
+        if not config.destination_port_allowed(port):
+            raise Rejected(
+                "destination-port",
+                f"header asks for destination port {port}, which allowed_destination_ports "
+                "does not list",
+            )
+        target = Address(target.host, port)
     return source, target

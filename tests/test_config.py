@@ -923,7 +923,7 @@ _KIND = {
     "udp_max_flows": "count",
     "workers": "count",  # or "auto"
 }
-_LISTS = {"listen", "allowed_networks"}  # a list is right for these
+_LISTS = {"listen", "allowed_networks", "allowed_destination_ports"}  # a list is right here
 
 
 def _matrix() -> list[object]:

@@ -160,3 +160,60 @@ def test_the_routing_helper_still_checks_its_own_keys(tmp_path: Path) -> None:
     proc = routing_up("-c", str(path))
     assert proc.returncode == EX_CONFIG
     assert f"{path}:4: mark:" in proc.stderr
+
+
+# --------------------------------------------------------------------------
+# follow_destination_port needs its list of ports (issue 11, item 8)
+
+
+def test_follow_destination_port_without_a_port_list_refuses_to_start(tmp_path: Path) -> None:
+    path = write(tmp_path / "x.yaml", GOOD + "follow_destination_port: true\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmproxy", "-c", str(path)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == EX_CONFIG
+    assert proc.stderr.startswith(f"mmproxy: {path}:4: follow_destination_port: true lets ")
+    assert "allowed_destination_ports" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("443", ((443, 443),)),
+        ('[80, 443, "8000-8099", 8050]', ((80, 80), (443, 443), (8000, 8099), (8050, 8050))),
+        ("[8000-8099, 22]", ((22, 22), (8000, 8099))),
+        ('" 1 - 65535 "', ((1, 65535),)),
+    ],
+)
+def test_allowed_destination_ports(
+    tmp_path: Path, value: str, expected: tuple[tuple[int, int], ...]
+) -> None:
+    text = GOOD + f"follow_destination_port: true\nallowed_destination_ports: {value}\n"
+    config = load_config(str(write(tmp_path / "x.yaml", text)))
+    assert config.allowed_destination_ports == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("0", "expected an integer from 1 to 65535, got 0"),
+        ("65536", "got 65536"),
+        ('"9000-8000"', "'9000-8000': expected LOW-HIGH with 1 <= LOW <= HIGH <= 65535"),
+        ("[80, http]", "got 'http'"),
+        ("[]", "empty list"),
+        ("true", "got true"),
+        ("1:30", "base-60"),
+    ],
+)
+def test_allowed_destination_ports_refused(tmp_path: Path, value: str, fragment: str) -> None:
+    text = GOOD + f"follow_destination_port: true\nallowed_destination_ports: {value}\n"
+    error = refused(write(tmp_path / "x.yaml", text))
+    assert str(error).startswith(f"{tmp_path / 'x.yaml'}:5: allowed_destination_ports: ")
+    assert fragment in str(error)
+
+
+def test_allowed_destination_ports_alone_is_refused(tmp_path: Path) -> None:
+    error = refused(write(tmp_path / "x.yaml", GOOD + "allowed_destination_ports: [80]\n"))
+    assert (error.line, error.key) == (4, "allowed_destination_ports")
+    assert "no effect without follow_destination_port: true" in str(error)

@@ -68,7 +68,9 @@ def test_no_target_for_the_family() -> None:
 
 
 def test_follow_destination_port() -> None:
-    config = Config(ipv4=CONFIG.ipv4, follow_destination_port=True)
+    config = Config(
+        ipv4=CONFIG.ipv4, follow_destination_port=True, allowed_destination_ports=((2222, 2222),)
+    )
     assert route(parse(header("TCP4", "203.0.113.7")), config, LOCAL)[1] == Address(
         "127.0.0.1", 2222
     )
@@ -88,3 +90,30 @@ def test_embedded_and_link_local_sources_are_refused(
     with pytest.raises(Rejected) as caught:
         route(parse(header(family, source)), CONFIG, LOCAL, *([families] if families else []))
     assert caught.value.reason == "forged-local-source"
+
+
+@pytest.mark.parametrize("families", [None, UDP_FAMILIES], ids=["tcp", "udp"])
+def test_follow_destination_port_only_to_the_listed_ports(
+    families: tuple[str, str] | None,
+) -> None:
+    """Issue 11, item 8: the balancer may not pick any port on the target host."""
+    config = Config(
+        ipv4=CONFIG.ipv4,
+        follow_destination_port=True,
+        allowed_destination_ports=((80, 80), (8000, 8099)),
+    )
+    family = "UDP4" if families else "TCP4"
+    extra = [families] if families else []
+
+    def target(port: int) -> Address:
+        data = encode_v2("PROXY", family, ("203.0.113.7", 40000), ("198.51.100.1", port))
+        return route(parse(data), config, LOCAL, *extra)[1]
+
+    assert target(80) == Address("127.0.0.1", 80)
+    assert target(8000) == Address("127.0.0.1", 8000)
+    assert target(8099) == Address("127.0.0.1", 8099)
+    for port in (22, 79, 8100, 6379, 0):
+        with pytest.raises(Rejected) as caught:
+            target(port)
+        assert caught.value.reason == "destination-port"
+        assert f"destination port {port}," in str(caught.value)

@@ -11,6 +11,8 @@ import socket
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mmproxy.localaddr import RTN_LOCAL, LocalAddresses, LocalRoute, forbidden_source_reason
 
@@ -125,3 +127,31 @@ def test_a_failed_re_read_does_not_keep_the_old_addresses() -> None:
     local = LocalAddresses(max_age=0.0, reader=reader)
     assert "203.0.113.7" not in local
     assert "203.0.113.7" in local  # the second read failed: nothing passes
+
+
+EMBED = {
+    "IPv4-compatible": lambda v4: v4,
+    "IPv4-mapped": lambda v4: 0xFFFF << 32 | v4,
+    "IPv4-translated": lambda v4: 0xFFFF0000 << 32 | v4,
+    "NAT64": lambda v4: 0x64FF9B << 96 | v4,
+    "6to4": lambda v4: 0x2002 << 112 | v4 << 80,
+    "Teredo": lambda v4: 0x20010000 << 96 | (v4 ^ 0xFFFFFFFF),
+}
+
+
+@given(
+    v4=st.one_of(
+        st.integers(0x7F000000, 0x7FFFFFFF),  # loopback
+        st.integers(0xA9FE0000, 0xA9FEFFFF),  # link-local
+        st.integers(0xE0000000, 0xEFFFFFFF),  # multicast
+    ),
+    kind=st.sampled_from(sorted(EMBED)),
+    low=st.integers(0, 0xFFFF),
+)
+def test_every_embedding_of_a_special_ipv4_address_is_refused(v4: int, kind: str, low: int) -> None:
+    value = EMBED[kind](v4)
+    if kind == "6to4":
+        value |= low  # the rest of a 6to4 address is the site's own
+    host = str(ipaddress.IPv6Address(value))
+    reason = forbidden_source_reason(host, LOCAL)
+    assert reason is not None and f"embedded in a{'n' if kind[0] == 'I' else ''} {kind}" in reason

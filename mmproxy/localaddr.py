@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import itertools
 import logging
 import os
 import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 
 import pytricia
@@ -41,6 +42,7 @@ _NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
 _RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol,
 #                                       scope, type, flags
 _RTATTR = struct.Struct("=HH")  # length, type
+_SEQUENCE = itertools.count(1)  # tells the answers to one request from stale ones
 
 _KINDS = {
     RTN_LOCAL: "an address of this host",
@@ -81,13 +83,13 @@ def read_local_routes() -> list[LocalRoute]:
 
 def _dump(sock: socket.socket, family: int, table: int, kind: int) -> list[LocalRoute]:
     """One RTM_GETROUTE dump of `table` (only routes of type `kind`, 0: any)."""
-    sequence = int(time.monotonic_ns() & 0x7FFFFFFF)
+    sequence = next(_SEQUENCE)
     request = _RTMSG.pack(family, 0, 0, 0, table, 0, 0, kind, 0)
     header = _NLMSGHDR.pack(
         _NLMSGHDR.size + len(request), RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP, sequence, 0
     )
     sock.sendall(header + request)
-    wanted = _KINDS.keys() if kind == 0 else (kind,)
+    wanted = tuple(_KINDS) if kind == 0 else (kind,)
     routes: list[LocalRoute] = []
     while True:
         data = sock.recv(1 << 16)
@@ -118,7 +120,7 @@ def _messages(data: bytes, sequence: int) -> Iterator[tuple[int, bytes]]:
         offset += (length + 3) & ~3
 
 
-def _route(payload: bytes, table: int, wanted: object) -> LocalRoute | None:
+def _route(payload: bytes, table: int, wanted: Collection[int]) -> LocalRoute | None:
     family, dst_len, _, _, rtm_table, _, _, kind, _ = _RTMSG.unpack_from(payload)
     size = 4 if family == socket.AF_INET else 16
     dst = bytes(size)  # no RTA_DST: the default route, prefix length 0
@@ -133,7 +135,7 @@ def _route(payload: bytes, table: int, wanted: object) -> LocalRoute | None:
         elif attr == RTA_TABLE and len(value) == 4:
             rtm_table = struct.unpack("=I", value)[0]  # tables above 255 live only here
         offset += (length + 3) & ~3
-    if rtm_table != table or kind not in wanted:  # type: ignore[operator]
+    if rtm_table != table or kind not in wanted:
         return None
     if family == socket.AF_INET:
         return LocalRoute(ipaddress.IPv4Network((dst, dst_len), strict=False), kind)
@@ -146,8 +148,8 @@ class _Routes:
     def __init__(self, routes: list[LocalRoute]) -> None:
         self._v4 = pytricia.PyTricia(32)
         self._v6 = pytricia.PyTricia(128)
-        # Broadcast beside local for one prefix (127.255.255.255/32 in 127.0.0.0/8): the
-        # longer prefix wins; for the same prefix, local (RTN_LOCAL sorts first).
+        # A broadcast inside a local prefix (127.255.255.255 in 127.0.0.0/8): the longer
+        # prefix wins. Two kinds for one prefix: local wins, being written last.
         for route in sorted(routes, key=lambda r: -r.kind):
             trie = self._v4 if route.network.version == 4 else self._v6
             trie[str(route.network)] = _KINDS[route.kind]
@@ -255,12 +257,12 @@ def _classify(host: str) -> tuple[str | None, tuple[tuple[str, str], ...]]:
     except ValueError:
         return "not an IP address", ()
     if isinstance(addr, _V4):
-        return _ipv4_special(int(addr)), ((host, ""),)
+        return _ipv4_special(int(addr)), ((str(addr), ""),)
     value = int(addr)
     reason = _ipv6_special(value)
     if reason is not None:
         return reason, ()
-    candidates = [(host, "")]
+    candidates = [(str(addr), "")]
     for kind, v4 in _embedded_ipv4(value):
         text = str(_V4(v4))
         how = f" ({text} embedded in {kind} address)"

@@ -21,6 +21,7 @@ from mmproxy import __version__
 from mmproxy.checks import host_checks, plan_for, report, run_checks
 from mmproxy.config import Config, ConfigError, Override, load_config
 from mmproxy.log import setup_logging
+from mmproxy.routing import CONFIG_KEYS as ROUTING_KEYS
 from mmproxy.routing import RoutingError, RoutingState, runtime_dir
 from mmproxy.server import Server, ServerError
 
@@ -108,8 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(command).parse_args(argv)
     if command == "routing" and args.action == "down":
         return routing_down(args)
+    only = ROUTING_KEYS if command == "routing" else None
     try:
-        config = load_config(args.config, overrides_from(args))
+        config = load_config(args.config, overrides_from(args), only)
     except ConfigError as exc:
         print(f"mmproxy: {exc}", file=sys.stderr)
         return EX_CONFIG

@@ -15,15 +15,17 @@ import math
 import os
 import re
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import yaml
 from yaml.constructor import SafeConstructor
+from yaml.events import AliasEvent, Event
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.resolver import Resolver
 
+from mmproxy.files import FileRefused, read_small_file
 from mmproxy.networks import (
     AllowedNetworks,
     Network,
@@ -697,6 +699,32 @@ def _parse_networks_file(value: _Value) -> str | None:
     return path
 
 
+_PORT_RANGE = re.compile(r"\s*(\d+)\s*-\s*(\d+)\s*")
+_PORTS_EXPECTED = 'a port from 1 to 65535, a range like "8000-8099", or a list of them'
+
+
+def _parse_ports(value: _Value) -> tuple[tuple[int, int], ...]:
+    """Ports and ranges as (low, high) pairs, for allowed_destination_ports."""
+    ranges = [_port_range(item) for item in _items(value, _PORTS_EXPECTED)]
+    if not ranges:
+        _fail(value, f'empty list; expected {_PORTS_EXPECTED}, e.g. [80, 443, "8000-8099"]')
+    return tuple(sorted(set(ranges)))
+
+
+def _port_range(item: _Value) -> tuple[int, int]:
+    if _is_int(item):
+        port = _integer(1, 65535)(item)
+        return port, port
+    if item.kind == "scalar" and isinstance(item.data, str):
+        match = _PORT_RANGE.fullmatch(item.data)
+        if match is not None:
+            low, high = int(match.group(1)), int(match.group(2))
+            if 1 <= low <= high <= 65535:
+                return low, high
+            _fail(item, f"{item.data!r}: expected LOW-HIGH with 1 <= LOW <= HIGH <= 65535")
+    _fail(item, f"expected {_PORTS_EXPECTED}, got {_describe(item)}{_hint(item)}")
+
+
 # --------------------------------------------------------------------------
 # The key table: adding a setting is one line here plus one Config field.
 
@@ -724,6 +752,7 @@ KEYS: tuple[Key, ...] = (
     Key("allow_local_sources", _parse_bool, False, "accept loopback/unspecified client sources"),
     Key("log_level", _parse_log_level, "info", "one of debug, info, warning, error"),
     Key("follow_destination_port", _parse_bool, False, "target port = the header's dest port"),
+    Key("allowed_destination_ports", _parse_ports, (), "ports follow_destination_port may use"),
     Key("drain_timeout", _parse_duration, 30.0, "how long a stop waits for connections"),
     Key("check_failure", _choice("fail", "warn"), "fail", "what a failed self-check does"),
     Key("manage_routing", _parse_bool, True, "apply and remove the routing rules"),
@@ -758,6 +787,7 @@ class Config:
     allow_local_sources: bool = False
     log_level: str = "info"
     follow_destination_port: bool = False
+    allowed_destination_ports: tuple[tuple[int, int], ...] = ()  # (low, high) ranges
     drain_timeout: float = 30.0
     check_failure: str = "fail"
     manage_routing: bool = True
@@ -772,6 +802,10 @@ class Config:
 
     def allowed(self) -> AllowedNetworks:
         return AllowedNetworks(self.allowed_networks)
+
+    def destination_port_allowed(self, port: int) -> bool:
+        """Whether follow_destination_port may connect to `port`."""
+        return any(low <= port <= high for low, high in self.allowed_destination_ports)
 
     def targets(self) -> tuple[Address, ...]:
         return tuple(t for t in (self.ipv4, self.ipv6) if t is not None)
@@ -811,12 +845,9 @@ def _error(exc: _Invalid, key: str) -> ConfigError:
 
 def _read_text(path: str) -> str:
     try:
-        with open(path, "rb") as stream:
-            data = stream.read()
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read the configuration file: {exc.strerror or exc}", path=path
-        ) from None
+        data = read_small_file(path)
+    except FileRefused as exc:
+        raise ConfigError(f"cannot read the configuration file: {exc}", path=path) from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -834,9 +865,54 @@ def _syntax_hint(source_line: str) -> str:
     return ""
 
 
+MAX_DEPTH = 16  # nesting levels; mmproxy's settings use two
+
+
+class _Refused(Exception):
+    """Valid YAML that mmproxy will not read (an alias, deep nesting), and where."""
+
+    def __init__(self, problem: str, event: Event) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        mark = event.start_mark
+        self.line = None if mark is None else mark.line + 1
+        self.column = None if mark is None else mark.column + 1
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader without aliases and with a nesting limit. Files are read as root at
+    boot: an alias bomb ("billion laughs") would exhaust memory, and deep nesting would
+    raise RecursionError, stopping the generator before the next file."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        if isinstance(event, AliasEvent):
+            raise _Refused(
+                f"YAML aliases (*{event.anchor}) are not allowed here; write the value out",
+                event,
+            )
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _Refused(
+                    f"nested more than {MAX_DEPTH} levels deep; mmproxy's settings are "
+                    "plain values and lists",
+                    event,
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
 def _compose(path: str, text: str) -> Node | None:
     try:
-        return yaml.compose(text, Loader=yaml.SafeLoader)
+        return yaml.compose(text, Loader=_StrictLoader)
+    except _Refused as exc:
+        raise ConfigError(exc.problem, path=path, line=exc.line, column=exc.column) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         problem = exc.problem or "invalid YAML"
@@ -868,7 +944,7 @@ def _compose(path: str, text: str) -> Node | None:
         raise ConfigError(f"YAML syntax error: {exc}", path=path) from None
 
 
-def _read_file(path: str) -> dict[str, _Setting]:
+def _read_file(path: str, only: Collection[str] | None = None) -> dict[str, _Setting]:
     root = _compose(path, _read_text(path))
     if root is None:
         raise ConfigError(
@@ -886,6 +962,8 @@ def _read_file(path: str) -> dict[str, _Setting]:
     settings: dict[str, _Setting] = {}
     for key_node, value_node in root.value:
         name, line = _key_name(path, key_node), key_node.start_mark.line + 1
+        if only is not None and name not in only:
+            continue
         if name in settings:
             first = settings[name].where.line
             raise ConfigError(
@@ -976,16 +1054,42 @@ def _check_required(path: str | None, values: dict[str, Any]) -> None:
         )
 
 
-def load_config(path: str | None, overrides: Sequence[Override] = ()) -> Config:
-    """Read the YAML file at `path` (None: no file), apply overrides, validate."""
-    settings = _read_file(path) if path is not None else {}
+def load_config(
+    path: str | None, overrides: Sequence[Override] = (), only: Collection[str] | None = None
+) -> Config:
+    """Read the YAML file at `path` (None: no file), apply overrides, validate.
+
+    `only`: read just these keys, for the helpers that run as root (the generator, `mmproxy
+    routing`). Every other key keeps its default and is not looked at, nor is any file it
+    names, and no key is required: the daemon checks the whole file when it starts.
+    """
+    settings = _read_file(path, only) if path is not None else {}
     for override in overrides:
-        settings[override.key] = _override(override)
+        if only is None or override.key in only:
+            settings[override.key] = _override(override)
     values: dict[str, Any] = {key.name: key.default for key in KEYS}
     values.update({name: setting.value for name, setting in settings.items()})
+    if only is not None:
+        return Config(path=path, **values)
     networks_file = settings.get("allowed_networks_file")
     if networks_file is not None and networks_file.value is not None:
         merged = values["allowed_networks"] + _file_networks(networks_file)
         values["allowed_networks"] = tuple(dict.fromkeys(merged))
     _check_required(path, values)
+    _check_destination_ports(settings, values)
     return Config(path=path, **values)
+
+
+def _check_destination_ports(settings: dict[str, _Setting], values: dict[str, Any]) -> None:
+    """follow_destination_port lets the balancer pick the port: only from a list."""
+    follow = settings.get("follow_destination_port")
+    if follow is not None and follow.value and not values["allowed_destination_ports"]:
+        message = (
+            "true lets the balancer pick any port on the target host; list the ports it "
+            'may pick in allowed_destination_ports, e.g. [80, 443, "8000-8099"]'
+        )
+        raise _error(_Invalid(message, follow.where), "follow_destination_port")
+    ports = settings.get("allowed_destination_ports")
+    if ports is not None and not values["follow_destination_port"]:
+        message = "has no effect without follow_destination_port: true; set both, or neither"
+        raise _error(_Invalid(message, ports.where), "allowed_destination_ports")

@@ -15,9 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
-
-from mmproxy.config import Address, ConfigError, parse_listen
+from mmproxy.config import Address, ConfigError, load_config
 
 CONFIG_DIR = "/etc/mmproxy"
 EXAMPLE = "example.yaml"
@@ -26,20 +24,12 @@ INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
 
 def listen_addresses(path: Path) -> list[Address]:
     """Only the `listen:` key: a mistake elsewhere must not take the socket away (the
-    service reports that one, with its line, when it starts)."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, OverflowError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read: {exc}", path=str(path)) from exc
-    listen = data.get("listen") if isinstance(data, dict) else None
-    items = [listen] if isinstance(listen, str) else listen
-    if not isinstance(items, list) or not items:
+    service reports that one, with its line, when it starts). Read as the daemon reads
+    it (no aliases, at most 1 MiB, a regular file), with the same checks."""
+    listen = load_config(str(path), only=("listen",)).listen
+    if not listen:
         raise ConfigError("no `listen:` addresses", path=str(path), key="listen")
-    try:
-        # A port range ("0.0.0.0:27015-27030") becomes one socket line per port.
-        return [address for item in items for address in parse_listen(str(item))]
-    except ConfigError as exc:
-        raise ConfigError(exc.message, path=str(path), key="listen") from None
+    return list(listen)
 
 
 def dropin(path: Path, addresses: Sequence[Address]) -> str:
@@ -70,14 +60,22 @@ def generate(config_dir: Path, unit_dir: Path) -> list[str]:
             problems.append(f"{path}: not a usable instance name, skipped")
             continue
         try:
-            addresses = listen_addresses(path)
+            write_dropin(path, unit_dir)
         except ConfigError as exc:
             problems.append(f"{exc} (mmproxy@{path.stem}.socket gets no listen address)")
-            continue
-        target = unit_dir / f"mmproxy@{path.stem}.socket.d"
-        target.mkdir(parents=True, exist_ok=True)
-        (target / "50-listen.conf").write_text(dropin(path, addresses))
+        except Exception as exc:  # one file's failure must not stop the others
+            problems.append(
+                f"{path}: {type(exc).__name__}: {exc} "
+                f"(mmproxy@{path.stem}.socket gets no listen address)"
+            )
     return problems
+
+
+def write_dropin(path: Path, unit_dir: Path) -> None:
+    addresses = listen_addresses(path)
+    target = unit_dir / f"mmproxy@{path.stem}.socket.d"
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "50-listen.conf").write_text(dropin(path, addresses))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,6 +13,8 @@ from ipaddress import IPv4Network, IPv6Network, NetmaskValueError
 
 import pytricia
 
+from mmproxy.files import FileRefused, read_small_file
+
 Network = IPv4Network | IPv6Network
 
 _EXPECTED = (
@@ -100,12 +102,9 @@ def read_networks_file(path: str) -> list[tuple[int, Network]]:
     would look like an outage, silently dropping a typo could widen access.
     """
     try:
-        with open(path, encoding="utf-8") as stream:
-            lines = stream.read().splitlines()
-    except OSError as exc:
-        raise NetworkError(
-            f"cannot read the allowed networks file: {exc.strerror or exc}", path=path
-        ) from exc
+        lines = read_small_file(path).decode("utf-8").splitlines()
+    except FileRefused as exc:
+        raise NetworkError(f"cannot read the allowed networks file: {exc}", path=path) from exc
     except UnicodeDecodeError as exc:
         raise NetworkError(
             f"not a UTF-8 text file (bad byte at offset {exc.start}); expected one "

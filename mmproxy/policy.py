@@ -8,8 +8,8 @@ from __future__ import annotations
 import ipaddress
 
 from mmproxy.config import Address, Config
+from mmproxy.localaddr import LocalAddresses, forbidden_source_reason, unmap
 from mmproxy.proxy_protocol import ProxyHeader
-from mmproxy.transparent import LocalAddresses, forbidden_source_reason, unmap
 
 TCP_FAMILIES = ("TCP4", "TCP6")
 UDP_FAMILIES = ("UDP4", "UDP6")
@@ -63,7 +63,14 @@ def route(
                 "(set allow_local_sources: true to permit)",
             )
     if config.follow_destination_port and header.destination is not None:
-        target = Address(target.host, header.destination[1])
+        port = header.destination[1]
+        if not config.destination_port_allowed(port):
+            raise Rejected(
+                "destination-port",
+                f"header asks for destination port {port}, which allowed_destination_ports "
+                "does not list",
+            )
+        target = Address(target.host, port)
     return source, target
 
 

@@ -29,6 +29,13 @@ NFT_TABLE = "mmproxy"  # `table inet mmproxy`: ours alone, removed whole when un
 # Where ip, nft and iptables are looked for, in order. This runs as root: never $PATH.
 TOOL_DIRS = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
 
+# The configuration keys `mmproxy routing up` reads, as root: no other, so that it never
+# opens a file another key names (allowed_networks_file: /etc/shadow) nor quotes its lines.
+CONFIG_KEYS = (
+    "manage_routing", "share_table", "check_failure", "routing", "firewall", "mark", "table",
+    "ipv4", "ipv6",
+)  # fmt: skip
+
 
 class RoutingError(Exception):
     """A routing command failed; the message has the command and its error."""

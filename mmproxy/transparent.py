@@ -8,17 +8,18 @@ replies find their way back only through the policy routing that the README desc
 from __future__ import annotations
 
 import errno
-import functools
-import ipaddress
 import logging
 import os
 import select
 import socket
-import threading
-import time
 
 from mmproxy import _splice
 from mmproxy.config import Address
+
+# Re-exported for the forwarders, which import them from here; mmproxy.localaddr owns them.
+from mmproxy.localaddr import LocalAddresses as LocalAddresses
+from mmproxy.localaddr import forbidden_source_reason as forbidden_source_reason
+from mmproxy.localaddr import unmap as unmap
 
 log = logging.getLogger("mmproxy")
 
@@ -35,13 +36,6 @@ class UpstreamError(Exception):
     def __init__(self, message: str, denied: bool = False) -> None:
         super().__init__(message)
         self.denied = denied
-
-
-def unmap(host: str) -> str:
-    """'::ffff:192.0.2.1' -> '192.0.2.1': a dual-stack listener reports IPv4 peers mapped."""
-    if host.startswith("::ffff:") and "." in host:
-        return host[7:]
-    return host
 
 
 # Keepalive: a peer that vanished (power loss, a dropped NAT entry) is found after
@@ -240,73 +234,3 @@ def _describe_connect_error(target: Address, error: int) -> str:
     if error == errno.ECONNREFUSED:
         return f"target {target} refused the connection (is the application running?)"
     return f"cannot connect to target {target}: {os.strerror(error)}"
-
-
-class LocalAddresses:
-    """The addresses of this host (in the current network namespace), re-read every few
-    seconds so that an address added after start-up is refused too."""
-
-    def __init__(self, max_age: float = 2.0) -> None:
-        self._max_age = max_age
-        self._lock = threading.Lock()
-        self._addresses: frozenset[str] = frozenset()
-        self._read_at = float("-inf")
-
-    def __contains__(self, host: str) -> bool:
-        now = time.monotonic()
-        if now - self._read_at > self._max_age:
-            with self._lock:
-                if now - self._read_at > self._max_age:
-                    self._addresses = frozenset(_read_local_addresses())
-                    self._read_at = now
-        return host in self._addresses
-
-
-def _read_local_addresses() -> set[str]:
-    found: set[str] = set()
-    try:
-        with open("/proc/self/net/fib_trie", encoding="ascii") as fib:
-            candidate = ""
-            for line in fib:
-                text = line.strip()
-                if text.startswith("|--"):
-                    candidate = text[3:].strip()
-                elif text.startswith("/32 host LOCAL") and candidate:
-                    found.add(candidate)
-    except OSError:
-        pass
-    try:
-        with open("/proc/self/net/if_inet6", encoding="ascii") as inet6:
-            for line in inet6:
-                hexaddr = line.split(" ", 1)[0]
-                found.add(str(ipaddress.IPv6Address(int(hexaddr, 16))))
-    except OSError:
-        pass
-    return found
-
-
-def forbidden_source_reason(host: str, local: LocalAddresses) -> str | None:
-    """Why a header may not claim `host` as its client, or None when it may.
-
-    Letting a header claim 127.0.0.1 or this host's own address would let anyone who can
-    reach the balancer appear to the application as a local user.
-    """
-    reason = _special_address(host)
-    if reason is None and host in local:
-        return "an address of this host"
-    return reason
-
-
-@functools.lru_cache(maxsize=4096)
-def _special_address(host: str) -> str | None:
-    # Cached: parsing an address costs more than the rest of the check, and clients recur.
-    addr = ipaddress.ip_address(host)
-    if addr.is_loopback:
-        return "loopback"
-    if addr.is_unspecified:
-        return "unspecified"
-    if addr.is_multicast:
-        return "multicast"
-    if isinstance(addr, ipaddress.IPv4Address) and addr == ipaddress.IPv4Address("255.255.255.255"):
-        return "broadcast"
-    return None

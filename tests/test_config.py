@@ -467,7 +467,9 @@ def test_unreadable_file_is_a_directory(tmp_path: Path) -> None:
     # Tests run as root, where chmod 000 does not stop reads; a directory does.
     with pytest.raises(ConfigError) as caught:
         load_config(str(tmp_path))
-    assert str(caught.value) == f"{tmp_path}: cannot read the configuration file: Is a directory"
+    assert str(caught.value) == (
+        f"{tmp_path}: cannot read the configuration file: expected a regular file, got a directory"
+    )
 
 
 def test_not_utf8(tmp_path: Path) -> None:
@@ -603,7 +605,7 @@ def test_networks_file_missing_reported_at_the_yaml_line(tmp_path: Path) -> None
 def test_networks_file_is_a_directory(tmp_path: Path) -> None:
     (tmp_path / "nets.d").mkdir()
     error = load_error(tmp_path, config_text() + "allowed_networks_file: nets.d\n")
-    assert "Is a directory" in str(error)
+    assert "expected a regular file, got a directory" in str(error)
     assert error.line == 4
 
 
@@ -924,7 +926,7 @@ _KIND = {
     "udp_max_flows": "count",
     "workers": "count",  # or "auto"
 }
-_LISTS = {"listen", "allowed_networks"}  # a list is right for these
+_LISTS = {"listen", "allowed_networks", "allowed_destination_ports"}  # a list is right here
 
 
 def _matrix() -> list[object]:

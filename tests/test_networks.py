@@ -145,7 +145,7 @@ def test_read_networks_file_missing_file(tmp_path: Path) -> None:
 
 
 def test_read_networks_file_directory(tmp_path: Path) -> None:
-    with pytest.raises(NetworkError, match="Is a directory") as caught:
+    with pytest.raises(NetworkError, match="expected a regular file, got a directory") as caught:
         read_networks_file(str(tmp_path))
     assert str(caught.value).startswith(f"{tmp_path}: ")
 

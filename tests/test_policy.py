@@ -75,7 +75,9 @@ def test_no_target_for_the_family() -> None:
 
 
 def test_follow_destination_port() -> None:
-    config = Config(ipv4=CONFIG.ipv4, follow_destination_port=True)
+    config = Config(
+        ipv4=CONFIG.ipv4, follow_destination_port=True, allowed_destination_ports=((2222, 2222),)
+    )
     assert route(parse(header("TCP4", "203.0.113.7")), config, LOCAL, BALANCER)[1] == Address(
         "127.0.0.1", 2222
     )
@@ -116,3 +118,47 @@ def test_health_check_needs_a_target_of_the_balancers_family() -> None:
     with pytest.raises(Rejected, match="is ipv6 but no `ipv6` target") as caught:
         route(parse(encode_v1("UNKNOWN")), Config(ipv4=CONFIG.ipv4), LOCAL, ("2001:db8::7", 1))
     assert caught.value.reason == "no-target"
+
+
+@pytest.mark.parametrize("families", [None, UDP_FAMILIES], ids=["tcp", "udp"])
+@pytest.mark.parametrize(
+    "source",
+    ["::127.0.0.1", "64:ff9b::7f00:1", "2002:7f00:1::", "::ffff:0:7f00:1", "fe80::1",
+     "169.254.169.254"],
+)  # fmt: skip
+def test_embedded_and_link_local_sources_are_refused(
+    source: str, families: tuple[str, str] | None
+) -> None:
+    """Issue 11, item 7: TCP and UDP both go through route(), so both refuse these."""
+    family = ("UDP" if families else "TCP") + ("6" if ":" in source else "4")
+    with pytest.raises(Rejected) as caught:
+        extra = [families] if families else []
+        route(parse(header(family, source)), CONFIG, LOCAL, BALANCER, *extra)
+    assert caught.value.reason == "forged-local-source"
+
+
+@pytest.mark.parametrize("families", [None, UDP_FAMILIES], ids=["tcp", "udp"])
+def test_follow_destination_port_only_to_the_listed_ports(
+    families: tuple[str, str] | None,
+) -> None:
+    """Issue 11, item 8: the balancer may not pick any port on the target host."""
+    config = Config(
+        ipv4=CONFIG.ipv4,
+        follow_destination_port=True,
+        allowed_destination_ports=((80, 80), (8000, 8099)),
+    )
+    family = "UDP4" if families else "TCP4"
+    extra = [families] if families else []
+
+    def target(port: int) -> Address:
+        data = encode_v2("PROXY", family, ("203.0.113.7", 40000), ("198.51.100.1", port))
+        return route(parse(data), config, LOCAL, BALANCER, *extra)[1]
+
+    assert target(80) == Address("127.0.0.1", 80)
+    assert target(8000) == Address("127.0.0.1", 8000)
+    assert target(8099) == Address("127.0.0.1", 8099)
+    for port in (22, 79, 8100, 6379, 0):
+        with pytest.raises(Rejected) as caught:
+            target(port)
+        assert caught.value.reason == "destination-port"
+        assert f"destination port {port}," in str(caught.value)

@@ -14,8 +14,9 @@ def _values(key: str) -> list[str]:
     ]
 
 
-def test_the_daemon_gets_no_netlink_socket() -> None:
-    """The routing checks (netlink) run in the root ExecStartPre helper instead."""
-    assert _values("RestrictAddressFamilies") == ["AF_INET AF_INET6 AF_UNIX"]
+def test_the_daemon_runs_no_routing_tool() -> None:
+    """The routing checks (ip, nft, iptables) run in the root ExecStartPre helper; the
+    daemon's only netlink use is its own route dump (localaddr)."""
+    assert _values("RestrictAddressFamilies") == ["AF_INET AF_INET6 AF_UNIX AF_NETLINK"]
     assert any(v.startswith("+/usr/bin/mmproxy routing up ") for v in _values("ExecStartPre"))
     assert all("--no-host-checks" in v for v in _values("ExecStart"))

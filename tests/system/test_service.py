@@ -317,7 +317,8 @@ def test_follow_destination_port_serves_several_ports(world: World) -> None:
         'listen: ["0.0.0.0:2230", "0.0.0.0:2231"]\n'
         'ipv4: "127.0.0.1:9000"\n'
         'allowed_networks: ["198.51.100.0/24"]\n'
-        "follow_destination_port: true\n",
+        "follow_destination_port: true\n"
+        "allowed_destination_ports: [9000, 9001]\n",
     )
     world.enable("multi")
     for port, target in ((2230, 9000), (2231, 9001)):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ipaddress
 
 from mmproxy.config import Address, Config
-from mmproxy.localaddr import LocalAddresses, forbidden_source_reason, unmap
+from mmproxy.localaddr import UNREADABLE, LocalAddresses, forbidden_source_reason, unmap
 from mmproxy.proxy_protocol import ProxyHeader
 
 TCP_FAMILIES = ("TCP4", "TCP6")
@@ -100,5 +100,10 @@ def balancer_route(
 
 
 def is_this_host(host: str, local: LocalAddresses) -> bool:
-    """A loopback address or one of this host's own."""
-    return ipaddress.ip_address(host).is_loopback or host in local
+    """A loopback address or one known to be this host's. Unknown while the addresses
+    cannot be read: then the balancer is taken as remote (spoofed from its own address),
+    so a read failure never hands out local identity."""
+    if ipaddress.ip_address(host).is_loopback:
+        return True
+    why = local.reason(host)
+    return why is not None and why != UNREADABLE

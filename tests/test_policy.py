@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from ipaddress import ip_network
+
 import pytest
 
 from mmproxy.config import Address, Config
+from mmproxy.localaddr import LocalAddresses, LocalRoute
 from mmproxy.policy import UDP_FAMILIES, Rejected, route
 from mmproxy.proxy_protocol import encode_v1, encode_v2, parse
-from mmproxy.transparent import LocalAddresses
 
 CONFIG = Config(ipv4=Address("127.0.0.1", 22), ipv6=Address("::1", 22))
 LOCAL = LocalAddresses()
@@ -104,12 +106,22 @@ def test_health_checks_speak_as_the_balancer(
 
 
 def test_health_check_from_this_hosts_own_address_is_plain() -> None:
-    class Local(LocalAddresses):
-        def __contains__(self, host: str) -> bool:
-            return host == "192.0.2.10"
-
-    assert route(parse(encode_v1("UNKNOWN")), CONFIG, Local(), ("192.0.2.10", 1)) == (
+    local = LocalAddresses(reader=lambda: [LocalRoute(ip_network("192.0.2.10/32"), 2)])
+    assert route(parse(encode_v1("UNKNOWN")), CONFIG, local, ("192.0.2.10", 1)) == (
         None,
+        CONFIG.ipv4,
+    )
+
+
+def test_health_check_is_spoofed_while_local_addresses_cannot_be_read() -> None:
+    """Failing closed must not hand out local identity: an unknown balancer is remote."""
+
+    def unreadable() -> list[LocalRoute]:
+        raise OSError("netlink refused")
+
+    local = LocalAddresses(reader=unreadable)
+    assert route(parse(encode_v1("UNKNOWN")), CONFIG, local, BALANCER) == (
+        Address(*BALANCER),
         CONFIG.ipv4,
     )
 

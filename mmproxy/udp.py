@@ -1,12 +1,24 @@
-"""UDP: PROXY v2 datagrams from the balancer, relayed from the client's own address.
+"""UDP: datagrams from the balancer, relayed from the client's own address.
 
-Every datagram carries its own PROXY v2 header (the specification puts header and
-payload in one datagram). A flow is one client address seen through one balancer: it owns
-a transparent UDP socket bound to the client's address and connected to the target, so the
-application sees the client, and its replies come back to that socket (the policy routing
-sends them to `lo`). They go on to the balancer, without a header, from the listening
-socket and from the address the balancer sent to. A flow ends after `udp_idle_timeout`
-without a datagram either way.
+Two framings (`udp_header`):
+
+- `v2` (default): a datagram that starts with the PROXY v2 signature is a header, with or
+  without payload. Some balancers (older frp, caddy-l4; the 2026 specification) put one on
+  every datagram; Cloudflare Spectrum puts one on the first datagram of a flow only, often
+  as a datagram of its own, and sends the rest of the flow from the same address and port
+  with no header. So a header also makes its flow the one of that balancer port, and a
+  datagram without a header goes to the flow of its port (or is dropped as `no-flow`). A
+  header-only datagram opens or refreshes a flow and is never forwarded.
+- `spp`: Simple Proxy Protocol (Spectrum, EdgeOne): a fixed 38-byte header on every
+  datagram; replies to the balancer carry the flow's header back (mmproxy/spp.py).
+
+A flow is one client address seen through one balancer port: it owns a transparent UDP
+socket bound to the client's address and connected to the target, so the application sees
+the client, and its replies come back to that socket (the policy routing sends them to
+`lo`). They go on to the balancer from the listening socket and from the address the
+balancer sent to. A flow ends after `udp_idle_timeout` without a datagram either way; a
+new one beyond `udp_max_flows` (or a balancer's `udp_max_flows_per_balancer`) closes the
+least recently used flow (of that balancer, when its share is full) to make room.
 
 One epoll thread does all of it: a datagram needs no hand-shake, so nothing waits. A
 balancer repeats the same header for every datagram of a flow, so once a header has been
@@ -23,14 +35,17 @@ import socket
 import struct
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from mmproxy.config import Address, Config
 from mmproxy.forwarder import RateLimitedLog
 from mmproxy.policy import UDP_FAMILIES, Rejected, route
-from mmproxy.proxy_protocol import V2_SIGNATURE, ProxyProtocolError, parse
+from mmproxy.proxy_protocol import V2_SIGNATURE, ProxyHeader, ProxyProtocolError, parse
+from mmproxy.spp import HEADER_SIZE as SPP_SIZE
+from mmproxy.spp import SppError
+from mmproxy.spp import parse as parse_spp
 from mmproxy.transparent import LocalAddresses, UpstreamError, open_datagram, unmap
 
 log = logging.getLogger("mmproxy")
@@ -48,8 +63,11 @@ MAX_DATAGRAM = 65535  # larger than any UDP payload over IPv4 or IPv6 (without j
 _ANCILLARY_SIZE = socket.CMSG_SPACE(_IN6_PKTINFO.size)  # room for either family's pktinfo
 _BATCH = 64  # datagrams from one listener per wake-up, so that the flows get their turn
 _SWEEP_INTERVAL = 1.0
+_V1_PREFIX = b"PROXY "
 
 Ancillary = list[tuple[int, int, bytes]]
+FlowKey = tuple[object, ...]  # (listener fd, (balancer host, port), client Address)
+PortKey = tuple[int, tuple[object, ...]]  # (listener fd, the balancer's sockaddr)
 
 
 @dataclass
@@ -62,6 +80,7 @@ class UdpStats:
     packets_out: int = 0  # application -> balancer
     bytes_in: int = 0  # payload only, headers not counted
     bytes_out: int = 0
+    evicted: int = 0  # flows closed to make room for a new one
     dropped: Counter[str] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -75,7 +94,8 @@ class UdpStats:
         return (
             f"udp: {self.flows} flows, {self.total} total, dropped: {dropped}, "
             f"{self.packets_in} packets ({self.bytes_in} bytes) in, "
-            f"{self.packets_out} packets ({self.bytes_out} bytes) out"
+            f"{self.packets_out} packets ({self.bytes_out} bytes) out, "
+            f"{self.evicted} flows evicted"
         )
 
 
@@ -83,20 +103,28 @@ class UdpStats:
 class _Listener:
     sock: socket.socket
     wildcard: bool  # bound to 0.0.0.0 or [::]: replies must say which address they are from
+    fd: int = -1
+
+    def __post_init__(self) -> None:
+        self.fd = self.sock.fileno()
 
 
 @dataclass(slots=True, eq=False)
 class Flow:
-    key: tuple[object, ...]
+    key: FlowKey
     known_as: tuple[object, ...] | None  # its entry in the checked-headers table
     listener: _Listener
     balancer: tuple[object, ...]  # the sockaddr the datagrams came from: replies go there
-    client: Address | None  # None: the balancer's own (LOCAL) traffic, not spoofed
+    client: Address | None  # the address the application sees; None: not spoofed
     target: Address
     upstream: socket.socket
     reply_ancillary: Ancillary
     started: float
     last_seen: float
+    lb_host: str  # the balancer's address, unmapped: its share of the flow table
+    group: OrderedDict[FlowKey, Flow]  # that balancer's flows, least recently used first
+    reply_prefix: bytes = b""  # SPP: the header its replies carry, as last received
+    owns_port: bool = False  # v2: took a header-only or headerless datagram (Spectrum)
     packets_in: int = 0
     packets_out: int = 0
     bytes_in: int = 0
@@ -110,12 +138,19 @@ class UdpForwarder:
         self.config = config
         self.stats = UdpStats()
         self._allowed = config.allowed()
+        self._spp = config.udp_header == "spp"
         self._local = LocalAddresses()
         self._drops = RateLimitedLog(what="datagrams dropped")
+        self._evictions = RateLimitedLog(what="UDP flows evicted")
         self._epoll = select.epoll()
         self._listeners = {sock.fileno(): _Listener(sock, _prepare(sock)) for sock in listeners}
-        self._flows: dict[tuple[object, ...], Flow] = {}
+        # Every flow, least recently used first (moved to the end at each datagram), and
+        # the same per balancer address: the order eviction and the idle sweep follow.
+        self._flows: OrderedDict[FlowKey, Flow] = OrderedDict()
+        self._balancers: dict[str, OrderedDict[FlowKey, Flow]] = {}
         self._by_fd: dict[int, Flow] = {}
+        # v2: the flow a datagram without a header from this balancer port belongs to
+        self._ports: dict[PortKey, Flow] = {}
         # (listener fd, balancer sockaddr, header bytes) -> flow, for headers already checked
         self._known: dict[tuple[object, ...], Flow] = {}
         self.last_loop = time.monotonic()  # the watchdog's proof that the thread is alive
@@ -165,9 +200,7 @@ class UdpForwarder:
             now = self.last_loop = time.monotonic()
             if self._forget_known:  # set by a reload, done here: only this thread reads it
                 self._forget_known = False
-                self._known.clear()
-                for flow in self._flows.values():
-                    flow.known_as = None
+                self._reloaded()
             for fd, _ in events:
                 try:
                     self._ready(fd, now)
@@ -180,6 +213,20 @@ class UdpForwarder:
                     log.exception("internal error while closing idle UDP flows; continuing")
                 next_sweep = now + _SWEEP_INTERVAL
 
+    def _reloaded(self) -> None:
+        self._known.clear()
+        for flow in self._flows.values():
+            flow.known_as = None
+        spp = self.config.udp_header == "spp"
+        if spp != self._spp:  # a flow's replies are framed as its balancer expects
+            self._spp = spp
+            for flow in list(self._flows.values()):
+                self._close(flow, "udp_header changed")
+        # A first-datagram flow sees no header again to check: check its balancer here.
+        for port, flow in list(self._ports.items()):
+            if flow.lb_host not in self._allowed:
+                del self._ports[port]
+
     def _ready(self, fd: int, now: float) -> None:
         listener = self._listeners.get(fd)
         if listener is not None:
@@ -191,8 +238,19 @@ class UdpForwarder:
 
     def _sweep(self, now: float) -> None:
         idle = self.config.udp_idle_timeout
-        for flow in [f for f in self._flows.values() if now - f.last_seen >= idle]:
+        quiet = []
+        for flow in self._flows.values():  # least recently used first
+            if now - flow.last_seen < idle:
+                break
+            quiet.append(flow)
+        for flow in quiet:
             self._close(flow, "idle")
+
+    def _touch(self, flow: Flow, now: float) -> None:
+        if flow.last_seen != now:  # once per flow and wake-up is enough for the order
+            flow.last_seen = now
+            self._flows.move_to_end(flow.key)
+            flow.group.move_to_end(flow.key)
 
     # --- balancer -> application -------------------------------------------------------
 
@@ -224,22 +282,81 @@ class UdpForwarder:
         peer: tuple[object, ...],
         now: float,
     ) -> None:
-        size = _v2_size(data)
-        known = (listener.sock.fileno(), peer, data[:size])
-        flow = self._known.get(known) if size else None
-        if flow is None:
-            flow, size = self._check(listener, data, ancillary, peer, now)
-            if flow.known_as is not None:
-                del self._known[flow.known_as]
-            flow.known_as = known
-            self._known[known] = flow
-        payload = memoryview(data)[size:]
+        if self._spp:
+            size = SPP_SIZE
+            flow = self._headed(listener, data, size, ancillary, peer, now)
+        elif data.startswith(V2_SIGNATURE):
+            size = _v2_size(data)
+            flow = self._headed(listener, data, size, ancillary, peer, now)
+            self._claim_port(flow, listener.fd, peer, size >= len(data))
+            if size >= len(data):  # a header alone (Spectrum's first datagram): no payload
+                self._touch(flow, now)
+                return
+        else:
+            found = self._ports.get((listener.fd, peer))
+            if found is None:
+                raise self._without_flow(data, peer)
+            flow, size = found, 0
+            flow.owns_port = True
+        payload = memoryview(data)[size:] if size else data
         self._send_upstream(flow, payload)
-        flow.last_seen = now
+        self._touch(flow, now)
         flow.packets_in += 1
         flow.bytes_in += len(payload)
         self.stats.packets_in += 1
         self.stats.bytes_in += len(payload)
+
+    def _headed(
+        self,
+        listener: _Listener,
+        data: bytes,
+        size: int,
+        ancillary: Ancillary,
+        peer: tuple[object, ...],
+        now: float,
+    ) -> Flow:
+        """The flow of a datagram that starts with a header claiming `size` bytes (0: too
+        short to say): straight from the table of checked headers, or checked now."""
+        known = (listener.fd, peer, data[:size])
+        flow = self._known.get(known) if size else None
+        if flow is None:
+            flow = self._check(listener, data, ancillary, peer, now)
+            if flow.known_as is not None:
+                del self._known[flow.known_as]
+            flow.known_as = known
+            self._known[known] = flow
+            if self._spp:
+                flow.reply_prefix = data[:SPP_SIZE]
+        return flow
+
+    def _claim_port(self, flow: Flow, fd: int, peer: tuple[object, ...], alone: bool) -> None:
+        """v2: a header makes its flow the one of its balancer port. The port's previous
+        client is replaced (closed) if it was Spectrum's kind of flow, which owns its
+        port; a balancer with a header on every datagram may carry several clients on one
+        port, and their flows stay until idle."""
+        if alone:
+            flow.owns_port = True
+        port = (fd, peer)
+        current = self._ports.get(port)
+        if current is flow:
+            return
+        if current is not None and current.owns_port:
+            self._close(current, "replaced")
+        self._ports[port] = flow
+
+    def _without_flow(self, data: bytes, peer: tuple[object, ...]) -> Rejected:
+        """Why a datagram without a header, from a port with no flow, is dropped."""
+        if unmap(str(peer[0])) not in self._allowed:
+            return Rejected("untrusted-balancer", "not in allowed_networks")
+        if data.startswith(_V1_PREFIX):
+            return Rejected(
+                "invalid-header", "PROXY v1 cannot describe UDP: the balancer must send v2"
+            )
+        return Rejected(
+            "no-flow",
+            "no PROXY header, and no flow from this balancer port: a flow starts with a "
+            "datagram that carries one",
+        )
 
     def _check(
         self,
@@ -248,12 +365,27 @@ class UdpForwarder:
         ancillary: Ancillary,
         peer: tuple[object, ...],
         now: float,
-    ) -> tuple[Flow, int]:
-        """The whole check of a header not seen before: its flow (opened if need be) and
-        the header's length."""
-        balancer = (unmap(str(peer[0])), peer[1])
-        if balancer[0] not in self._allowed:
+    ) -> Flow:
+        """The whole check of a header not seen before: its flow, opened if need be."""
+        lb_host = unmap(str(peer[0]))
+        if lb_host not in self._allowed:
             raise Rejected("untrusted-balancer", "not in allowed_networks")
+        header = self._parse(data)
+        source, target = route(header, self.config, self._local, UDP_FAMILIES)
+        key = (listener.fd, (lb_host, peer[1]), source)
+        flow = self._flows.get(key)
+        if flow is None:
+            flow = self._open(key, lb_host, listener, peer, ancillary, source, target, now)
+        return flow
+
+    def _parse(self, data: bytes) -> ProxyHeader:
+        if self._spp:
+            try:
+                spp = parse_spp(data)
+            except SppError as exc:
+                raise Rejected("invalid-header", str(exc)) from None
+            # As a v2 header would say it, so that one policy judges both framings.
+            return ProxyHeader(2, "PROXY", spp.family, spp.client, spp.proxy, SPP_SIZE)
         try:
             header = parse(data)
         except ProxyProtocolError as exc:
@@ -262,16 +394,12 @@ class UdpForwarder:
             raise Rejected(
                 "invalid-header", "PROXY v1 cannot describe UDP: the balancer must send v2"
             )
-        source, target = route(header, self.config, self._local, UDP_FAMILIES)
-        key = (listener.sock.fileno(), balancer, source)
-        flow = self._flows.get(key)
-        if flow is None:
-            flow = self._open(key, listener, peer, ancillary, source, target, now)
-        return flow, header.length
+        return header
 
     def _open(
         self,
-        key: tuple[object, ...],
+        key: FlowKey,
+        lb_host: str,
         listener: _Listener,
         peer: tuple[object, ...],
         ancillary: Ancillary,
@@ -280,22 +408,56 @@ class UdpForwarder:
         now: float,
     ) -> Flow:
         config = self.config
-        if len(self._flows) >= config.udp_max_flows:
-            raise Rejected("flow-limit", f"{len(self._flows)} flows open (udp_max_flows)")
         try:
             upstream = open_datagram(target, source, config.mark if source else 0)
         except UpstreamError as exc:
             raise Rejected("target-unavailable", str(exc)) from None
+        group = self._balancers.get(lb_host)
+        if group is None:
+            group = self._balancers[lb_host] = OrderedDict()
+        self._make_room(group, lb_host)
         reply = _reply_ancillary(ancillary) if listener.wildcard else []
-        flow = Flow(key, None, listener, peer, source, target, upstream, reply, now, now)
+        flow = Flow(
+            key, None, listener, peer, source, target, upstream, reply, now, now, lb_host, group
+        )
         self._flows[key] = flow
+        group[key] = flow
         self._by_fd[upstream.fileno()] = flow
         self._epoll.register(upstream.fileno(), select.EPOLLIN)
         self.stats.flows += 1
         self.stats.total += 1
         return flow
 
-    def _send_upstream(self, flow: Flow, payload: memoryview) -> None:
+    def _make_room(self, group: OrderedDict[FlowKey, Flow], lb_host: str) -> None:
+        """Close least recently used flows until a new one fits: first the balancer's own
+        (so that a flood from one balancer address costs only its share), then anyone's."""
+        config = self.config
+        share = min(config.udp_max_flows_per_balancer or config.udp_max_flows,
+                    config.udp_max_flows)  # fmt: skip
+        while len(group) >= share:
+            self._evict(next(iter(group.values())), f"{lb_host} holds {len(group)} flows "
+                        "(udp_max_flows_per_balancer)")  # fmt: skip
+        while len(self._flows) >= config.udp_max_flows:
+            self._evict(next(iter(self._flows.values())),
+                        f"{len(self._flows)} flows open (udp_max_flows)")  # fmt: skip
+
+    def _evict(self, flow: Flow, why: str) -> None:
+        self.stats.evicted += 1
+        idle = time.monotonic() - flow.last_seen
+        fields: dict[str, object] = {
+            "PROTOCOL": "udp",
+            "CLOSE_REASON": "evicted",
+            "LB_ADDR": flow.lb_host,
+        }
+        self._evictions.warning(
+            "evicted",
+            f"closed the least recently used UDP flow ({flow.client or 'not spoofed'} via "
+            f"{_format_peer(flow.balancer)}, quiet for {idle:.1f} s) for a new one: {why}",
+            fields,
+        )
+        self._close(flow, "evicted")
+
+    def _send_upstream(self, flow: Flow, payload: bytes | memoryview) -> None:
         for attempt in (1, 2):
             try:
                 flow.upstream.send(payload)
@@ -334,9 +496,13 @@ class UdpForwarder:
         except OSError as exc:
             self._close(flow, f"receive error: {exc.strerror}")
             return
-        flow.last_seen = now
+        self._touch(flow, now)
         try:
-            if flow.reply_ancillary:
+            if flow.reply_prefix:  # SPP: the balancer strips 38 bytes from every reply
+                flow.listener.sock.sendmsg(
+                    [flow.reply_prefix, data], flow.reply_ancillary, 0, flow.balancer
+                )
+            elif flow.reply_ancillary:
                 flow.listener.sock.sendmsg([data], flow.reply_ancillary, 0, flow.balancer)
             else:
                 flow.listener.sock.sendto(data, flow.balancer)
@@ -354,9 +520,16 @@ class UdpForwarder:
     # --- endings -----------------------------------------------------------------------
 
     def _close(self, flow: Flow, reason: str) -> None:
-        self._flows.pop(flow.key, None)
+        if self._flows.pop(flow.key, None) is None:
+            return  # closed already
+        flow.group.pop(flow.key, None)
+        if not flow.group:
+            self._balancers.pop(flow.lb_host, None)
         if flow.known_as is not None:
             self._known.pop(flow.known_as, None)
+        port = (flow.listener.fd, flow.balancer)
+        if self._ports.get(port) is flow:
+            del self._ports[port]
         fd = flow.upstream.fileno()
         self._by_fd.pop(fd, None)
         try:

@@ -288,8 +288,11 @@ class UdpForwarder:
         elif data.startswith(V2_SIGNATURE):
             size = _v2_size(data)
             flow = self._headed(listener, data, size, ancillary, peer, now)
-            self._claim_port(flow, listener.fd, peer, size >= len(data))
+            port = (listener.fd, peer)
+            if self._ports.get(port) is not flow:
+                self._claim_port(flow, port)
             if size >= len(data):  # a header alone (Spectrum's first datagram): no payload
+                flow.owns_port = True
                 self._touch(flow, now)
                 return
         else:
@@ -329,17 +332,12 @@ class UdpForwarder:
                 flow.reply_prefix = data[:SPP_SIZE]
         return flow
 
-    def _claim_port(self, flow: Flow, fd: int, peer: tuple[object, ...], alone: bool) -> None:
+    def _claim_port(self, flow: Flow, port: PortKey) -> None:
         """v2: a header makes its flow the one of its balancer port. The port's previous
         client is replaced (closed) if it was Spectrum's kind of flow, which owns its
         port; a balancer with a header on every datagram may carry several clients on one
         port, and their flows stay until idle."""
-        if alone:
-            flow.owns_port = True
-        port = (fd, peer)
         current = self._ports.get(port)
-        if current is flow:
-            return
         if current is not None and current.owns_port:
             self._close(current, "replaced")
         self._ports[port] = flow

@@ -620,3 +620,38 @@ def test_dnsmasq_behind_spectrum_answers_and_logs_the_client(
     assert sum(f"from {CLIENT4}" in q for q in queries) == 2, queries
     assert sum("from 192.0.2.99" in q for q in queries) == 2, queries
     assert "udp: 2 flows, 2 total, dropped: none, 4 packets" in final_status(proc)
+
+
+def test_reverse_path_filtering_keeps_flows_working(
+    net: Net, run_mmproxy: StartMmproxy, echoes: Callable[[NetNS, str], UdpEcho]
+) -> None:
+    """docs/security.md advises strict reverse-path filtering against forged balancer
+    addresses: it must not break either routing variant (the replies the policy routing
+    brings back arrive on lo, which the kernel does not filter)."""
+    assert net.gw.veth is not None
+    for interface in ("all", "default", net.gw.veth):
+        net.gw.sysctl(f"net.ipv4.conf.{interface}.rp_filter", "1")
+    echo4, echo6 = (echoes(net.gw, host) for host in targets(net))
+    forged = "192.0.2.5"  # allowed, but routed elsewhere (lo variant: nowhere)
+    allowed = ["198.51.100.0/24", "2001:db8:1::/64", f"{forged}/32"]
+    proc = start_udp(run_mmproxy, net, echo4, echo6, allowed_networks=allowed)
+    flow = SpectrumFlow(net, "v2", (CLIENT4, 44004))
+    try:
+        for n in range(2):
+            flow.send(b"filtered %d" % n)
+            assert flow.recv() == f"{CLIENT4} 44004 filtered {n}".encode()
+    finally:
+        flow.close()
+    if net.variant != "lo":
+        return  # the fwmark variant's default route leads back out of the veth
+    # A datagram forged from the allowed address arrives on an interface that address is
+    # not routed through: the kernel drops it before mmproxy sees it.
+    assert net.peer.veth is not None
+    net.peer.ip("addr", "add", f"{forged}/32", "dev", net.peer.veth)
+    sock = net.peer.open_socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        sock.bind((forged, 0))
+        sock.sendto(datagram((CLIENT4, 44005), b"forged"), (GW4, PORT))
+        time.sleep(0.3)
+    assert echo4.peers == [(CLIENT4, 44004)] * 2
+    assert "udp: 1 flows, 1 total, dropped: none, 2 packets" in final_status(proc)

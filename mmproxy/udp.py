@@ -28,6 +28,7 @@ checked its exact bytes, from that balancer, lead straight to the flow (until a 
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import logging
 import os
 import select
@@ -63,6 +64,8 @@ MAX_DATAGRAM = 65535  # larger than any UDP payload over IPv4 or IPv6 (without j
 _ANCILLARY_SIZE = socket.CMSG_SPACE(_IN6_PKTINFO.size)  # room for either family's pktinfo
 _BATCH = 64  # datagrams from one listener per wake-up, so that the flows get their turn
 _SWEEP_INTERVAL = 1.0
+_REORDER = 0.25  # a flow's place in the LRU order is refreshed at most this often (s)
+_EVICTION_SCAN = 8  # eviction picks the least recently used of the first few in that order
 _V1_PREFIX = b"PROXY "
 
 Ancillary = list[tuple[int, int, bytes]]
@@ -121,10 +124,12 @@ class Flow:
     reply_ancillary: Ancillary
     started: float
     last_seen: float
+    moved: float  # when it last went to the end of the LRU order
     lb_host: str  # the balancer's address, unmapped: its share of the flow table
     group: OrderedDict[FlowKey, Flow]  # that balancer's flows, least recently used first
     reply_prefix: bytes = b""  # SPP: the header its replies carry, as last received
     owns_port: bool = False  # v2: took a header-only or headerless datagram (Spectrum)
+    current: bool = False  # v2: the flow of its balancer port (in the ports table)
     packets_in: int = 0
     packets_out: int = 0
     bytes_in: int = 0
@@ -144,8 +149,8 @@ class UdpForwarder:
         self._evictions = RateLimitedLog(what="UDP flows evicted")
         self._epoll = select.epoll()
         self._listeners = {sock.fileno(): _Listener(sock, _prepare(sock)) for sock in listeners}
-        # Every flow, least recently used first (moved to the end at each datagram), and
-        # the same per balancer address: the order eviction and the idle sweep follow.
+        # Every flow, least recently used first (to the second: see _REORDER), and the
+        # same per balancer address: the order eviction and the idle sweep follow.
         self._flows: OrderedDict[FlowKey, Flow] = OrderedDict()
         self._balancers: dict[str, OrderedDict[FlowKey, Flow]] = {}
         self._by_fd: dict[int, Flow] = {}
@@ -226,6 +231,7 @@ class UdpForwarder:
         for port, flow in list(self._ports.items()):
             if flow.lb_host not in self._allowed:
                 del self._ports[port]
+                flow.current = False
 
     def _ready(self, fd: int, now: float) -> None:
         listener = self._listeners.get(fd)
@@ -237,20 +243,25 @@ class UdpForwarder:
             self._from_target(flow, now)
 
     def _sweep(self, now: float) -> None:
-        idle = self.config.udp_idle_timeout
+        """Close the flows quiet for udp_idle_timeout. They are all near the front of the
+        order (moved <= last_seen < moved + _REORDER), before the first flow moved since
+        the limit."""
+        limit = now - self.config.udp_idle_timeout
         quiet = []
-        for flow in self._flows.values():  # least recently used first
-            if now - flow.last_seen < idle:
+        for flow in self._flows.values():  # least recently moved first
+            if flow.moved > limit:
                 break
-            quiet.append(flow)
+            if flow.last_seen <= limit:
+                quiet.append(flow)
         for flow in quiet:
             self._close(flow, "idle")
 
-    def _touch(self, flow: Flow, now: float) -> None:
-        if flow.last_seen != now:  # once per flow and wake-up is enough for the order
-            flow.last_seen = now
-            self._flows.move_to_end(flow.key)
-            flow.group.move_to_end(flow.key)
+    def _reorder(self, flow: Flow, now: float) -> None:
+        # Not at every datagram: two moves per datagram each way cost more than a
+        # least-recently-used order to the second is worth.
+        flow.moved = now
+        self._flows.move_to_end(flow.key)
+        flow.group.move_to_end(flow.key)
 
     # --- balancer -> application -------------------------------------------------------
 
@@ -284,42 +295,12 @@ class UdpForwarder:
     ) -> None:
         if self._spp:
             size = SPP_SIZE
-            flow = self._headed(listener, data, size, ancillary, peer, now)
         elif data.startswith(V2_SIGNATURE):
-            size = _v2_size(data)
-            flow = self._headed(listener, data, size, ancillary, peer, now)
-            port = (listener.fd, peer)
-            if self._ports.get(port) is not flow:
-                self._claim_port(flow, port)
-            if size >= len(data):  # a header alone (Spectrum's first datagram): no payload
-                flow.owns_port = True
-                self._touch(flow, now)
-                return
-        else:
-            found = self._ports.get((listener.fd, peer))
-            if found is None:
-                raise self._without_flow(data, peer)
-            flow, size = found, 0
-            flow.owns_port = True
-        payload = memoryview(data)[size:] if size else data
-        self._send_upstream(flow, payload)
-        self._touch(flow, now)
-        flow.packets_in += 1
-        flow.bytes_in += len(payload)
-        self.stats.packets_in += 1
-        self.stats.bytes_in += len(payload)
-
-    def _headed(
-        self,
-        listener: _Listener,
-        data: bytes,
-        size: int,
-        ancillary: Ancillary,
-        peer: tuple[object, ...],
-        now: float,
-    ) -> Flow:
-        """The flow of a datagram that starts with a header claiming `size` bytes (0: too
-        short to say): straight from the table of checked headers, or checked now."""
+            # The length the header claims (0: too short to say; the full check says why)
+            size = 16 + (data[14] << 8 | data[15]) if len(data) >= 16 else 0
+        else:  # v2 without a header: the rest of its balancer port's flow
+            self._headerless(listener, data, peer, now)
+            return
         known = (listener.fd, peer, data[:size])
         flow = self._known.get(known) if size else None
         if flow is None:
@@ -330,17 +311,53 @@ class UdpForwarder:
             self._known[known] = flow
             if self._spp:
                 flow.reply_prefix = data[:SPP_SIZE]
-        return flow
+        if not self._spp:
+            if not flow.current:
+                self._claim_port(flow, (listener.fd, peer))
+            if size >= len(data):  # a header alone (Spectrum's first datagram): no payload
+                flow.owns_port = True
+                flow.last_seen = now
+                if now - flow.moved >= _REORDER:
+                    self._reorder(flow, now)
+                return
+        payload = memoryview(data)[size:]
+        self._send_upstream(flow, payload)
+        flow.last_seen = now
+        if now - flow.moved >= _REORDER:
+            self._reorder(flow, now)
+        flow.packets_in += 1
+        flow.bytes_in += len(payload)
+        self.stats.packets_in += 1
+        self.stats.bytes_in += len(payload)
+
+    def _headerless(
+        self, listener: _Listener, data: bytes, peer: tuple[object, ...], now: float
+    ) -> None:
+        flow = self._ports.get((listener.fd, peer))
+        if flow is None:
+            raise self._without_flow(data, peer)
+        flow.owns_port = True
+        self._send_upstream(flow, data)
+        flow.last_seen = now
+        if now - flow.moved >= _REORDER:
+            self._reorder(flow, now)
+        flow.packets_in += 1
+        flow.bytes_in += len(data)
+        self.stats.packets_in += 1
+        self.stats.bytes_in += len(data)
 
     def _claim_port(self, flow: Flow, port: PortKey) -> None:
         """v2: a header makes its flow the one of its balancer port. The port's previous
         client is replaced (closed) if it was Spectrum's kind of flow, which owns its
         port; a balancer with a header on every datagram may carry several clients on one
         port, and their flows stay until idle."""
-        current = self._ports.get(port)
-        if current is not None and current.owns_port:
-            self._close(current, "replaced")
+        previous = self._ports.get(port)
+        if previous is not None:
+            previous.current = False
+            if previous.owns_port:
+                self._close(previous, "replaced")
         self._ports[port] = flow
+        flow.current = True
 
     def _without_flow(self, data: bytes, peer: tuple[object, ...]) -> Rejected:
         """Why a datagram without a header, from a port with no flow, is dropped."""
@@ -416,7 +433,19 @@ class UdpForwarder:
         self._make_room(group, lb_host)
         reply = _reply_ancillary(ancillary) if listener.wildcard else []
         flow = Flow(
-            key, None, listener, peer, source, target, upstream, reply, now, now, lb_host, group
+            key,
+            None,
+            listener,
+            peer,
+            source,
+            target,
+            upstream,
+            reply,
+            now,
+            now,
+            now,
+            lb_host,
+            group,
         )
         self._flows[key] = flow
         group[key] = flow
@@ -433,10 +462,10 @@ class UdpForwarder:
         share = min(config.udp_max_flows_per_balancer or config.udp_max_flows,
                     config.udp_max_flows)  # fmt: skip
         while len(group) >= share:
-            self._evict(next(iter(group.values())), f"{lb_host} holds {len(group)} flows "
+            self._evict(_least_recently_used(group), f"{lb_host} holds {len(group)} flows "
                         "(udp_max_flows_per_balancer)")  # fmt: skip
         while len(self._flows) >= config.udp_max_flows:
-            self._evict(next(iter(self._flows.values())),
+            self._evict(_least_recently_used(self._flows),
                         f"{len(self._flows)} flows open (udp_max_flows)")  # fmt: skip
 
     def _evict(self, flow: Flow, why: str) -> None:
@@ -494,7 +523,9 @@ class UdpForwarder:
         except OSError as exc:
             self._close(flow, f"receive error: {exc.strerror}")
             return
-        self._touch(flow, now)
+        flow.last_seen = now
+        if now - flow.moved >= _REORDER:
+            self._reorder(flow, now)
         try:
             if flow.reply_prefix:  # SPP: the balancer strips 38 bytes from every reply
                 flow.listener.sock.sendmsg(
@@ -525,9 +556,8 @@ class UdpForwarder:
             self._balancers.pop(flow.lb_host, None)
         if flow.known_as is not None:
             self._known.pop(flow.known_as, None)
-        port = (flow.listener.fd, flow.balancer)
-        if self._ports.get(port) is flow:
-            del self._ports[port]
+        if flow.current:
+            del self._ports[(flow.listener.fd, flow.balancer)]
         fd = flow.upstream.fileno()
         self._by_fd.pop(fd, None)
         try:
@@ -549,11 +579,14 @@ class UdpForwarder:
         self._drops.warning(reason, f"dropped a datagram{source}: {detail}", fields)
 
 
-def _v2_size(data: bytes) -> int:
-    """The length a v2 header at the start of `data` claims, or 0 if it is not one."""
-    if len(data) < 16 or not data.startswith(V2_SIGNATURE):
-        return 0
-    return 16 + int.from_bytes(data[14:16], "big")
+def _least_recently_used(flows: OrderedDict[FlowKey, Flow]) -> Flow:
+    """Of the first flows in LRU order (least recently moved), the one quiet longest: the
+    order is only refreshed every _REORDER seconds, so its head is not exact."""
+    return min(itertools.islice(flows.values(), _EVICTION_SCAN), key=_last_seen)
+
+
+def _last_seen(flow: Flow) -> float:
+    return flow.last_seen
 
 
 def _prepare(sock: socket.socket) -> bool:

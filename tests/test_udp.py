@@ -251,6 +251,27 @@ def test_idle_flows_close_in_order_of_last_use(echo: socket.socket) -> None:
         listener.close()
 
 
+def test_a_reload_that_changes_the_framing_closes_every_flow(echo: socket.socket) -> None:
+    """A flow's replies are framed for the balancer that opened it (SPP puts a header on
+    each): after `udp_header` changes, no flow may carry on with the old framing."""
+    udp, listener = forwarder(echo)
+    try:
+        with balancer(listener) as lb:
+            lb.send(LOCAL_HEADER + b"x")
+            assert lb.recv(100) == b"echo x"
+            udp.reconfigure(Config(**{**vars(udp.config), "udp_header": "spp"}))
+            lb.send(b"the old flow's payload")
+            nothing_arrives(lb)
+        until_dropped = time.monotonic() + 5
+        while not udp.stats.dropped and time.monotonic() < until_dropped:
+            time.sleep(0.01)
+        assert udp.stats.flows == 0
+        assert udp.stats.dropped == {"invalid-header": 1}  # not SPP: bad magic
+    finally:
+        udp.stop()
+        listener.close()
+
+
 def test_summary() -> None:
     stats = UdpStats(flows=2, total=5, packets_in=7, packets_out=6, bytes_in=70, bytes_out=60)
     stats.drop("invalid-header")

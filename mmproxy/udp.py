@@ -129,7 +129,7 @@ class Flow:
     group: OrderedDict[FlowKey, Flow]  # that balancer's flows, least recently used first
     reply_prefix: bytes = b""  # SPP: the header its replies carry, as last received
     owns_port: bool = False  # v2: took a header-only or headerless datagram (Spectrum)
-    current: bool = False  # v2: the flow of its balancer port (in the ports table)
+    port: PortKey | None = None  # v2: its entry in the ports table, while it has one
     packets_in: int = 0
     packets_out: int = 0
     bytes_in: int = 0
@@ -231,7 +231,7 @@ class UdpForwarder:
         for port, flow in list(self._ports.items()):
             if flow.lb_host not in self._allowed:
                 del self._ports[port]
-                flow.current = False
+                flow.port = None
 
     def _ready(self, fd: int, now: float) -> None:
         listener = self._listeners.get(fd)
@@ -312,7 +312,7 @@ class UdpForwarder:
             if self._spp:
                 flow.reply_prefix = data[:SPP_SIZE]
         if not self._spp:
-            if not flow.current:
+            if flow.port is None:
                 self._claim_port(flow, (listener.fd, peer))
             if size >= len(data):  # a header alone (Spectrum's first datagram): no payload
                 flow.owns_port = True
@@ -353,11 +353,11 @@ class UdpForwarder:
         port, and their flows stay until idle."""
         previous = self._ports.get(port)
         if previous is not None:
-            previous.current = False
+            previous.port = None
             if previous.owns_port:
                 self._close(previous, "replaced")
         self._ports[port] = flow
-        flow.current = True
+        flow.port = port
 
     def _without_flow(self, data: bytes, peer: tuple[object, ...]) -> Rejected:
         """Why a datagram without a header, from a port with no flow, is dropped."""
@@ -556,8 +556,8 @@ class UdpForwarder:
             self._balancers.pop(flow.lb_host, None)
         if flow.known_as is not None:
             self._known.pop(flow.known_as, None)
-        if flow.current:
-            del self._ports[(flow.listener.fd, flow.balancer)]
+        if flow.port is not None:
+            del self._ports[flow.port]
         fd = flow.upstream.fileno()
         self._by_fd.pop(fd, None)
         try:

@@ -513,6 +513,25 @@ def test_spectrum_framings_reach_the_application_as_the_client(
     proc.wait_for(rf"{CLIENT4}:40004 via {PEER4}:\d+ -> .* \(udp\): stopping after .* 3 packets")
 
 
+@pytest.mark.parametrize("framing", ["v2", "spp"])
+def test_many_spectrum_flows_keep_their_replies_apart(world: UdpWorld, framing: str) -> None:
+    """200 clients, each from a balancer port of its own, their datagrams interleaved."""
+    proc = world.start(udp_header=framing)
+    clients = [(f"203.0.113.{1 + i % 100}", 21000 + i) for i in range(200)]
+    flows = {client: SpectrumFlow(world.net, framing, client) for client in clients}
+    order = [c for c in clients for _ in range(3)]
+    random.Random(11).shuffle(order)
+    try:
+        for i, client in enumerate(order):
+            flows[client].send(b"#%d" % i)
+            assert flows[client].recv() == f"{client[0]} {client[1]} #{i}".encode()
+    finally:
+        for flow in flows.values():
+            flow.close()
+    assert len(world.echo4.peers) == 600 and set(world.echo4.peers) == set(clients)
+    assert "udp: 200 flows, 200 total, dropped: none, 600 packets" in final_status(proc)
+
+
 def test_a_new_header_on_the_same_port_replaces_the_client(world: UdpWorld) -> None:
     """Spectrum reuses a balancer port for another client once the first one's flow has
     timed out on its side: the new header's client takes the port."""

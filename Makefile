@@ -4,7 +4,8 @@ PYTHON := /usr/bin/python3
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := python3-venv python3-dev gcc python3-systemd python3-yaml python3-sdnotify \
-	iproute2 iptables nftables haproxy procps dnsmasq-base nginx libnginx-mod-stream curl
+	iproute2 iptables nftables haproxy procps dnsmasq-base nginx libnginx-mod-stream curl \
+	bind9-dnsutils
 
 PREFIX ?= /usr
 DESTDIR ?=
@@ -111,15 +112,17 @@ deb:
 	cp $(DEB_BUILD)/mmproxy_*.deb $(DEB_DIST)/
 	@ls -l $(DEB_DIST)/mmproxy_*.deb
 
-# Coverage-guided fuzzing (atheris) of the codec and the config loader, 1,000,000 runs
-# each; new interesting inputs are added to tests/fuzz/corpus/. `make test` runs a short
-# version (tests/test_fuzz.py).
+# Coverage-guided fuzzing (atheris) of the codecs (PROXY, SPP) and the config loader,
+# 1,000,000 runs each; new interesting inputs are added to tests/fuzz/corpus/. `make test`
+# runs a short version (tests/test_fuzz.py).
 FUZZ_RUNS ?= 1000000
 fuzz: venv
 	$(PY) tests/fuzz/fuzz_proxy_protocol.py -runs=$(FUZZ_RUNS) -max_len=1024 -print_final_stats=1 \
 		tests/fuzz/corpus/proxy_protocol
 	$(PY) tests/fuzz/fuzz_config.py -runs=$(FUZZ_RUNS) -max_len=1024 -print_final_stats=1 \
 		tests/fuzz/corpus/config
+	$(PY) tests/fuzz/fuzz_spp.py -runs=$(FUZZ_RUNS) -max_len=1024 -print_final_stats=1 \
+		tests/fuzz/corpus/spp
 
 # Soak (tests/integration/test_soak.py): 100,000 connections with random sizes and close
 # orders through one mmproxy, every byte checked; `make test` runs 3,000 of them.

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--udp-flows", type=int, default=32, help="UDP flows in all (32)")
     p.add_argument("--udp-window", type=int, default=2, help="UDP datagrams in flight per flow (2)")
     p.add_argument("--udp-sizes", default="64,1400", help="UDP payload sizes, bytes (64,1400)")
+    p.add_argument("--udp-framings", default="v2,v2first,spp",
+                   help="mmproxy's UDP framings: v2 (every datagram), v2first (Spectrum's "
+                        "first datagram only), spp (v2,v2first,spp)")  # fmt: skip
     p.add_argument("--rounds", type=int, help="interleaved rounds (5; quick 2)")
     p.add_argument("--proxy", choices=("v1", "v2"), default="v1", help="PROXY version (v1)")
     p.add_argument(
@@ -95,6 +98,7 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, int]:
         udp_flows=args.udp_flows,
         udp_window=args.udp_window,
         udp_sizes=tuple(int(n) for n in args.udp_sizes.split(",")),
+        udp_framings=tuple(_pick(args.udp_framings, udp.FRAMINGS, "UDP framing")),
     )
     return settings, args.rounds or (2 if quick else 5)
 

@@ -62,7 +62,10 @@ METHOD = """\
   load generator, which runs on the same cores.
 - **UDP** (table 4): `bench/c/udpgen.c` plays the balancer, in several processes: every
   flow is its own UDP socket claiming its own fake client in the PROXY v2 (`UDP4`) header
-  of every datagram, with at most *window* datagrams outstanding (a reply, or its loss
+  of every datagram (framing *v2*; for mmproxy also *v2first*: the header alone once per
+  flow, then datagrams without one, as Cloudflare Spectrum sends them, and *spp*: a
+  38-byte SPP header on every datagram, which must come back on every reply, against
+  `udp_header: spp`), with at most *window* datagrams outstanding (a reply, or its loss
   after 200 ms, frees a place). The default, 2 for each of 32 flows (64 in all), fits in
   the default 208 KiB receive buffer of the gateway's one listening socket even at 1,400
   bytes (3 per flow already overflowed it now and then), so loss measures the gateway and

@@ -1,9 +1,11 @@
-"""The UDP workload: PROXY v2 datagrams through the gateway to a UDP echo, and back.
+"""The UDP workload: datagrams through the gateway to a UDP echo, and back.
 
 udpgen (bench/c/udpgen.c, in the client namespace, several processes) plays the balancer:
-K flows, each a connected UDP socket claiming its own fake client in every datagram's
-PROXY v2 header, each with at most W datagrams outstanding, for a few seconds per payload
-size. udpecho (bench/c/udpecho.c, in the gateway namespace) sends every payload back with
+K flows, each a connected UDP socket claiming its own fake client, each with at most W
+datagrams outstanding, for a few seconds per payload size and framing. Framings (FRAMINGS):
+PROXY v2 in every datagram (every gateway); and for mmproxy also v2 on the first datagram
+of a flow only, alone (Cloudflare Spectrum), and SPP on every datagram and reply.
+udpecho (bench/c/udpecho.c, in the gateway namespace) sends every payload back with
 a verdict: did it come from the claimed address? It also lists the sources it saw, which
 must be exactly the fake clients. Measured: request+reply pairs per second, payload
 Mbit/s each way, loss, round-trip p50/p99, and the gateway's CPU-s per million pairs.
@@ -29,21 +31,32 @@ from bench.testbed import ALLOWED_NETWORK, BACKEND_PORT, GW4, MARK, Testbed
 from bench.tools import Tools, fake_client
 from bench.workloads import Context, _collect, _last_json
 from mmproxy.proxy_protocol import encode_v2
+from mmproxy.spp import build as encode_spp
 
 Result = dict[str, Any]
 LAT_BUCKET_US = 1  # udpgen's histogram: one uint32 count per microsecond
 NO_UDP = "no UDP PROXY-protocol gateway"
 UNSUPPORTED = {"haproxy": NO_UDP}
 REFERENCE = "go-mmproxy"  # the ratios in the table are against it
+# udpgen's --proxy value -> what the table calls it; "v2" keeps the metric names it had
+FRAMINGS = {
+    "v2": "PROXY v2 in every datagram",
+    "v2first": "PROXY v2 in the first datagram only (Spectrum)",
+    "spp": "SPP in every datagram and reply (Spectrum)",
+}
+ONLY_V2 = ("go-mmproxy",)  # drops datagrams without a header; no SPP
 
 
-def gateway_command(target: Target, workdir: Path) -> list[str]:
+def gateway_command(target: Target, workdir: Path, udp_header: str = "v2") -> list[str]:
     """The gateway's argv for UDP (before `ip netns exec`): the TCP flags plus UDP's."""
     allowed = workdir / "allowed-networks.txt"
     allowed.write_text(ALLOWED_NETWORK + "\n")
     if target.key in ("mmproxy", "mmproxy-pinned"):
-        return [sys.executable, "-m", "mmproxy", "-l", f"udp://{target.address}", "-4",
-                BACKEND, "-a", str(allowed), "--mark", str(MARK), "-q"]  # fmt: skip
+        config = workdir / "mmproxy-udp.yaml"  # udp_header has no flag
+        config.write_text(f"udp_header: {udp_header}\n")
+        return [sys.executable, "-m", "mmproxy", "-c", str(config), "-l",
+                f"udp://{target.address}", "-4", BACKEND, "-a", str(allowed),
+                "--mark", str(MARK), "-q"]  # fmt: skip
     if target.key == "go-mmproxy":
         # -close-after 60: the idle time of a flow, as mmproxy's udp_idle_timeout default.
         return [_tool("go-mmproxy"), "-p", "udp", "-l", target.address, "-4", BACKEND,
@@ -53,16 +66,22 @@ def gateway_command(target: Target, workdir: Path) -> list[str]:
 
 
 def check_header(tools: Tools, target: tuple[str, int]) -> None:
-    """udpgen's PROXY v2 UDP4 header must be byte for byte what mmproxy's encoder makes."""
+    """udpgen's PROXY v2 UDP4 and SPP headers must be byte for byte what mmproxy's codecs
+    make."""
     for tuple_number in (0, 777, 12345678):
-        made = subprocess.run(
-            [str(tools.udpgen), "--header", "--target", f"{target[0]}:{target[1]}",
-             "--tuple-base", str(tuple_number)],
-            capture_output=True, check=True,
-        ).stdout  # fmt: skip
-        expected = encode_v2("PROXY", "UDP4", fake_client(tuple_number), target)
-        if made != expected:
-            raise RuntimeError(f"udpgen's header {made!r} != {expected!r}")
+        for framing in ("v2", "spp"):
+            made = subprocess.run(
+                [str(tools.udpgen), "--header", "--proxy", framing, "--target",
+                 f"{target[0]}:{target[1]}", "--tuple-base", str(tuple_number)],
+                capture_output=True, check=True,
+            ).stdout  # fmt: skip
+            client = fake_client(tuple_number)
+            if framing == "spp":
+                expected = encode_spp(client, target)
+            else:
+                expected = encode_v2("PROXY", "UDP4", client, target)
+            if made != expected:
+                raise RuntimeError(f"udpgen's {framing} header {made!r} != {expected!r}")
 
 
 # --- the processes -------------------------------------------------------------------
@@ -107,13 +126,13 @@ class UdpRun:
 
 
 @contextmanager
-def running(ctx: Context, target: Target) -> Iterator[UdpRun]:
+def running(ctx: Context, target: Target, udp_header: str = "v2") -> Iterator[UdpRun]:
     """A fresh udpecho and (unless direct) a fresh gateway listening on UDP."""
     host = BACKEND.rsplit(":", 1)[0] if target.is_gateway else GW4
     run = UdpRun(UdpBackend(ctx.bed, ctx.tools, host, ctx.workdir / "udp-seen.txt"))
     try:
         if target.is_gateway:
-            command = gateway_command(target, ctx.workdir)
+            command = gateway_command(target, ctx.workdir, udp_header)
             run.gateway = Gateway(ctx.bed, target, ctx.workdir, ctx.maxconn, command, "udp")
         yield run
     finally:
@@ -130,33 +149,64 @@ def running(ctx: Context, target: Target) -> Iterator[UdpRun]:
 def workload(ctx: Context, target: Target) -> Result:
     if target.key in UNSUPPORTED:
         return {"skipped": UNSUPPORTED[target.key], "metrics": {}}
-    expected: set[str] = set()
-    phases: dict[int, Result] = {}
-    with running(ctx, target) as run:
-        for size in ctx.settings.udp_sizes:
-            phases[size] = _phase(ctx, target, run, size, expected)
-    flows = sum(p["flows"] for p in phases.values())
+    framings = _framings(ctx, target)
+    phases: dict[str, Result] = {}
     metrics: Result = {}
-    for size, phase in phases.items():
-        metrics.update({f"{k}_{size}": v for k, v in phase["metrics"].items()})
-    metrics["udp_verified"] = _verified(phases, run, expected, flows, target.is_gateway)
+    verified, backends, exits, logs = True, [], [], []
+    # One gateway for the v2 framings (the same udp_header), another for SPP.
+    for group in ([f for f in framings if f != "spp"], [f for f in framings if f == "spp"]):
+        if not group:
+            continue
+        expected: set[str] = set()
+        done: dict[str, Result] = {}
+        with running(ctx, target, "spp" if group == ["spp"] else "v2") as run:
+            for framing in group:
+                for size in ctx.settings.udp_sizes:
+                    phase = _phase(ctx, target, run, size, expected, framing)
+                    done[f"{framing}/{size}"] = phase
+                    metrics.update(
+                        {_metric(k, framing, size): v for k, v in phase["metrics"].items()}
+                    )
+        flows = sum(p["flows"] for p in done.values())
+        verified &= _verified(done, run, expected, flows, target.is_gateway)
+        phases.update(done)
+        backends.append({**run.backend_stats, "sources": len(run.seen)})
+        exits.append(run.gateway_exit)
+        logs.append(run.gateway_log)
+    metrics["udp_verified"] = verified
     return {
-        "phases": {str(size): phase for size, phase in phases.items()},
-        "backend": run.backend_stats,
-        "backend_sources": len(run.seen),
-        "gateway_exit": run.gateway_exit,
-        "gateway_log": run.gateway_log,
+        "phases": phases,
+        "backend": backends,
+        "gateway_exit": next((e for e in exits if e is not None), None),
+        "gateway_log": "\n".join(log for log in logs if log),
         "metrics": metrics,
     }
 
 
-def _phase(ctx: Context, target: Target, run: UdpRun, size: int, expected: set[str]) -> Result:
-    """One payload size for udp_seconds: every udpgen process at once."""
+def _framings(ctx: Context, target: Target) -> list[str]:
+    """What udpgen sends to this target: no header direct, v2 only to go-mmproxy."""
+    if not target.is_gateway:
+        return ["none"]
+    wanted = list(ctx.settings.udp_framings)
+    return [f for f in wanted if f == "v2"] if target.key in ONLY_V2 else wanted
+
+
+def _metric(name: str, framing: str, size: int) -> str:
+    """udp_pps_64 for v2 (and direct), as before the framings; udp_pps_spp_64 etc."""
+    return f"{name}_{size}" if framing in ("v2", "none") else f"{name}_{framing}_{size}"
+
+
+def _phase(
+    ctx: Context, target: Target, run: UdpRun, size: int, expected: set[str], framing: str
+) -> Result:
+    """One payload size and framing for udp_seconds: every udpgen process at once."""
     s = ctx.settings
     per_proc = max(1, s.udp_flows // s.udp_procs)
     lat_files = [ctx.workdir / f"udp-lat-{i}.bin" for i in range(s.udp_procs)]
     before = gateway_cpu(run.gateway)
-    procs = [_start(ctx, target, size, i, per_proc, lat_files[i]) for i in range(s.udp_procs)]
+    procs = [
+        _start(ctx, target, size, i, per_proc, lat_files[i], framing) for i in range(s.udp_procs)
+    ]
     outs = [_collect(p, s.udp_seconds + 30) for p in procs]
     after = gateway_cpu(run.gateway)
     used = s.udp_procs * per_proc
@@ -167,12 +217,17 @@ def _phase(ctx: Context, target: Target, run: UdpRun, size: int, expected: set[s
 
 
 def _start(
-    ctx: Context, target: Target, size: int, index: int, flows: int, lat_file: Path
+    ctx: Context,
+    target: Target,
+    size: int,
+    index: int,
+    flows: int,
+    lat_file: Path,
+    framing: str,
 ) -> subprocess.Popen[str]:
     s = ctx.settings
     argv = ctx.bed.peer.exec_args(
-        str(ctx.tools.udpgen), "--target", target.address,
-        "--proxy", "v2" if target.is_gateway else "none",
+        str(ctx.tools.udpgen), "--target", target.address, "--proxy", framing,
         "--flows", str(flows), "--window", str(s.udp_window), "--size", str(size),
         "--duration", str(s.udp_seconds), "--tuple-base", str(ctx.next_tuple),
         "--tuple-step", str(s.udp_procs), "--tuple-index", str(index),
@@ -239,7 +294,7 @@ def _phase_result(outs: list[Result], hist: list[int], cpu: float | None, size: 
 
 
 def _verified(
-    phases: dict[int, Result], run: UdpRun, expected: set[str], flows: int, gateway: bool
+    phases: dict[str, Result], run: UdpRun, expected: set[str], flows: int, gateway: bool
 ) -> bool:
     """Every reply says the application saw the claimed address and port; the application
     judged no datagram from a wrong address; through a gateway, the sources it saw are
@@ -264,39 +319,58 @@ def table(summary: dict[str, dict[str, Any]], order: list[str], settings: dict[s
     if not keys:
         return ""
     keys += [k for k in order if k in UNSUPPORTED and k not in keys]
-    rows = [_row(summary, key, size) for size in sizes for key in keys]
+    framings = settings.get("udp_framings") or ["v2"]
+    rows = [
+        _row(summary, key, size, framing)
+        for size in sizes
+        for framing in framings
+        for key in keys
+        if framing == "v2" or _metric("udp_pps", framing, size) in summary.get(key, {})
+    ]
     flows, window = settings["udp_flows"], settings["udp_window"]
+    shown = "; ".join(f"{name}: {FRAMINGS[name]}" for name in framings if name in FRAMINGS)
     return "\n\n".join([
-        f"**4. UDP** — {flows} flows (fake clients, PROXY v2 in every datagram) from "
+        f"**4. UDP** — {flows} flows (fake clients) from "
         f"{settings['udp_procs']} load-generator processes, at most {window} datagrams "
-        f"outstanding per flow, {settings['udp_seconds']:g} s per payload size; a UDP echo "
+        f"outstanding per flow, {settings['udp_seconds']:g} s per payload size and framing "
+        f"({shown}; {REFERENCE} does v2 only, direct has no header); a UDP echo "
         "behind the gateway. Packets/s are request+reply pairs (two datagrams through the "
         "gateway each); Mbit/s is payload each way; CPU-s per 1M packets is the gateway's "
-        f"own CPU per million pairs; ÷ {REFERENCE}: the same figure over {REFERENCE}'s",
-        _table(["target", "payload B", "packets/s", "Mbit/s each way", "loss %", "p50 ms",
-                "p99 ms", "CPU-s per 1M packets", f"packets/s ÷ {REFERENCE}",
+        f"own CPU per million pairs; ÷ {REFERENCE}: the same figure over {REFERENCE}'s "
+        "(with v2 in every datagram)",
+        _table(["target", "framing", "payload B", "packets/s", "Mbit/s each way", "loss %",
+                "p50 ms", "p99 ms", "CPU-s per 1M packets", f"packets/s ÷ {REFERENCE}",
                 f"CPU ÷ {REFERENCE}", "load generator CPUs busy", "verified"], rows),
     ])  # fmt: skip
 
 
-def _row(summary: dict[str, dict[str, Any]], key: str, size: int) -> list[str]:
+def _row(summary: dict[str, dict[str, Any]], key: str, size: int, framing: str) -> list[str]:
     name = TARGETS[key].name
     if key in UNSUPPORTED:
-        return [name, str(size), f"n/a ({UNSUPPORTED[key]})", *["-"] * 9]
+        return [name, "-", str(size), f"n/a ({UNSUPPORTED[key]})", *["-"] * 9]
     got = summary.get(key, {})
     ref = summary.get(REFERENCE, {})
+    shown = "none" if key == "direct" else framing
+
+    def metric(name: str) -> Any:
+        return got.get(_metric(name, framing, size))
+
+    def ratio(name: str) -> str:
+        return _ratio(metric(name), ref.get(_metric(name, "v2", size)))
+
     return [
         name,
+        shown,
         str(size),
-        _fmt(got.get(f"udp_pps_{size}"), 0),
-        _fmt(got.get(f"udp_mbit_s_{size}"), 1),
-        _fmt(got.get(f"udp_loss_pct_{size}"), 3),
-        _fmt(got.get(f"udp_p50_ms_{size}"), 3),
-        _fmt(got.get(f"udp_p99_ms_{size}"), 3),
-        _fmt(got.get(f"udp_cpu_s_per_mpkt_{size}"), 2),
-        _ratio(got.get(f"udp_pps_{size}"), ref.get(f"udp_pps_{size}")),
-        _ratio(got.get(f"udp_cpu_s_per_mpkt_{size}"), ref.get(f"udp_cpu_s_per_mpkt_{size}")),
-        _fmt(got.get(f"udp_loadgen_cpus_{size}"), 2),
+        _fmt(metric("udp_pps"), 0),
+        _fmt(metric("udp_mbit_s"), 1),
+        _fmt(metric("udp_loss_pct"), 3),
+        _fmt(metric("udp_p50_ms"), 3),
+        _fmt(metric("udp_p99_ms"), 3),
+        _fmt(metric("udp_cpu_s_per_mpkt"), 2),
+        ratio("udp_pps"),
+        ratio("udp_cpu_s_per_mpkt"),
+        _fmt(metric("udp_loadgen_cpus"), 2),
         _fmt(got.get("udp_verified"), 0),
     ]
 

@@ -39,6 +39,8 @@ class Settings:
     udp_flows: int = 32
     udp_window: int = 2
     udp_sizes: tuple[int, ...] = (64, 1400)
+    # mmproxy's framings: v2 on every datagram, v2 on the first only (Spectrum), SPP
+    udp_framings: tuple[str, ...] = ("v2", "v2first", "spp")
 
 
 @dataclass

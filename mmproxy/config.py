@@ -764,6 +764,13 @@ KEYS: tuple[Key, ...] = (
     Key("tcp_keepalive", _parse_bool, True, "TCP keepalive towards client and target"),
     Key("udp_idle_timeout", _parse_udp_idle_timeout, 60.0, "close a quiet UDP flow after"),
     Key("udp_max_flows", _integer(1, 1_000_000), 10000, "concurrent UDP flows at most"),
+    Key(
+        "udp_max_flows_per_balancer",
+        _integer(1, 1_000_000),
+        None,
+        "UDP flows one balancer address may hold; default: udp_max_flows",
+    ),
+    Key("udp_header", _choice("v2", "spp"), "v2", "UDP framing: PROXY v2 or Spectrum's SPP"),
 )
 _KEYS_BY_NAME = {key.name: key for key in KEYS}
 
@@ -799,6 +806,8 @@ class Config:
     tcp_keepalive: bool = True
     udp_idle_timeout: float = 60.0
     udp_max_flows: int = 10000
+    udp_max_flows_per_balancer: int | None = None  # None: udp_max_flows
+    udp_header: str = "v2"  # "v2" or "spp" (Simple Proxy Protocol)
 
     def allowed(self) -> AllowedNetworks:
         return AllowedNetworks(self.allowed_networks)

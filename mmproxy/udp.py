@@ -1,12 +1,24 @@
-"""UDP: PROXY v2 datagrams from the balancer, relayed from the client's own address.
+"""UDP: datagrams from the balancer, relayed from the client's own address.
 
-Every datagram carries its own PROXY v2 header (the specification puts header and
-payload in one datagram). A flow is one client address seen through one balancer: it owns
-a transparent UDP socket bound to the client's address and connected to the target, so the
-application sees the client, and its replies come back to that socket (the policy routing
-sends them to `lo`). They go on to the balancer, without a header, from the listening
-socket and from the address the balancer sent to. A flow ends after `udp_idle_timeout`
-without a datagram either way.
+Two framings (`udp_header`):
+
+- `v2` (default): a datagram that starts with the PROXY v2 signature is a header, with or
+  without payload. Some balancers (older frp, caddy-l4; the 2026 specification) put one on
+  every datagram; Cloudflare Spectrum puts one on the first datagram of a flow only, often
+  as a datagram of its own, and sends the rest of the flow from the same address and port
+  with no header. So a header also makes its flow the one of that balancer port, and a
+  datagram without a header goes to the flow of its port (or is dropped as `no-flow`). A
+  header-only datagram opens or refreshes a flow and is never forwarded.
+- `spp`: Simple Proxy Protocol (Spectrum, EdgeOne): a fixed 38-byte header on every
+  datagram; replies to the balancer carry the flow's header back (mmproxy/spp.py).
+
+A flow is one client address seen through one balancer port: it owns a transparent UDP
+socket bound to the client's address and connected to the target, so the application sees
+the client, and its replies come back to that socket (the policy routing sends them to
+`lo`). They go on to the balancer from the listening socket and from the address the
+balancer sent to. A flow ends after `udp_idle_timeout` without a datagram either way; a
+new one beyond `udp_max_flows` (or a balancer's `udp_max_flows_per_balancer`) closes the
+least recently used flow (of that balancer, when its share is full) to make room.
 
 One epoll thread does all of it: a datagram needs no hand-shake, so nothing waits. A
 balancer repeats the same header for every datagram of a flow, so once a header has been
@@ -16,6 +28,7 @@ checked its exact bytes, from that balancer, lead straight to the flow (until a 
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import logging
 import os
 import select
@@ -23,14 +36,17 @@ import socket
 import struct
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from mmproxy.config import Address, Config
 from mmproxy.forwarder import RateLimitedLog
 from mmproxy.policy import UDP_FAMILIES, Rejected, route
-from mmproxy.proxy_protocol import V2_SIGNATURE, ProxyProtocolError, parse
+from mmproxy.proxy_protocol import V2_SIGNATURE, ProxyHeader, ProxyProtocolError, parse
+from mmproxy.spp import HEADER_SIZE as SPP_SIZE
+from mmproxy.spp import SppError
+from mmproxy.spp import parse as parse_spp
 from mmproxy.transparent import LocalAddresses, UpstreamError, open_datagram, unmap
 
 log = logging.getLogger("mmproxy")
@@ -48,8 +64,13 @@ MAX_DATAGRAM = 65535  # larger than any UDP payload over IPv4 or IPv6 (without j
 _ANCILLARY_SIZE = socket.CMSG_SPACE(_IN6_PKTINFO.size)  # room for either family's pktinfo
 _BATCH = 64  # datagrams from one listener per wake-up, so that the flows get their turn
 _SWEEP_INTERVAL = 1.0
+_REORDER = 0.25  # a flow's place in the LRU order is refreshed at most this often (s)
+_EVICTION_SCAN = 8  # eviction picks the least recently used of the first few in that order
+_V1_PREFIX = b"PROXY "
 
 Ancillary = list[tuple[int, int, bytes]]
+FlowKey = tuple[object, ...]  # (listener fd, (balancer host, port), client Address)
+PortKey = tuple[int, tuple[object, ...]]  # (listener fd, the balancer's sockaddr)
 
 
 @dataclass
@@ -62,6 +83,7 @@ class UdpStats:
     packets_out: int = 0  # application -> balancer
     bytes_in: int = 0  # payload only, headers not counted
     bytes_out: int = 0
+    evicted: int = 0  # flows closed to make room for a new one
     dropped: Counter[str] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -75,7 +97,8 @@ class UdpStats:
         return (
             f"udp: {self.flows} flows, {self.total} total, dropped: {dropped}, "
             f"{self.packets_in} packets ({self.bytes_in} bytes) in, "
-            f"{self.packets_out} packets ({self.bytes_out} bytes) out"
+            f"{self.packets_out} packets ({self.bytes_out} bytes) out, "
+            f"{self.evicted} flows evicted"
         )
 
 
@@ -83,20 +106,30 @@ class UdpStats:
 class _Listener:
     sock: socket.socket
     wildcard: bool  # bound to 0.0.0.0 or [::]: replies must say which address they are from
+    fd: int = -1
+
+    def __post_init__(self) -> None:
+        self.fd = self.sock.fileno()
 
 
 @dataclass(slots=True, eq=False)
 class Flow:
-    key: tuple[object, ...]
+    key: FlowKey
     known_as: tuple[object, ...] | None  # its entry in the checked-headers table
     listener: _Listener
     balancer: tuple[object, ...]  # the sockaddr the datagrams came from: replies go there
-    client: Address | None  # None: the balancer's own (LOCAL) traffic, not spoofed
+    client: Address | None  # the address the application sees; None: not spoofed
     target: Address
     upstream: socket.socket
     reply_ancillary: Ancillary
     started: float
     last_seen: float
+    moved: float  # when it last went to the end of the LRU order
+    lb_host: str  # the balancer's address, unmapped: its share of the flow table
+    group: OrderedDict[FlowKey, Flow]  # that balancer's flows, least recently used first
+    reply_prefix: bytes = b""  # SPP: the header its replies carry, as last received
+    owns_port: bool = False  # v2: took a header-only or headerless datagram (Spectrum)
+    port: PortKey | None = None  # v2: its entry in the ports table, while it has one
     packets_in: int = 0
     packets_out: int = 0
     bytes_in: int = 0
@@ -110,12 +143,19 @@ class UdpForwarder:
         self.config = config
         self.stats = UdpStats()
         self._allowed = config.allowed()
+        self._spp = config.udp_header == "spp"
         self._local = LocalAddresses()
         self._drops = RateLimitedLog(what="datagrams dropped")
+        self._evictions = RateLimitedLog(what="UDP flows evicted")
         self._epoll = select.epoll()
         self._listeners = {sock.fileno(): _Listener(sock, _prepare(sock)) for sock in listeners}
-        self._flows: dict[tuple[object, ...], Flow] = {}
+        # Every flow, least recently used first (to the second: see _REORDER), and the
+        # same per balancer address: the order eviction and the idle sweep follow.
+        self._flows: OrderedDict[FlowKey, Flow] = OrderedDict()
+        self._balancers: dict[str, OrderedDict[FlowKey, Flow]] = {}
         self._by_fd: dict[int, Flow] = {}
+        # v2: the flow a datagram without a header from this balancer port belongs to
+        self._ports: dict[PortKey, Flow] = {}
         # (listener fd, balancer sockaddr, header bytes) -> flow, for headers already checked
         self._known: dict[tuple[object, ...], Flow] = {}
         self.last_loop = time.monotonic()  # the watchdog's proof that the thread is alive
@@ -165,9 +205,7 @@ class UdpForwarder:
             now = self.last_loop = time.monotonic()
             if self._forget_known:  # set by a reload, done here: only this thread reads it
                 self._forget_known = False
-                self._known.clear()
-                for flow in self._flows.values():
-                    flow.known_as = None
+                self._reloaded()
             for fd, _ in events:
                 try:
                     self._ready(fd, now)
@@ -180,6 +218,21 @@ class UdpForwarder:
                     log.exception("internal error while closing idle UDP flows; continuing")
                 next_sweep = now + _SWEEP_INTERVAL
 
+    def _reloaded(self) -> None:
+        self._known.clear()
+        for flow in self._flows.values():
+            flow.known_as = None
+        spp = self.config.udp_header == "spp"
+        if spp != self._spp:  # a flow's replies are framed as its balancer expects
+            self._spp = spp
+            for flow in list(self._flows.values()):
+                self._close(flow, "udp_header changed")
+        # A first-datagram flow sees no header again to check: check its balancer here.
+        for port, flow in list(self._ports.items()):
+            if flow.lb_host not in self._allowed:
+                del self._ports[port]
+                flow.port = None
+
     def _ready(self, fd: int, now: float) -> None:
         listener = self._listeners.get(fd)
         if listener is not None:
@@ -190,9 +243,25 @@ class UdpForwarder:
             self._from_target(flow, now)
 
     def _sweep(self, now: float) -> None:
-        idle = self.config.udp_idle_timeout
-        for flow in [f for f in self._flows.values() if now - f.last_seen >= idle]:
+        """Close the flows quiet for udp_idle_timeout. They are all near the front of the
+        order (moved <= last_seen < moved + _REORDER), before the first flow moved since
+        the limit."""
+        limit = now - self.config.udp_idle_timeout
+        quiet = []
+        for flow in self._flows.values():  # least recently moved first
+            if flow.moved > limit:
+                break
+            if flow.last_seen <= limit:
+                quiet.append(flow)
+        for flow in quiet:
             self._close(flow, "idle")
+
+    def _reorder(self, flow: Flow, now: float) -> None:
+        # Not at every datagram: two moves per datagram each way cost more than a
+        # least-recently-used order to the second is worth.
+        flow.moved = now
+        self._flows.move_to_end(flow.key)
+        flow.group.move_to_end(flow.key)
 
     # --- balancer -> application -------------------------------------------------------
 
@@ -224,22 +293,85 @@ class UdpForwarder:
         peer: tuple[object, ...],
         now: float,
     ) -> None:
-        size = _v2_size(data)
-        known = (listener.sock.fileno(), peer, data[:size])
+        if self._spp:
+            size = SPP_SIZE
+        elif data.startswith(V2_SIGNATURE):
+            # The length the header claims (0: too short to say; the full check says why)
+            size = 16 + (data[14] << 8 | data[15]) if len(data) >= 16 else 0
+        else:  # v2 without a header: the rest of its balancer port's flow
+            self._headerless(listener, data, peer, now)
+            return
+        known = (listener.fd, peer, data[:size])
         flow = self._known.get(known) if size else None
         if flow is None:
-            flow, size = self._check(listener, data, ancillary, peer, now)
+            flow = self._check(listener, data, ancillary, peer, now)
             if flow.known_as is not None:
                 del self._known[flow.known_as]
             flow.known_as = known
             self._known[known] = flow
+            if self._spp:
+                flow.reply_prefix = data[:SPP_SIZE]
+        if not self._spp:
+            if flow.port is None:
+                self._claim_port(flow, (listener.fd, peer))
+            if size >= len(data):  # a header alone (Spectrum's first datagram): no payload
+                flow.owns_port = True
+                flow.last_seen = now
+                if now - flow.moved >= _REORDER:
+                    self._reorder(flow, now)
+                return
         payload = memoryview(data)[size:]
         self._send_upstream(flow, payload)
         flow.last_seen = now
+        if now - flow.moved >= _REORDER:
+            self._reorder(flow, now)
         flow.packets_in += 1
         flow.bytes_in += len(payload)
         self.stats.packets_in += 1
         self.stats.bytes_in += len(payload)
+
+    def _headerless(
+        self, listener: _Listener, data: bytes, peer: tuple[object, ...], now: float
+    ) -> None:
+        flow = self._ports.get((listener.fd, peer))
+        if flow is None:
+            raise self._without_flow(data, peer)
+        flow.owns_port = True
+        self._send_upstream(flow, data)
+        flow.last_seen = now
+        if now - flow.moved >= _REORDER:
+            self._reorder(flow, now)
+        flow.packets_in += 1
+        flow.bytes_in += len(data)
+        self.stats.packets_in += 1
+        self.stats.bytes_in += len(data)
+
+    def _claim_port(self, flow: Flow, port: PortKey) -> None:
+        """v2: a header makes its flow the one of its balancer port. The port's previous
+        client is replaced (closed) if it was Spectrum's kind of flow, which owns its
+        port; a balancer with a header on every datagram may carry several clients on one
+        port, and their flows stay until idle."""
+        previous = self._ports.get(port)
+        if previous is not None:
+            previous.port = None
+            if previous.owns_port:
+                self._close(previous, "replaced")
+        self._ports[port] = flow
+        flow.port = port
+
+    def _without_flow(self, data: bytes, peer: tuple[object, ...]) -> Rejected:
+        """Why a datagram without a header, from a port with no flow, is dropped."""
+        if unmap(str(peer[0])) not in self._allowed:
+            return Rejected("untrusted-balancer", "not in allowed_networks")
+        if data.startswith(_V1_PREFIX):
+            return Rejected(
+                "invalid-header", "PROXY v1 cannot describe UDP: the balancer must send v2"
+            )
+        return Rejected(
+            "no-flow",
+            "no PROXY header, and no flow from this balancer port: a flow starts with a "
+            "datagram that carries one",
+        )
 
     def _check(
         self,
@@ -248,12 +380,28 @@ class UdpForwarder:
         ancillary: Ancillary,
         peer: tuple[object, ...],
         now: float,
-    ) -> tuple[Flow, int]:
-        """The whole check of a header not seen before: its flow (opened if need be) and
-        the header's length."""
-        balancer = (unmap(str(peer[0])), peer[1])
-        if balancer[0] not in self._allowed:
+    ) -> Flow:
+        """The whole check of a header not seen before: its flow, opened if need be."""
+        lb_host = unmap(str(peer[0]))
+        if lb_host not in self._allowed:
             raise Rejected("untrusted-balancer", "not in allowed_networks")
+        header = self._parse(data)
+        balancer = (lb_host, int(str(peer[1])))
+        source, target = route(header, self.config, self._local, balancer, UDP_FAMILIES)
+        key = (listener.fd, balancer, source)
+        flow = self._flows.get(key)
+        if flow is None:
+            flow = self._open(key, lb_host, listener, peer, ancillary, source, target, now)
+        return flow
+
+    def _parse(self, data: bytes) -> ProxyHeader:
+        if self._spp:
+            try:
+                spp = parse_spp(data)
+            except SppError as exc:
+                raise Rejected("invalid-header", str(exc)) from None
+            # As a v2 header would say it, so that one policy judges both framings.
+            return ProxyHeader(2, "PROXY", spp.family, spp.client, spp.proxy, SPP_SIZE)
         try:
             header = parse(data)
         except ProxyProtocolError as exc:
@@ -262,18 +410,12 @@ class UdpForwarder:
             raise Rejected(
                 "invalid-header", "PROXY v1 cannot describe UDP: the balancer must send v2"
             )
-        source, target = route(
-            header, self.config, self._local, (balancer[0], int(str(balancer[1]))), UDP_FAMILIES
-        )
-        key = (listener.sock.fileno(), balancer, source)
-        flow = self._flows.get(key)
-        if flow is None:
-            flow = self._open(key, listener, peer, ancillary, source, target, now)
-        return flow, header.length
+        return header
 
     def _open(
         self,
-        key: tuple[object, ...],
+        key: FlowKey,
+        lb_host: str,
         listener: _Listener,
         peer: tuple[object, ...],
         ancillary: Ancillary,
@@ -282,22 +424,68 @@ class UdpForwarder:
         now: float,
     ) -> Flow:
         config = self.config
-        if len(self._flows) >= config.udp_max_flows:
-            raise Rejected("flow-limit", f"{len(self._flows)} flows open (udp_max_flows)")
         try:
             upstream = open_datagram(target, source, config.mark if source else 0)
         except UpstreamError as exc:
             raise Rejected("target-unavailable", str(exc)) from None
+        group = self._balancers.get(lb_host)
+        if group is None:
+            group = self._balancers[lb_host] = OrderedDict()
+        self._make_room(group, lb_host)
         reply = _reply_ancillary(ancillary) if listener.wildcard else []
-        flow = Flow(key, None, listener, peer, source, target, upstream, reply, now, now)
+        flow = Flow(
+            key,
+            None,
+            listener,
+            peer,
+            source,
+            target,
+            upstream,
+            reply,
+            now,
+            now,
+            now,
+            lb_host,
+            group,
+        )
         self._flows[key] = flow
+        group[key] = flow
         self._by_fd[upstream.fileno()] = flow
         self._epoll.register(upstream.fileno(), select.EPOLLIN)
         self.stats.flows += 1
         self.stats.total += 1
         return flow
 
-    def _send_upstream(self, flow: Flow, payload: memoryview) -> None:
+    def _make_room(self, group: OrderedDict[FlowKey, Flow], lb_host: str) -> None:
+        """Close least recently used flows until a new one fits: first the balancer's own
+        (so that a flood from one balancer address costs only its share), then anyone's."""
+        config = self.config
+        share = min(config.udp_max_flows_per_balancer or config.udp_max_flows,
+                    config.udp_max_flows)  # fmt: skip
+        while len(group) >= share:
+            self._evict(_least_recently_used(group), f"{lb_host} holds {len(group)} flows "
+                        "(udp_max_flows_per_balancer)")  # fmt: skip
+        while len(self._flows) >= config.udp_max_flows:
+            self._evict(_least_recently_used(self._flows),
+                        f"{len(self._flows)} flows open (udp_max_flows)")  # fmt: skip
+
+    def _evict(self, flow: Flow, why: str) -> None:
+        self.stats.evicted += 1
+        idle = time.monotonic() - flow.last_seen
+        fields: dict[str, object] = {
+            "PROTOCOL": "udp",
+            "CLOSE_REASON": "evicted",
+            "LB_ADDR": flow.lb_host,
+        }
+        self._evictions.warning(
+            "evicted",
+            f"closed the least recently used UDP flow ({flow.client or 'not spoofed'} via "
+            f"{_format_peer(flow.balancer)}, quiet for {idle:.1f} s) for a new one: {why}",
+            fields,
+        )
+        self._close(flow, "evicted")
+
+    def _send_upstream(self, flow: Flow, payload: bytes | memoryview) -> None:
         for attempt in (1, 2):
             try:
                 flow.upstream.send(payload)
@@ -337,8 +525,14 @@ class UdpForwarder:
             self._close(flow, f"receive error: {exc.strerror}")
             return
         flow.last_seen = now
+        if now - flow.moved >= _REORDER:
+            self._reorder(flow, now)
         try:
-            if flow.reply_ancillary:
+            if flow.reply_prefix:  # SPP: the balancer strips 38 bytes from every reply
+                flow.listener.sock.sendmsg(
+                    [flow.reply_prefix, data], flow.reply_ancillary, 0, flow.balancer
+                )
+            elif flow.reply_ancillary:
                 flow.listener.sock.sendmsg([data], flow.reply_ancillary, 0, flow.balancer)
             else:
                 flow.listener.sock.sendto(data, flow.balancer)
@@ -356,9 +550,15 @@ class UdpForwarder:
     # --- endings -----------------------------------------------------------------------
 
     def _close(self, flow: Flow, reason: str) -> None:
-        self._flows.pop(flow.key, None)
+        if self._flows.pop(flow.key, None) is None:
+            return  # closed already
+        flow.group.pop(flow.key, None)
+        if not flow.group:
+            self._balancers.pop(flow.lb_host, None)
         if flow.known_as is not None:
             self._known.pop(flow.known_as, None)
+        if flow.port is not None:
+            del self._ports[flow.port]
         fd = flow.upstream.fileno()
         self._by_fd.pop(fd, None)
         try:
@@ -380,11 +580,14 @@ class UdpForwarder:
         self._drops.warning(reason, f"dropped a datagram{source}: {detail}", fields)
 
 
-def _v2_size(data: bytes) -> int:
-    """The length a v2 header at the start of `data` claims, or 0 if it is not one."""
-    if len(data) < 16 or not data.startswith(V2_SIGNATURE):
-        return 0
-    return 16 + int.from_bytes(data[14:16], "big")
+def _least_recently_used(flows: OrderedDict[FlowKey, Flow]) -> Flow:
+    """Of the first flows in LRU order (least recently moved), the one quiet longest: the
+    order is only refreshed every _REORDER seconds, so its head is not exact."""
+    return min(itertools.islice(flows.values(), _EVICTION_SCAN), key=_last_seen)
+
+
+def _last_seen(flow: Flow) -> float:
+    return flow.last_seen
 
 
 def _prepare(sock: socket.socket) -> bool:

@@ -924,6 +924,8 @@ _KIND = {
     "log_level": "choice",
     "max_connections": "count",
     "udp_max_flows": "count",
+    "udp_max_flows_per_balancer": "count",
+    "udp_header": "choice",
     "workers": "count",  # or "auto"
 }
 _LISTS = {"listen", "allowed_networks", "allowed_destination_ports"}  # a list is right here

@@ -12,7 +12,9 @@ import pytest
 FUZZ = Path(__file__).parent / "fuzz"
 
 
-@pytest.mark.parametrize(("target", "runs"), [("proxy_protocol", 30000), ("config", 2000)])
+@pytest.mark.parametrize(
+    ("target", "runs"), [("proxy_protocol", 30000), ("config", 2000), ("spp", 20000)]
+)
 def test_fuzzer_finds_no_crash(tmp_path: Path, target: str, runs: int) -> None:
     corpus = tmp_path / "corpus"
     shutil.copytree(FUZZ / "corpus" / target, corpus)  # the short run must not grow the tree

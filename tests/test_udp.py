@@ -1,5 +1,6 @@
 """The UDP forwarder in-process, on loopback, with the balancer's own (LOCAL) datagrams,
-which are relayed without spoofing and so need no privileges; and its pure helpers."""
+which are relayed without spoofing and so need no privileges; and its pure helpers.
+Spoofed clients, SPP and real balancers: tests/integration/test_udp.py."""
 
 from __future__ import annotations
 
@@ -57,23 +58,31 @@ def settled(udp: UdpForwarder, packets_out: int) -> None:
         time.sleep(0.01)
 
 
-def balancer(listener: socket.socket) -> socket.socket:
+def balancer(listener: socket.socket, host: str = "127.0.0.1") -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.settimeout(5)
+    sock.bind((host, 0))
     sock.connect(listener.getsockname())
     return sock
+
+
+def nothing_arrives(sock: socket.socket) -> None:
+    sock.settimeout(0.3)
+    with pytest.raises(TimeoutError):
+        sock.recv(65535)
+    sock.settimeout(5)
 
 
 def test_local_datagrams_are_relayed_and_answered(echo: socket.socket) -> None:
     udp, listener = forwarder(echo)
     try:
         with balancer(listener) as lb:
-            for payload in (b"one", b"", b"x" * 60000):
+            for payload in (b"one", b"two", b"x" * 60000):
                 lb.send(LOCAL_HEADER + payload)
                 assert lb.recv(65535) == b"echo " + payload
         settled(udp, 3)
         assert (udp.stats.flows, udp.stats.total, udp.stats.packets_in) == (1, 1, 3)
-        assert udp.stats.bytes_in == 60003 and udp.stats.bytes_out == 60003 + 3 * 5
+        assert udp.stats.bytes_in == 60006 and udp.stats.bytes_out == 60006 + 3 * 5
     finally:
         udp.stop()
         listener.close()
@@ -141,14 +150,137 @@ def test_untrusted_and_invalid_are_counted(echo: socket.socket) -> None:
         listener.close()
 
 
+def test_a_header_alone_opens_the_flow_and_later_datagrams_need_none(
+    echo: socket.socket,
+) -> None:
+    """Spectrum's v2 framing: the header on the first datagram only, often alone."""
+    udp, listener = forwarder(echo)
+    try:
+        with balancer(listener) as lb:
+            lb.send(LOCAL_HEADER)
+            nothing_arrives(lb)  # a header alone is never forwarded (not even empty)
+            for payload in (b"one", b"", b"\r\n\r\n not a header"):
+                lb.send(payload)
+                assert lb.recv(100) == b"echo " + payload
+            lb.send(LOCAL_HEADER + b"header and payload")  # refreshes the same flow
+            assert lb.recv(100) == b"echo header and payload"
+        settled(udp, 4)
+        assert (udp.stats.total, udp.stats.packets_in, udp.stats.packets_out) == (1, 4, 4)
+        assert not udp.stats.dropped
+    finally:
+        udp.stop()
+        listener.close()
+
+
+def test_a_datagram_without_header_or_flow_is_dropped(echo: socket.socket) -> None:
+    udp, listener = forwarder(echo)
+    try:
+        with balancer(listener) as lb, balancer(listener) as other:
+            lb.send(LOCAL_HEADER)
+            other.send(b"no header, no flow on this port")
+            nothing_arrives(other)
+            lb.send(b"this port has one")
+            assert lb.recv(100) == b"echo this port has one"
+        assert udp.stats.dropped == {"no-flow": 1}
+        assert udp.stats.total == 1
+    finally:
+        udp.stop()
+        listener.close()
+
+
+def test_the_least_recently_used_flow_makes_room(echo: socket.socket) -> None:
+    """Issue 11: a full table used to refuse every new flow (`flow-limit`), so whoever
+    filled it first kept it; now the flow quiet for longest is closed instead."""
+    udp, listener = forwarder(echo, udp_max_flows=2)
+    try:
+        with balancer(listener) as a, balancer(listener) as b, balancer(listener) as c:
+            for lb in (a, b, a, c):
+                lb.send(LOCAL_HEADER + b"x")
+                assert lb.recv(100) == b"echo x"
+            assert (udp.stats.flows, udp.stats.total, udp.stats.evicted) == (2, 3, 1)
+            a.send(b"a kept its flow")  # b was the least recently used, not a
+            assert a.recv(100) == b"echo a kept its flow"
+            b.send(b"b lost its flow")
+            nothing_arrives(b)
+        assert udp.stats.dropped == {"no-flow": 1}
+        assert "1 flows evicted" in udp.stats.summary()
+    finally:
+        udp.stop()
+        listener.close()
+
+
+def test_a_balancer_address_evicts_within_its_share(echo: socket.socket) -> None:
+    """Issue 11: one (spoofed) balancer address must not evict the others' flows while
+    it holds its share of the table."""
+    udp, listener = forwarder(echo, udp_max_flows=4, udp_max_flows_per_balancer=2)
+    try:
+        with balancer(listener, "127.0.0.2") as other:
+            other.send(LOCAL_HEADER + b"first")
+            assert other.recv(100) == b"echo first"
+            flooders = [balancer(listener) for _ in range(5)]
+            for lb in flooders:
+                lb.send(LOCAL_HEADER + b"x")
+                assert lb.recv(100) == b"echo x"
+            for lb in flooders:
+                lb.close()
+            # 127.0.0.1 got 5 flows one after the other, and kept 2; the other's is open.
+            assert (udp.stats.flows, udp.stats.total, udp.stats.evicted) == (3, 6, 3)
+            other.send(b"still mine")
+            assert other.recv(100) == b"echo still mine"
+        assert udp.stats.total == 6 and not udp.stats.dropped
+    finally:
+        udp.stop()
+        listener.close()
+
+
+def test_idle_flows_close_in_order_of_last_use(echo: socket.socket) -> None:
+    udp, listener = forwarder(echo, udp_idle_timeout=1.0)
+    try:
+        with balancer(listener) as a, balancer(listener) as b:
+            a.send(LOCAL_HEADER + b"x")
+            b.send(LOCAL_HEADER + b"x")
+            a.recv(100), b.recv(100)
+            deadline = time.monotonic() + 2.5  # a stays busy, b goes quiet
+            while time.monotonic() < deadline:
+                a.send(b"busy")
+                assert a.recv(100) == b"echo busy"
+                time.sleep(0.1)
+            assert (udp.stats.flows, udp.stats.total) == (1, 2)
+    finally:
+        udp.stop()
+        listener.close()
+
+
+def test_a_reload_that_changes_the_framing_closes_every_flow(echo: socket.socket) -> None:
+    """A flow's replies are framed for the balancer that opened it (SPP puts a header on
+    each): after `udp_header` changes, no flow may carry on with the old framing."""
+    udp, listener = forwarder(echo)
+    try:
+        with balancer(listener) as lb:
+            lb.send(LOCAL_HEADER + b"x")
+            assert lb.recv(100) == b"echo x"
+            udp.reconfigure(Config(**{**vars(udp.config), "udp_header": "spp"}))
+            lb.send(b"the old flow's payload")
+            nothing_arrives(lb)
+        until_dropped = time.monotonic() + 5
+        while not udp.stats.dropped and time.monotonic() < until_dropped:
+            time.sleep(0.01)
+        assert udp.stats.flows == 0
+        assert udp.stats.dropped == {"invalid-header": 1}  # not SPP: bad magic
+    finally:
+        udp.stop()
+        listener.close()
+
+
 def test_summary() -> None:
     stats = UdpStats(flows=2, total=5, packets_in=7, packets_out=6, bytes_in=70, bytes_out=60)
     stats.drop("invalid-header")
     stats.drop("invalid-header")
-    stats.drop("flow-limit")
+    stats.drop("no-flow")
+    stats.evicted = 3
     assert stats.summary() == (
-        "udp: 2 flows, 5 total, dropped: flow-limit 1, invalid-header 2, "
-        "7 packets (70 bytes) in, 6 packets (60 bytes) out"
+        "udp: 2 flows, 5 total, dropped: invalid-header 2, no-flow 1, "
+        "7 packets (70 bytes) in, 6 packets (60 bytes) out, 3 flows evicted"
     )
 
 

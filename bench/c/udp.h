@@ -9,8 +9,11 @@
  *             reply answers
  *         20  zeros up to PROBE_LEN, then filler up to the payload size
  *
- * udpgen puts a PROXY v2 header (UDP4) before it when it talks to a gateway; the gateway
- * removes the header, and udpecho sends the payload back with the verdict filled in.
+ * udpgen puts a header before it when it talks to a gateway (PROXY v2 UDP4 on every
+ * datagram, or on the first datagram of a flow only, alone, as Cloudflare Spectrum does;
+ * or a 38-byte SPP header on every datagram, which also comes back on every reply); the
+ * gateway removes the header, and udpecho sends the payload back with the verdict filled
+ * in.
  */
 #ifndef BENCH_UDP_H
 #define BENCH_UDP_H
@@ -25,5 +28,7 @@
 #define OFF_SEQ 12
 #define MAX_PAYLOAD 1472 /* one Ethernet-sized IPv4 datagram */
 #define V2_UDP4_LEN 28   /* 16-byte v2 preamble + 12 bytes of IPv4 addresses and ports */
+#define SPP_LEN 38       /* magic, two 16-byte addresses, two ports */
+#define MAX_HEAD SPP_LEN
 
 #endif

@@ -1,7 +1,8 @@
 /* udpgen: the UDP client of the mmproxy benchmark, standing in for a balancer (one
  * process; the harness runs several).
  *
- *   udpgen --target IP:PORT [--proxy none|v2] [--flows K] [--window W] [--size BYTES]
+ *   udpgen --target IP:PORT [--proxy none|v2|v2first|spp] [--flows K] [--window W]
+ *          [--size BYTES]
  *          [--duration S] [--timeout-ms MS] [--tuple-base N] [--tuple-step N]
  *          [--tuple-index N] [--lat-file PATH] [--header]
  *
@@ -10,12 +11,15 @@
  * the load stays below what the kernel's socket buffers hold instead of measuring drops.
  * With --proxy v2 every datagram starts with a PROXY v2 header claiming the flow's fake
  * client (the rule of loadgen.c: tuple t -> 203.0.113.0/24 or 192.0.2.0/24, port
- * 1024 + t / 508 % 64000); without one (direct) the flow claims its own address.
+ * 1024 + t / 508 % 64000); v2first sends that header once, alone, when the flow opens, and
+ * then payloads without one (Cloudflare Spectrum's framing); spp puts a Simple Proxy
+ * Protocol header on every datagram and expects it back on every reply. Without one
+ * (none: direct) the flow claims its own address.
  * udpecho answers with the verdict byte set (udp.h); the reply must be exactly the
  * payload sent. After the duration nothing more is sent; outstanding datagrams get the
  * timeout to come back, then count as lost. The result is one JSON object; --lat-file
  * gets a histogram of round-trip times (uint32 counts, 1 us buckets). --header prints
- * the PROXY header of the first flow and exits (checked against mmproxy's encoder).
+ * the header of the first flow (v2 or spp) and exits (checked against mmproxy's codecs).
  */
 #include "udp.h"
 
@@ -38,14 +42,16 @@ struct flow {
     uint16_t claim_port;
     uint32_t inflight;
     uint64_t next_seq;
-    size_t head; /* PROXY header length: the payload starts there */
+    size_t head; /* header length in every datagram: the payload starts there */
     struct pending slot[MAX_WINDOW];
-    char (*buf)[V2_UDP4_LEN + MAX_PAYLOAD]; /* one datagram per slot */
+    char (*buf)[MAX_HEAD + MAX_PAYLOAD]; /* one datagram per slot */
 };
+
+enum framing { NONE, V2, V2_FIRST, SPP };
 
 struct opts {
     struct sockaddr_in target;
-    int proxy; /* 0: none (direct), 2: v2 */
+    enum framing proxy;
     int flows, window, size, print_header;
     double duration, timeout_ms;
     uint64_t tuple_base, tuple_step, tuple_index;
@@ -56,7 +62,7 @@ struct counts {
     uint64_t sent, replies, in_window, verified, port_match, lost, late, bad_reply, errors;
 };
 
-static struct opts o = {.proxy = 2, .flows = 16, .window = 4, .size = 64, .duration = 5,
+static struct opts o = {.proxy = V2, .flows = 16, .window = 4, .size = 64, .duration = 5,
                         .timeout_ms = 200, .tuple_step = 1};
 static struct counts k;
 static struct flow *flows;
@@ -89,13 +95,29 @@ static size_t v2_header(char *out, const struct flow *f)
     return V2_UDP4_LEN;
 }
 
+/* The SPP header: IPv4 addresses written IPv4-mapped (::ffff:a.b.c.d). */
+static size_t spp_header(char *out, const struct flow *f)
+{
+    static const char mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, (char)0xff, (char)0xff};
+    uint16_t sport = htons(f->claim_port);
+    out[0] = 0x56;
+    out[1] = (char)0xec;
+    memcpy(out + 2, mapped, 12);
+    memcpy(out + 14, &f->claim, 4);
+    memcpy(out + 18, mapped, 12);
+    memcpy(out + 30, &o.target.sin_addr, 4);
+    memcpy(out + 34, &sport, 2);
+    memcpy(out + 36, &o.target.sin_port, 2);
+    return SPP_LEN;
+}
+
 /* Every slot's buffer: header, probe (claim filled in), filler; slot and seq vary. */
 static void fill_template(struct flow *f)
 {
     uint16_t port = htons(f->claim_port);
     for (int s = 0; s < o.window; s++) {
         char *d = f->buf[s];
-        f->head = o.proxy ? v2_header(d, f) : 0;
+        f->head = o.proxy == V2 ? v2_header(d, f) : o.proxy == SPP ? spp_header(d, f) : 0;
         char *p = d + f->head;
         memset(p, 0, PROBE_LEN);
         memcpy(p + OFF_CLAIM_IP, &f->claim, 4);
@@ -112,7 +134,7 @@ static void open_flow(struct flow *f, uint32_t index)
     f->fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (f->fd < 0 || connect(f->fd, (struct sockaddr *)&o.target, sizeof o.target) < 0)
         die("socket/connect");
-    if (o.proxy) {
+    if (o.proxy != NONE) {
         fake_client(o.tuple_base + o.tuple_index + o.tuple_step * index, &f->claim,
                     &f->claim_port);
     } else { /* direct: claim our own address */
@@ -127,6 +149,11 @@ static void open_flow(struct flow *f, uint32_t index)
         die("calloc");
     f->next_seq = 1;
     fill_template(f);
+    if (o.proxy == V2_FIRST) { /* the header alone; the gateway answers nothing to it */
+        char header[V2_UDP4_LEN];
+        if (send(f->fd, header, v2_header(header, f), 0) < 0)
+            die("send (header)");
+    }
     struct epoll_event ev = {.events = EPOLLIN, .data.u32 = index};
     if (epoll_ctl(epfd, EPOLL_CTL_ADD, f->fd, &ev) < 0)
         die("epoll_ctl");
@@ -210,8 +237,15 @@ static void receive(struct flow *f, uint64_t deadline)
             return;
         }
         uint64_t now = now_us();
-        for (int i = 0; i < n; i++)
-            on_reply(f, bufs[i], msgs[i].msg_len, now, deadline);
+        for (int i = 0; i < n; i++) {
+            if (o.proxy != SPP) {
+                on_reply(f, bufs[i], msgs[i].msg_len, now, deadline);
+            } else if (msgs[i].msg_len < SPP_LEN || memcmp(bufs[i], f->buf[0], SPP_LEN)) {
+                k.bad_reply++; /* an SPP reply must carry the flow's header back */
+            } else {
+                on_reply(f, bufs[i] + SPP_LEN, msgs[i].msg_len - SPP_LEN, now, deadline);
+            }
+        }
         if (n < MAX_WINDOW)
             return;
     }
@@ -301,10 +335,20 @@ static int run(void)
 static int print_header(void)
 {
     struct flow f = {0};
-    char out[V2_UDP4_LEN];
+    char out[MAX_HEAD];
     fake_client(o.tuple_base + o.tuple_index, &f.claim, &f.claim_port);
-    fwrite(out, 1, v2_header(out, &f), stdout);
+    fwrite(out, 1, o.proxy == SPP ? spp_header(out, &f) : v2_header(out, &f), stdout);
     return 0;
+}
+
+static enum framing parse_framing(const char *text)
+{
+    static const char *names[] = {"none", "v2", "v2first", "spp"};
+    for (int i = 0; i < 4; i++)
+        if (strcmp(text, names[i]) == 0)
+            return (enum framing)i;
+    fprintf(stderr, "--proxy: none, v2, v2first or spp, not %s\n", text);
+    exit(2);
 }
 
 /* --- options ------------------------------------------------------------------------ */
@@ -321,7 +365,7 @@ static void parse_options(int argc, char **argv)
     while ((c = getopt_long(argc, argv, "", longs, NULL)) != -1) {
         switch (c) {
         case 't': o.target = parse_addr(optarg); have_target = 1; break;
-        case 'p': o.proxy = strcmp(optarg, "none") == 0 ? 0 : 2; break;
+        case 'p': o.proxy = parse_framing(optarg); break;
         case 'f': o.flows = atoi(optarg); break;
         case 'w': o.window = atoi(optarg); break;
         case 'z': o.size = atoi(optarg); break;

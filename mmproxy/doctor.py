@@ -25,6 +25,7 @@ from mmproxy import routing
 from mmproxy.checks import (
     CAP_NET_ADMIN,
     TEST_SOURCES,
+    Result,
     check_routing,
     report,
     run_checks,
@@ -207,7 +208,7 @@ def mapped_balancers(config: Config, rejections: Iterable[Rejection]) -> list[Fi
         Finding(
             "ipv4-mapped-balancer",
             f"{_connections(sum(refused[h] for h in hosts))} from IPv4 peer(s) {_listed(hosts)} "
-            f"on the dual-stack listener {listener} were refused as untrusted "
+            f"on the dual-stack listener {listener} refused as untrusted "
             f"(allowed_networks: {allowed})",
             f"{listener} receives IPv4 peers as ::ffff:a.b.c.d addresses; mmproxy compares "
             "those with the IPv4 entries of allowed_networks, and none covers them (an IPv6 "
@@ -229,7 +230,7 @@ def untrusted_peers(config: Config, rejections: Iterable[Rejection]) -> list[Fin
     total = sum(refused.values())
     peers = [h for h, _ in refused.most_common()]
     ports = sorted({str(a.port) for a in config.listen})
-    allowed = " ".join(str(n) for n in config.allowed().networks)
+    allowed = ", ".join(str(n) for n in config.allowed().networks)
     if len(refused) >= DIRECT_PEERS:
         families = {"ip6" if ":" in str(n) else "ip" for n in config.allowed().networks}
         rules = "; ".join(
@@ -242,7 +243,7 @@ def untrusted_peers(config: Config, rejections: Iterable[Rejection]) -> list[Fin
             Finding(
                 "direct-clients",
                 f"{_connections(total)} from {len(refused)} different addresses "
-                f"({_listed(peers)}) were refused: not in allowed_networks ({allowed})",
+                f"({_listed(peers)}) refused: not in allowed_networks ({allowed})",
                 f"clients reach port {', '.join(ports)} directly instead of through the "
                 "balancer; mmproxy must refuse them (they cannot be trusted to say who "
                 "they are), so they see their connections closed",
@@ -253,7 +254,7 @@ def untrusted_peers(config: Config, rejections: Iterable[Rejection]) -> list[Fin
     return [
         Finding(
             "unknown-balancer",
-            f"{_connections(total)} from {_listed(peers)} were refused: not in "
+            f"{_connections(total)} from {_listed(peers)} refused: not in "
             f"allowed_networks ({allowed})",
             f"{_listed(peers)} sends to mmproxy but is not listed as a balancer",
             f"if it is your balancer, add it to allowed_networks (e.g. `- {peers[0]}/"
@@ -570,8 +571,7 @@ def routing_rules(config: Config, instance: str | None = None) -> list[Finding]:
                 "normal route (out of the host, or nowhere) instead of coming back to "
                 "mmproxy: connections fail with 'did not answer' (go-mmproxy: 'failed to "
                 "establish upstream connection')",
-                "; ".join(dict.fromkeys(r.fix for r in missing))
-                + (f"   (or: mmproxy routing up -c {config.path})" if config.path else ""),
+                _routing_fix(config, instance, missing),
             )
         ]
     findings: list[Finding] = []
@@ -580,6 +580,14 @@ def routing_rules(config: Config, instance: str | None = None) -> list[Finding]:
         if finding is not None:
             findings.append(finding)
     return findings
+
+
+def _routing_fix(config: Config, instance: str | None, missing: list[Result]) -> str:
+    by_hand = "; ".join(dict.fromkeys(r.fix.partition("   (or:")[0] for r in missing))
+    if not config.path:
+        return by_hand
+    name = f" --instance {instance}" if instance else ""
+    return f"mmproxy routing up{name} -c {config.path}   (or by hand: {by_hand})"
 
 
 def _shadowed(target: Address, config: Config) -> Finding | None:
@@ -843,7 +851,7 @@ def main(config: Config, args: argparse.Namespace, instance: str | None) -> int:
         print(f"mmproxy doctor: {exc}")
         return 2
     refused = sum(r.count for r in rejections)
-    print(f"diagnoses ({refused} refusals in the {source}):")
+    print(f"diagnoses ({refused} refused connections or datagrams in the {source}):")
     findings = diagnose(config, instance, rejections)
     for finding in findings:
         print(finding.text())

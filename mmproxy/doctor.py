@@ -851,7 +851,7 @@ def main(config: Config, args: argparse.Namespace, instance: str | None) -> int:
         print(f"mmproxy doctor: {exc}")
         return 2
     refused = sum(r.count for r in rejections)
-    print(f"diagnoses ({refused} refused connections or datagrams in the {source}):")
+    print(f"diagnoses ({source}: {refused} refusal{'' if refused == 1 else 's'}):")
     findings = diagnose(config, instance, rejections)
     for finding in findings:
         print(finding.text())

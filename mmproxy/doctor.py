@@ -8,6 +8,7 @@ sysctls, mmproxy's log or journal): it never changes the host.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import ipaddress
 import itertools
 import json
@@ -329,8 +330,8 @@ def _pids() -> list[int]:
     return [int(name) for name in os.listdir("/proc") if name.isdigit()]
 
 
-def socket_owners(inode: int) -> list[Process]:
-    """The processes holding socket `inode` open."""
+def socket_holders(inode: int) -> list[tuple[Process, int]]:
+    """The processes holding socket `inode` open, each with its fd number for it."""
     link = f"socket:[{inode}]"
     found = []
     for pid in _pids():
@@ -343,11 +344,45 @@ def socket_owners(inode: int) -> list[Process]:
                 if os.readlink(f"/proc/{pid}/fd/{fd}") == link:
                     process = _process(pid)
                     if process is not None:
-                        found.append(process)
+                        found.append((process, int(fd)))
                     break
             except OSError:
                 continue
     return found
+
+
+def socket_owners(inode: int) -> list[Process]:
+    return [process for process, _ in socket_holders(inode)]
+
+
+_PIDFD_GETFD = 438  # the same number on every architecture (Linux 5.6)
+IP_PKTINFO, IPV6_RECVPKTINFO = 8, 49
+
+
+def asks_destination(pid: int, fd: int) -> bool | None:
+    """Whether another process's UDP socket asks for each datagram's destination address
+    (IP_PKTINFO / IPV6_RECVPKTINFO), which a server needs to reply from the address asked.
+    Read with getsockopt() on a duplicate of the fd (pidfd_getfd): nothing is changed.
+    None when it cannot be read."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        copy = libc.syscall(_PIDFD_GETFD, pidfd, fd, 0)
+    finally:
+        os.close(pidfd)
+    if copy < 0:
+        return None
+    with socket.socket(fileno=copy) as sock:
+        options = [(socket.SOL_IP, IP_PKTINFO)]
+        if sock.family == socket.AF_INET6:
+            options.append((socket.IPPROTO_IPV6, IPV6_RECVPKTINFO))
+        try:
+            return any(sock.getsockopt(level, option) for level, option in options)
+        except OSError:
+            return None
 
 
 @dataclass(frozen=True)
@@ -432,8 +467,10 @@ def udp_wildcard(config: Config) -> list[Finding]:
             continue
         if not any(b.host.is_unspecified for b in on_port):
             continue
-        owners = [p for b in on_port for p in socket_owners(b.inode)]
-        who = f" ({owners[0]})" if owners else ""
+        holders = [h for b in on_port if b.host.is_unspecified for h in socket_holders(b.inode)]
+        if any(asks_destination(p.pid, fd) for p, fd in holders):
+            continue  # it learns each request's address, and can answer from it
+        who = f" ({holders[0][0]})" if holders else ""
         findings.append(
             Finding(
                 "udp-reply-source",
@@ -441,9 +478,9 @@ def udp_wildcard(config: Config) -> list[Finding]:
                 f"(0.0.0.0 / [::]), not to the target {target.host}",
                 "its reply to a client leaves from the address the kernel picks by the "
                 f"route to the client{_route_source(target)}, not from {target.host}: "
-                f"mmproxy's flow socket, connected to {target}, never receives it (unless "
-                "the application answers from the address each request came to, with "
-                "IP_PKTINFO)",
+                f"mmproxy's flow socket, connected to {target}, never receives it (the "
+                "socket does not ask for each request's address with IP_PKTINFO, so the "
+                "application cannot answer from it)",
                 f"bind the application to {target} (e.g. dnsmasq `listen-address="
                 f"{target.host}` with `bind-interfaces`), or make it answer from the "
                 "address asked",

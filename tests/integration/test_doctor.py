@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ import yaml
 
 from mmproxy.netns import NetNS
 from mmproxy.proxy_protocol import encode_v1
+from mmproxy.udp import IP_PKTINFO
 
 from .conftest import (
     CLIENT4,
@@ -319,6 +321,40 @@ def test_a_udp_application_bound_to_every_address_loses_its_replies(
     assert diagnoses(out.stdout) == ["udp-reply-source"], out.stdout
     assert f"the UDP application on port {port} (pid {os.getpid()} " in out.stdout
     assert "bind the application to 127.0.0.1:" in out.stdout
+
+
+def test_a_udp_application_that_answers_from_the_address_asked_is_not_blamed(
+    lo_net: Net, run_mmproxy: StartMmproxy, tmp_path: Path
+) -> None:
+    """Bound to 0.0.0.0 but asking for each datagram's destination (IP_PKTINFO), as
+    dnsmasq and unbound do: its replies come back, and doctor sees the option set."""
+    sock = lo_net.gw.open_socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("0.0.0.0", 0))
+    sock.setsockopt(socket.SOL_IP, IP_PKTINFO, 1)
+
+    def serve() -> None:
+        while True:
+            try:
+                data, ancillary, _flags, peer = sock.recvmsg(65535, 64)
+                sock.sendmsg([b"re: " + data], ancillary, 0, peer)
+            except OSError:
+                return
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        port = sock.getsockname()[1]
+        proc = run_mmproxy(
+            lo_net, listen=[f"udp://0.0.0.0:{PORT}"], ipv4=f"127.0.0.1:{port}",
+            allowed_networks=["198.51.100.0/24"],
+        )  # fmt: skip
+        with balancer(lo_net) as lb:
+            lb.send(datagram((CLIENT4, 40004), b"ping"))
+            assert lb.recv(65535) == b"re: ping"
+        out = doctor(lo_net, config_of(proc), save_log(proc, tmp_path / "log"))
+    finally:
+        sock.close()
+    assert out.returncode == 0, out.stdout
+    assert diagnoses(out.stdout) == []
 
 
 def test_a_daemon_without_cap_net_admin_is_named(

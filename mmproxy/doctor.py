@@ -215,9 +215,13 @@ def mapped_balancers(config: Config, rejections: Iterable[Rejection]) -> list[Fi
             "those with the IPv4 entries of allowed_networks, and none covers them (an IPv6 "
             "entry such as ::/0 never does)",
             "if that is your balancer, add its IPv4 address or network to allowed_networks, "
-            f"e.g. `- {hosts[0]}/32`, then `systemctl reload mmproxy@NAME`",
+            f"e.g. `- {hosts[0]}/32`, then `systemctl reload mmproxy@{_name(config)}`",
         )
     ]
+
+
+def _name(config: Config) -> str:
+    return Path(config.path).stem if config.path else "NAME"
 
 
 def untrusted_peers(config: Config, rejections: Iterable[Rejection]) -> list[Finding]:
@@ -516,14 +520,19 @@ def ip_json(args: list[str]) -> tuple[list[dict[str, object]], str]:
     return [d for d in data if isinstance(d, dict)], ""
 
 
+def _prefix(rule: Mapping[str, object], key: str) -> str:
+    """A rule's src or dst as a prefix; `ip -j` leaves out the length of a single host."""
+    host = str(rule[key])
+    return f"{host}/{rule.get(key + 'len', 128 if ':' in host else 32)}"
+
+
 def _rule_text(rule: Mapping[str, object]) -> str:
     parts = [f"pref {rule.get('priority')}"]
     if "not" in rule:
         parts.append("not")
-    src = rule.get("src", "all")
-    parts.append(f"from {src}" + (f"/{rule['srclen']}" if "srclen" in rule else ""))
+    parts.append("from " + (_prefix(rule, "src") if rule.get("src", "all") != "all" else "all"))
     if "dst" in rule:
-        parts.append(f"to {rule['dst']}" + (f"/{rule['dstlen']}" if "dstlen" in rule else ""))
+        parts.append(f"to {_prefix(rule, 'dst')}")
     for key in ("iif", "oif", "fwmark"):
         if key in rule:
             parts.append(f"{key} {rule[key]}")
@@ -559,8 +568,7 @@ def catches(rule: Mapping[str, object], source: str, mark: int) -> bool | None:
     address = ipaddress.ip_address(source)
     match = True
     if rule.get("src", "all") != "all":
-        network = ipaddress.ip_network(f"{rule['src']}/{rule.get('srclen', 128)}", strict=False)
-        match = address in network
+        match = address in ipaddress.ip_network(_prefix(rule, "src"), strict=False)
     if "iif" in rule and rule["iif"] != "lo":
         match = False  # a reply is sent by this host: its lookups are made with iif lo
     if "fwmark" in rule:
@@ -678,7 +686,7 @@ def routing_selector(rule: Mapping[str, object]) -> list[str]:
     """mmproxy's rule as `ip rule add` arguments (without the priority)."""
     words = []
     if rule.get("src", "all") != "all":
-        words += ["from", f"{rule['src']}/{rule.get('srclen')}"]
+        words += ["from", _prefix(rule, "src")]
     if "iif" in rule:
         words += ["iif", str(rule["iif"])]
     if "fwmark" in rule:

@@ -152,6 +152,8 @@ def test_missing_header_counts_allowed_balancers_only() -> None:
         ({"priority": 100, "src": "10.0.0.0", "srclen": 8, "table": "main"}, "127.0.0.1", 0, False),
         ({"priority": 100, "src": "all", "iif": "eth0", "table": "7"}, "127.0.0.1", 0, False),
         ({"priority": 100, "src": "all", "iif": "lo", "table": "7"}, "::1", 0, True),
+        ({"priority": 100, "src": "::1", "table": "main"}, "::1", 0, True),  # no srclen: /128
+        ({"priority": 100, "src": "127.0.0.1", "table": "main"}, "127.0.0.2", 0, False),
         ({"priority": 100, "src": "all", "fwmark": "0x7b", "table": "7"}, "10.0.0.5", 123, True),
         ({"priority": 100, "src": "all", "fwmark": "0x7b", "table": "7"}, "10.0.0.5", 0, False),
         (
@@ -173,6 +175,8 @@ def test_which_rules_catch_the_replies(
 def test_mmproxys_rule_is_written_back_as_ip_rule_arguments() -> None:
     lo = {"priority": 32765, "src": "127.0.0.1", "srclen": 8, "iif": "lo", "table": "100"}
     assert doctor.routing_selector(lo) == ["from", "127.0.0.1/8", "iif", "lo", "lookup", "100"]
+    six = {"priority": 32765, "src": "::1", "iif": "lo", "table": "100"}
+    assert doctor.routing_selector(six) == ["from", "::1/128", "iif", "lo", "lookup", "100"]
     mark = {"priority": 32765, "src": "all", "fwmark": "0x7b", "table": "100"}
     assert doctor.routing_selector(mark) == ["fwmark", "0x7b/0xffffffff", "lookup", "100"]
 

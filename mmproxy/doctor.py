@@ -825,8 +825,9 @@ def capabilities(
             "so mmproxy cannot connect with the client's address: every connection fails "
             "(go-mmproxy: 'failed to establish upstream connection')",
             "run it from the packaged unit (mmproxy@NAME.service grants "
-            "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_BIND_SERVICE), or as root, or "
-            "`setcap cap_net_admin+ep` on its interpreter for a manual run",
+            "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_BIND_SERVICE), or as root, or by "
+            "hand with the capability: `setpriv --reuid=nobody --regid=nogroup "
+            "--clear-groups --inh-caps=+net_admin --ambient-caps=+net_admin mmproxy -c FILE`",
         )
     ]
 

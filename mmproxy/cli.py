@@ -2,6 +2,7 @@
 
     mmproxy [run] [options]          the gateway (the default command)
     mmproxy check [options]          the self-checks; exit status 0 only if all pass
+    mmproxy doctor [options]         the self-checks, then known problems in plain words
     mmproxy routing up|down [options] --instance NAME
                                      apply / remove the routing (systemd runs these)
 
@@ -17,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mmproxy import __version__
+from mmproxy import __version__, doctor
 from mmproxy.checks import host_checks, plan_for, report, run_checks
 from mmproxy.config import Config, ConfigError, Override, load_config
 from mmproxy.log import setup_logging
@@ -26,7 +27,7 @@ from mmproxy.routing import RoutingError, RoutingState, runtime_dir
 from mmproxy.server import Server, ServerError
 
 EX_CONFIG = 78  # sysexits.h: systemd shows it as "status=78/CONFIG"
-COMMANDS = ("run", "check", "routing")
+COMMANDS = ("run", "check", "routing", "doctor")
 
 log = logging.getLogger("mmproxy")
 
@@ -36,12 +37,14 @@ def build_parser(command: str = "run") -> argparse.ArgumentParser:
         prog="mmproxy" if command == "run" else f"mmproxy {command}",
         description="Accept PROXY-protocol connections from a load balancer and connect to "
         "the application with the real client's address as the source. "
-        "Other commands: `mmproxy check`, `mmproxy routing up|down`.",
+        "Other commands: `mmproxy check`, `mmproxy doctor`, `mmproxy routing up|down`.",
         epilog="Example: mmproxy --allowed-networks networks.txt -l 0.0.0.0:2222 "
         "-4 127.0.0.1:22 -6 [::1]:22   (flags override the --config file)",
     )
     if command == "routing":
         parser.add_argument("action", choices=("up", "down"))
+    if command == "doctor":
+        doctor.add_arguments(parser)
     parser.add_argument("-c", "--config", metavar="FILE", help="YAML configuration file")
     parser.add_argument(
         "--instance", metavar="NAME",
@@ -117,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_CONFIG
     if command == "check":
         return check(config, args)
+    if command == "doctor":
+        return doctor.main(config, args, instance_name(args))
     if command == "routing":
         return routing_up(config, args)
     return run(config, args)

@@ -3,8 +3,9 @@
 systemd cannot read a socket's address from a file, so at every daemon-reload (and
 `systemctl enable` reloads) this writes, for each /etc/mmproxy/NAME.yaml, a drop-in
 mmproxy@NAME.socket.d/50-listen.conf with the `listen:` addresses (a port range expanded
-to one line per port). A generator must never fail the boot: a file it cannot read is
-reported and skipped.
+to one line per port), and mmproxy@NAME.service.d/50-limits.conf with the service's
+memory and task ceilings, sized from `max_connections` and `workers`. A generator must
+never fail the boot: a file it cannot read is reported and skipped.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from mmproxy.config import Address, ConfigError, load_config
@@ -20,6 +22,54 @@ from mmproxy.config import Address, ConfigError, load_config
 CONFIG_DIR = "/etc/mmproxy"
 EXAMPLE = "example.yaml"
 INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
+
+# Ceilings against a leak or a flood, far above what is used (about 25 MiB per process
+# and 1 KiB per idle connection, docs/performance.md): socket buffers and pipes of busy
+# connections are charged to the service too. An admin's drop-in overrides them.
+MEMORY_PER_PROCESS = 64 << 20
+MEMORY_PER_CONNECTION = 256 << 10
+TASKS_PER_PROCESS = 16  # threads: main, relay, UDP, logging, with room to spare
+TASKS_EXTRA = 16  # the routing helper and the tools it runs
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory_max: int  # bytes
+    tasks_max: int
+
+
+def service_limits(path: Path) -> Limits:
+    """The service's ceilings for the instance in `path`. A bad value here falls back to
+    the default: the service itself reports it, with its line, when it starts."""
+    max_connections = _setting(path, "max_connections", 10000)
+    workers = _setting(path, "workers", 0) or len(os.sched_getaffinity(0))
+    processes = workers + 1 if workers > 1 else 1  # the supervisor above the workers
+    return Limits(
+        memory_max=processes * MEMORY_PER_PROCESS + max_connections * MEMORY_PER_CONNECTION,
+        tasks_max=processes * TASKS_PER_PROCESS + TASKS_EXTRA,
+    )
+
+
+def _setting(path: Path, key: str, default: int) -> int:
+    """One integer key of the file, or `default` when it (or the file) is bad."""
+    try:
+        value = getattr(load_config(str(path), only=(key,)), key)
+    except ConfigError:
+        return default
+    return value if isinstance(value, int) else default
+
+
+def limits_dropin(path: Path, limits: Limits) -> str:
+    return "\n".join(
+        [
+            f"# Written by mmproxy-generator from {path} (max_connections, workers);",
+            "# override with a drop-in of your own: systemctl edit mmproxy@NAME.service",
+            "[Service]",
+            f"MemoryMax={limits.memory_max}",
+            f"TasksMax={limits.tasks_max}",
+            "",
+        ]
+    )
 
 
 def listen_addresses(path: Path) -> list[Address]:
@@ -76,6 +126,9 @@ def write_dropin(path: Path, unit_dir: Path) -> None:
     target = unit_dir / f"mmproxy@{path.stem}.socket.d"
     target.mkdir(parents=True, exist_ok=True)
     (target / "50-listen.conf").write_text(dropin(path, addresses))
+    service = unit_dir / f"mmproxy@{path.stem}.service.d"
+    service.mkdir(parents=True, exist_ok=True)
+    (service / "50-limits.conf").write_text(limits_dropin(path, service_limits(path)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

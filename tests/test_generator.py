@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mmproxy.generator import generate
+from mmproxy.generator import (
+    MEMORY_PER_CONNECTION,
+    MEMORY_PER_PROCESS,
+    TASKS_EXTRA,
+    TASKS_PER_PROCESS,
+    generate,
+)
 
 
 def write(directory: Path, name: str, text: str) -> None:
@@ -76,3 +82,28 @@ def test_a_range_past_the_cap_is_reported_and_skipped(tmp_path: Path) -> None:
     assert not (out / "mmproxy@wide.socket.d").exists()
     cap = (out / "mmproxy@cap.socket.d" / "50-listen.conf").read_text()
     assert cap.count("ListenStream=") == 1024
+
+
+def test_the_service_gets_memory_and_task_ceilings_sized_from_its_file(tmp_path: Path) -> None:
+    etc, out = tmp_path / "etc", tmp_path / "out"
+    etc.mkdir()
+    write(etc, "big.yaml", 'listen: "0.0.0.0:2222"\nmax_connections: 40000\nworkers: 4\n')
+    write(etc, "one.yaml", 'listen: "0.0.0.0:2223"\nmax_connections: 100\nworkers: 1\n')
+    write(etc, "odd.yaml", 'listen: "0.0.0.0:2224"\nmax_connections: lots\nworkers: 1\n')
+    assert generate(etc, out) == []
+
+    def limits(name: str) -> dict[str, int]:
+        text = (out / f"mmproxy@{name}.service.d" / "50-limits.conf").read_text()
+        assert "[Service]\n" in text
+        pairs = (line.split("=") for line in text.splitlines() if "=" in line)
+        return {key: int(value) for key, value in pairs}
+
+    # 4 workers and their supervisor: 5 processes.
+    assert limits("big") == {
+        "MemoryMax": 5 * MEMORY_PER_PROCESS + 40000 * MEMORY_PER_CONNECTION,
+        "TasksMax": 5 * TASKS_PER_PROCESS + TASKS_EXTRA,
+    }
+    assert limits("one")["MemoryMax"] == MEMORY_PER_PROCESS + 100 * MEMORY_PER_CONNECTION
+    assert limits("big")["MemoryMax"] > limits("one")["MemoryMax"]
+    # A bad value falls back to the defaults here; the service reports it at its start.
+    assert limits("odd")["MemoryMax"] == MEMORY_PER_PROCESS + 10000 * MEMORY_PER_CONNECTION

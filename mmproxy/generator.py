@@ -15,7 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mmproxy.config import Address, ConfigError, load_config
+from mmproxy.address import Address
+from mmproxy.config import ConfigError, load_config
 
 CONFIG_DIR = "/etc/mmproxy"
 EXAMPLE = "example.yaml"

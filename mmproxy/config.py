@@ -1,10 +1,10 @@
 """Configuration: one YAML file per instance, plus command-line overrides.
 
-The file is composed (not loaded) so that every key and value keeps its line
-number: administrators get "/etc/mmproxy/ssh.yaml:7: mark: ..." rather than a
-bare "invalid value".  Values are checked strictly because a typo in a proxy
-that decides whose source address to forge must stop the service, not be
-guessed around.
+Values are checked strictly because a typo in a proxy that decides whose source
+address to forge must stop the service, not be guessed around.  The layers, each
+using only the ones before it: address (the Address type), config_yaml (the file
+with line numbers, ConfigError), config_values (one parser per kind of value), and
+this module (the key table, Config, loading).
 """
 
 from __future__ import annotations
@@ -17,16 +17,20 @@ import re
 import socket
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
-
-import yaml
-from yaml.constructor import SafeConstructor
-from yaml.events import AliasEvent, Event
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
-from yaml.resolver import Resolver
+from typing import Any
 
 from mmproxy.address import Address, read_address, read_addresses
-from mmproxy.files import FileRefused, read_small_file
+from mmproxy.config_yaml import (
+    ConfigError,
+    Invalid,
+    Value,
+    Where,
+    fail,
+    implicit_tag,
+    read_mapping,
+    value_from_node,
+    value_from_python,
+)
 from mmproxy.networks import (
     AllowedNetworks,
     Network,
@@ -57,138 +61,11 @@ MIN_HEADER_TIMEOUT = 3.0
 _TAG = "tag:yaml.org,2002:"
 
 
-class ConfigError(Exception):
-    """A configuration problem, worded for the administrator who has to fix it.
-
-    str() reads like a compiler message: "FILE:LINE: KEY: what is wrong; fix".
-    Errors from a command-line override name the option (`origin`) instead.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        path: str | None = None,
-        line: int | None = None,
-        key: str | None = None,
-        origin: str | None = None,
-        column: int | None = None,
-    ) -> None:
-        self.message = message
-        self.path = path
-        self.line = line
-        self.key = key
-        self.origin = origin
-        self.column = column
-        super().__init__(self._format())
-
-    def _format(self) -> str:
-        parts = [part for part in (self._location(), self.key, self.message) if part]
-        return ": ".join(parts)
-
-    def _location(self) -> str | None:
-        if self.origin is not None:
-            return self.origin
-        if self.path is None:
-            return None
-        location = self.path
-        if self.line is not None:
-            location += f":{self.line}"
-            if self.column is not None:
-                location += f":{self.column}"
-        return location
-
-
-# --------------------------------------------------------------------------
-# Values with their origin
-
-
-@dataclass(frozen=True, slots=True)
-class _Where:
-    """Where a value came from: a file line, or a command-line option."""
-
-    path: str | None
-    line: int | None = None
-    origin: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class _Value:
-    """A YAML (or override) value before validation, with its location.
-
-    For sequences `data` is a list of _Value so that each item keeps its line.
-    `text` is the scalar as written: YAML reads `yes` as true and `0123` as 83,
-    and only the text tells us that happened.
-    """
-
-    data: object
-    where: _Where
-    kind: str = "scalar"  # "scalar", "sequence" or "mapping"
-    text: str | None = None
-    quoted: bool = False
-
-
-class _Invalid(Exception):
-    """Raised by value parsers; the loader turns it into a located ConfigError."""
-
-    def __init__(self, message: str, where: _Where) -> None:
-        super().__init__(message)
-        self.message = message
-        self.where = where
-
-
-def _fail(value: _Value, message: str) -> NoReturn:
-    raise _Invalid(message, value.where)
-
-
-def _construct_scalar(node: ScalarNode, where: _Where) -> object:
-    try:
-        return SafeConstructor().construct_object(node)
-    except yaml.YAMLError as exc:
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise _Invalid(f"cannot read this value: {problem}", where) from None
-
-
-def _from_node(node: Node, path: str) -> _Value:
-    where = _Where(path, node.start_mark.line + 1)
-    if isinstance(node, SequenceNode):
-        return _Value([_from_node(item, path) for item in node.value], where, "sequence")
-    if isinstance(node, MappingNode):
-        return _Value(None, where, "mapping")
-    assert isinstance(node, ScalarNode)
-    data = _construct_scalar(node, where)
-    return _Value(data, where, text=node.value, quoted=node.style in ("'", '"'))
-
-
-def _implicit_tag(text: str) -> str:
-    """The tag YAML gives `text` written unquoted (int, bool, str...)."""
-    tag = Resolver().resolve(ScalarNode, text, (True, False))  # type: ignore[no-untyped-call]
-    return str(tag)
-
-
-def _resolve_plain(text: str, where: _Where) -> _Value:
-    # A command-line string is read as if written unquoted in the YAML file,
-    # so "--mark 7" is the integer 7 and goes through the same checks.
-    tag = _implicit_tag(text)
-    data = _construct_scalar(ScalarNode(tag, text), where)
-    return _Value(data, where, text=text)
-
-
-def _from_python(value: object, where: _Where) -> _Value:
-    if isinstance(value, list | tuple):
-        return _Value([_from_python(item, where) for item in value], where, "sequence")
-    if isinstance(value, dict):
-        return _Value(None, where, "mapping")
-    if isinstance(value, str):
-        return _resolve_plain(value, where)
-    return _Value(value, where)
-
-
 # --------------------------------------------------------------------------
 # Describing what we got
 
 
-def _describe(value: _Value) -> str:
+def _describe(value: Value) -> str:
     if value.kind == "sequence":
         return "a list"
     if value.kind == "mapping":
@@ -204,25 +81,25 @@ def _describe(value: _Value) -> str:
     return f"{shown!r} (which YAML reads as a {type(data).__name__})"
 
 
-def _hint(value: _Value) -> str:
+def _hint(value: Value) -> str:
     if value.kind != "scalar":
         return ""
     if value.data is None:
         return "; write a value after the colon, or delete the line to use the default"
     if isinstance(value.data, str) and value.quoted:
-        tag = _implicit_tag(value.data)
+        tag = implicit_tag(value.data)
         if tag in (_TAG + "int", _TAG + "float", _TAG + "bool"):
             return "; remove the quotes"
     return ""
 
 
-def _yaml11_trap(value: _Value) -> None:
+def _yaml11_trap(value: Value) -> None:
     """Refuse numbers that YAML 1.1 reads differently from how they look."""
     text = value.text
     if text is None or not isinstance(value.data, int | float):
         return
     if ":" in text:
-        _fail(
+        fail(
             value,
             f"{text!r} is read by YAML as a base-60 number ({value.data}); write a plain "
             "number instead",
@@ -230,7 +107,7 @@ def _yaml11_trap(value: _Value) -> None:
     if re.fullmatch(r"[-+]?0[0-7_]+", text):
         sign = text[0] if text[0] in "+-" else ""
         plain = sign + (text.lstrip("+-").lstrip("0_") or "0")
-        _fail(
+        fail(
             value,
             f"{text!r} has a leading zero, which YAML reads as octal ({value.data}); write {plain}",
         )
@@ -240,25 +117,25 @@ def _yaml11_trap(value: _Value) -> None:
 # Scalar parsers
 
 
-def _expect_str(value: _Value, expected: str) -> str:
+def _expect_str(value: Value, expected: str) -> str:
     if value.kind == "scalar" and isinstance(value.data, str):
         return value.data
     if value.where.origin is not None and value.text is not None:
         # On the command line there are no quotes: a string key takes the text.
         return value.text
-    _fail(value, f"expected {expected}, got {_describe(value)}{_hint(value)}")
+    fail(value, f"expected {expected}, got {_describe(value)}{_hint(value)}")
 
 
-def _is_int(value: _Value) -> bool:
+def _is_int(value: Value) -> bool:
     data = value.data
     # bool is a subclass of int: `mark: true` must not become mark 1.
     return value.kind == "scalar" and isinstance(data, int) and not isinstance(data, bool)
 
 
-def _integer(low: int, high: int, extra: str = "") -> Callable[[_Value], int]:
+def _integer(low: int, high: int, extra: str = "") -> Callable[[Value], int]:
     expected = f"an integer from {low} to {high}{extra}"
 
-    def parse(value: _Value) -> int:
+    def parse(value: Value) -> int:
         if _is_int(value):
             _yaml11_trap(value)
             number = value.data
@@ -266,13 +143,13 @@ def _integer(low: int, high: int, extra: str = "") -> Callable[[_Value], int]:
             if low <= number <= high:
                 return number
         elif value.kind == "scalar" and isinstance(value.data, float) and value.data.is_integer():
-            _fail(value, f"expected {expected}, got {_describe(value)}; write {int(value.data)}")
-        _fail(value, f"expected {expected}, got {_describe(value)}{_hint(value)}")
+            fail(value, f"expected {expected}, got {_describe(value)}; write {int(value.data)}")
+        fail(value, f"expected {expected}, got {_describe(value)}{_hint(value)}")
 
     return parse
 
 
-def _parse_workers(value: _Value) -> int:
+def _parse_workers(value: Value) -> int:
     """ "auto" is 0 (one worker process per CPU mmproxy may run on), else the count."""
     data = value.data
     if value.kind == "scalar" and isinstance(data, str) and data.strip().lower() == "auto":
@@ -280,11 +157,11 @@ def _parse_workers(value: _Value) -> int:
     return _integer(1, 256, ' or "auto"')(value)
 
 
-def _parse_mark(value: _Value) -> int:
+def _parse_mark(value: Value) -> int:
     if _is_int(value) and value.data == 0:
         # `ip rule add fwmark 0` matches every packet: with the table's `local 0.0.0.0/0`,
         # all of this host's traffic (SSH included) would be delivered to lo.
-        _fail(
+        fail(
             value,
             "mark 0 would match every packet (an `ip rule fwmark 0` takes over the whole "
             "host's routing); pick a non-zero mark, such as the default 123",
@@ -292,10 +169,10 @@ def _parse_mark(value: _Value) -> int:
     return _integer(1, U32_MAX)(value)
 
 
-def _parse_table(value: _Value) -> int:
+def _parse_table(value: Value) -> int:
     table = _integer(1, U32_MAX, " other than 253, 254 and 255")(value)
     if table in RESERVED_TABLES:
-        _fail(
+        fail(
             value,
             f"table {table} is reserved by the kernel (the '{RESERVED_TABLES[table]}' table); "
             "mmproxy needs a routing table of its own: pick another number, such as the "
@@ -304,17 +181,17 @@ def _parse_table(value: _Value) -> int:
     return table
 
 
-def _parse_bool(value: _Value) -> bool:
+def _parse_bool(value: Value) -> bool:
     data = value.data
     if value.kind == "scalar" and isinstance(data, bool):
         if value.text is None or value.text.lower() in ("true", "false"):
             return data
-        _fail(
+        fail(
             value,
             f"expected true or false, got {value.text!r}; write {str(data).lower()} "
             "(yes/no/on/off are not accepted, to avoid YAML 1.1 surprises)",
         )
-    _fail(value, f"expected true or false, got {_describe(value)}{_hint(value)}")
+    fail(value, f"expected true or false, got {_describe(value)}{_hint(value)}")
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?")
@@ -324,7 +201,7 @@ _DURATION_EXPECTED = (
 )
 
 
-def _seconds(value: _Value) -> float:
+def _seconds(value: Value) -> float:
     """A non-negative finite duration in seconds, from a number or "5s"-style text."""
     data = value.data
     if _is_int(value) or (value.kind == "scalar" and isinstance(data, float)):
@@ -334,12 +211,12 @@ def _seconds(value: _Value) -> float:
     elif value.kind == "scalar" and isinstance(data, str):
         match = _DURATION.fullmatch(data.strip())
         if match is None:
-            _fail(value, f"expected {_DURATION_EXPECTED}, got {data!r}")
+            fail(value, f"expected {_DURATION_EXPECTED}, got {data!r}")
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     else:
-        _fail(value, f"expected {_DURATION_EXPECTED}, got {_describe(value)}{_hint(value)}")
+        fail(value, f"expected {_DURATION_EXPECTED}, got {_describe(value)}{_hint(value)}")
     if not math.isfinite(seconds) or seconds < 0:
-        _fail(value, f"expected {_DURATION_EXPECTED}, got {_describe(value)}")
+        fail(value, f"expected {_DURATION_EXPECTED}, got {_describe(value)}")
     return seconds
 
 
@@ -347,52 +224,52 @@ def _show_seconds(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-def _parse_header_timeout(value: _Value) -> float:
+def _parse_header_timeout(value: Value) -> float:
     seconds = _seconds(value)
     if seconds < MIN_HEADER_TIMEOUT:
-        _fail(
+        fail(
             value,
             f"{_show_seconds(seconds)} is too short: the PROXY protocol specification asks "
             "receivers to wait at least 3 seconds for the header, long enough for a TCP "
             "retransmit; write 3s or more (default 5s)",
         )
     if seconds > MAX_SECONDS:
-        _fail(value, f"{_show_seconds(seconds)} is too long: expected at most 3600s (1 hour)")
+        fail(value, f"{_show_seconds(seconds)} is too long: expected at most 3600s (1 hour)")
     return seconds
 
 
-def _parse_connect_timeout(value: _Value) -> float:
+def _parse_connect_timeout(value: Value) -> float:
     seconds = _seconds(value)
     if seconds == 0:
-        _fail(value, "expected more than 0 seconds, got 0; the default is 5s")
+        fail(value, "expected more than 0 seconds, got 0; the default is 5s")
     if seconds > MAX_SECONDS:
-        _fail(value, f"{_show_seconds(seconds)} is too long: expected at most 3600s (1 hour)")
+        fail(value, f"{_show_seconds(seconds)} is too long: expected at most 3600s (1 hour)")
     return seconds
 
 
-def _parse_udp_idle_timeout(value: _Value) -> float:
+def _parse_udp_idle_timeout(value: Value) -> float:
     seconds = _seconds(value)
     if seconds < 1:
-        _fail(
+        fail(
             value,
             f"{_show_seconds(seconds)} is too short: a UDP flow needs at least 1s to see "
             "its reply; the default is 60s",
         )
     if seconds > MAX_SECONDS:
-        _fail(value, f"{_show_seconds(seconds)} is too long: expected at most 3600s (1 hour)")
+        fail(value, f"{_show_seconds(seconds)} is too long: expected at most 3600s (1 hour)")
     return seconds
 
 
-def _choice(*options: str) -> Callable[[_Value], str]:
+def _choice(*options: str) -> Callable[[Value], str]:
     expected = "one of " + ", ".join(options)
 
-    def parse(value: _Value) -> str:
+    def parse(value: Value) -> str:
         word = _expect_str(value, expected).strip().lower()
         if word in options:
             return word
         close = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
         suggestion = f"; did you mean {close[0]!r}?" if close else ""
-        _fail(value, f"expected {expected}, got {_describe(value)}{suggestion}")
+        fail(value, f"expected {expected}, got {_describe(value)}{suggestion}")
 
     return parse
 
@@ -400,10 +277,10 @@ def _choice(*options: str) -> Callable[[_Value], str]:
 _parse_log_level = _choice(*LOG_LEVELS)
 
 
-def _parse_duration(value: _Value) -> float:
+def _parse_duration(value: Value) -> float:
     seconds = _seconds(value)
     if seconds > MAX_SECONDS:
-        _fail(value, f"{_show_seconds(seconds)} is too long: expected at most 3600s (1 hour)")
+        fail(value, f"{_show_seconds(seconds)} is too long: expected at most 3600s (1 hour)")
     return seconds
 
 
@@ -432,55 +309,55 @@ def parse_listen(text: str) -> tuple[Address, ...]:
         raise ConfigError(str(exc), key="listen") from None
 
 
-def _address_value(value: _Value, udp: bool = False) -> Address:
+def _address_value(value: Value, udp: bool = False) -> Address:
     text = _expect_str(value, 'an address string like "127.0.0.1:22" or "[::1]:22"')
     try:
         return read_address(text, udp)
     except ValueError as exc:
-        _fail(value, str(exc))
+        fail(value, str(exc))
 
 
-def _listen_value(value: _Value) -> tuple[Address, ...]:
+def _listen_value(value: Value) -> tuple[Address, ...]:
     text = _expect_str(value, 'an address string like "0.0.0.0:2222" or "[::]:7000-7010"')
     try:
         return read_addresses(text, udp=True, ranges=True)
     except ValueError as exc:
-        _fail(value, str(exc))
+        fail(value, str(exc))
 
 
-def _items(value: _Value, expected: str) -> list[_Value]:
+def _items(value: Value, expected: str) -> list[Value]:
     """A single value or a list of them: `listen: "a"` and `listen: ["a", "b"]`."""
     if value.kind == "sequence":
         assert isinstance(value.data, list)
         return value.data
     if value.kind == "mapping":
-        _fail(value, f"expected {expected}, got {_describe(value)}")
+        fail(value, f"expected {expected}, got {_describe(value)}")
     return [value]
 
 
-def _parse_listen(value: _Value) -> tuple[Address, ...]:
+def _parse_listen(value: Value) -> tuple[Address, ...]:
     items = _items(value, "an address or a list of addresses")
     if not items:
-        _fail(value, 'empty list; expected at least one address, e.g. ["0.0.0.0:2222"]')
+        fail(value, 'empty list; expected at least one address, e.g. ["0.0.0.0:2222"]')
     seen: dict[Address, int | None] = {}
     for item in items:
         for address in _listen_value(item):
             if address in seen:
-                _fail(item, f"{address} is listed twice (also on line {seen[address]}); keep one")
+                fail(item, f"{address} is listed twice (also on line {seen[address]}); keep one")
             seen[address] = item.where.line
     return tuple(seen)
 
 
-def _backend(version: int) -> Callable[[_Value], Address | None]:
+def _backend(version: int) -> Callable[[Value], Address | None]:
     other = 6 if version == 4 else 4
     example = "127.0.0.1:22" if version == 4 else "[::1]:22"
 
-    def parse(value: _Value) -> Address | None:
+    def parse(value: Value) -> Address | None:
         if value.kind == "scalar" and value.data is None:
             return None  # explicitly unset: no backend for this family
         address = _address_value(value)
         if address.family != (socket.AF_INET if version == 4 else socket.AF_INET6):
-            _fail(
+            fail(
                 value,
                 f"expected an IPv{version} address like {example}, got {address}; "
                 f"IPv{other} backends belong in ipv{other}",
@@ -490,23 +367,23 @@ def _backend(version: int) -> Callable[[_Value], Address | None]:
     return parse
 
 
-def _parse_networks(value: _Value) -> tuple[Network, ...]:
+def _parse_networks(value: Value) -> tuple[Network, ...]:
     networks: list[Network] = []
     for item in _items(value, "a network or a list of networks"):
         text = _expect_str(item, 'a network string like "192.0.2.0/24"')
         try:
             networks.append(parse_network(text))
         except NetworkError as exc:
-            _fail(item, exc.detail)
+            fail(item, exc.detail)
     return tuple(dict.fromkeys(networks))
 
 
-def _parse_networks_file(value: _Value) -> str | None:
+def _parse_networks_file(value: Value) -> str | None:
     if value.kind == "scalar" and value.data is None:
         return None
     path = _expect_str(value, 'a file path like "/etc/mmproxy/allowed-networks.txt"')
     if not path.strip():
-        _fail(value, "expected a file path, got an empty string")
+        fail(value, "expected a file path, got an empty string")
     if value.where.origin is None and value.where.path and not os.path.isabs(path):
         # Relative to the YAML file, so an instance directory can be moved as a whole.
         path = os.path.join(os.path.dirname(value.where.path), path)
@@ -517,15 +394,15 @@ _PORT_RANGE = re.compile(r"\s*(\d+)\s*-\s*(\d+)\s*")
 _PORTS_EXPECTED = 'a port from 1 to 65535, a range like "8000-8099", or a list of them'
 
 
-def _parse_ports(value: _Value) -> tuple[tuple[int, int], ...]:
+def _parse_ports(value: Value) -> tuple[tuple[int, int], ...]:
     """Ports and ranges as (low, high) pairs, for allowed_destination_ports."""
     ranges = [_port_range(item) for item in _items(value, _PORTS_EXPECTED)]
     if not ranges:
-        _fail(value, f'empty list; expected {_PORTS_EXPECTED}, e.g. [80, 443, "8000-8099"]')
+        fail(value, f'empty list; expected {_PORTS_EXPECTED}, e.g. [80, 443, "8000-8099"]')
     return tuple(sorted(set(ranges)))
 
 
-def _port_range(item: _Value) -> tuple[int, int]:
+def _port_range(item: Value) -> tuple[int, int]:
     if _is_int(item):
         port = _integer(1, 65535)(item)
         return port, port
@@ -535,8 +412,8 @@ def _port_range(item: _Value) -> tuple[int, int]:
             low, high = int(match.group(1)), int(match.group(2))
             if 1 <= low <= high <= 65535:
                 return low, high
-            _fail(item, f"{item.data!r}: expected LOW-HIGH with 1 <= LOW <= HIGH <= 65535")
-    _fail(item, f"expected {_PORTS_EXPECTED}, got {_describe(item)}{_hint(item)}")
+            fail(item, f"{item.data!r}: expected LOW-HIGH with 1 <= LOW <= HIGH <= 65535")
+    fail(item, f"expected {_PORTS_EXPECTED}, got {_describe(item)}{_hint(item)}")
 
 
 # --------------------------------------------------------------------------
@@ -546,7 +423,7 @@ def _port_range(item: _Value) -> tuple[int, int]:
 @dataclass(frozen=True)
 class Key:
     name: str
-    parse: Callable[[_Value], Any]
+    parse: Callable[[Value], Any]
     default: Any
     help: str
 
@@ -657,134 +534,18 @@ class Override:
 @dataclass(frozen=True, slots=True)
 class _Setting:
     value: Any
-    where: _Where
+    where: Where
 
 
-def _error(exc: _Invalid, key: str) -> ConfigError:
+def _error(exc: Invalid, key: str) -> ConfigError:
     where = exc.where
     path = None if where.origin is not None else where.path
     return ConfigError(exc.message, path=path, line=where.line, key=key, origin=where.origin)
 
 
-def _read_text(path: str) -> str:
-    try:
-        data = read_small_file(path)
-    except FileRefused as exc:
-        raise ConfigError(f"cannot read the configuration file: {exc}", path=path) from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise ConfigError(
-            f"not UTF-8 text (bad byte 0x{data[exc.start]:02x})", path=path, line=line
-        ) from None
-
-
-def _syntax_hint(source_line: str) -> str:
-    if "\t" in source_line:
-        return "; YAML does not allow tabs for indentation, use spaces"
-    if "[" in source_line and "]:" in source_line:
-        return "; quote values that start with '[', e.g. ipv6: \"[::1]:22\""
-    return ""
-
-
-MAX_DEPTH = 16  # nesting levels; mmproxy's settings use two
-
-
-class _Refused(Exception):
-    """Valid YAML that mmproxy will not read (an alias, deep nesting), and where."""
-
-    def __init__(self, problem: str, event: Event) -> None:
-        super().__init__(problem)
-        self.problem = problem
-        mark = event.start_mark
-        self.line = None if mark is None else mark.line + 1
-        self.column = None if mark is None else mark.column + 1
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader without aliases and with a nesting limit. Files are read as root at
-    boot: an alias bomb ("billion laughs") would exhaust memory, and deep nesting would
-    raise RecursionError, stopping the generator before the next file."""
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._depth = 0
-
-    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
-        event = self.peek_event()  # type: ignore[no-untyped-call]
-        if isinstance(event, AliasEvent):
-            raise _Refused(
-                f"YAML aliases (*{event.anchor}) are not allowed here; write the value out",
-                event,
-            )
-        self._depth += 1
-        try:
-            if self._depth > MAX_DEPTH:
-                raise _Refused(
-                    f"nested more than {MAX_DEPTH} levels deep; mmproxy's settings are "
-                    "plain values and lists",
-                    event,
-                )
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-
-def _compose(path: str, text: str) -> Node | None:
-    try:
-        return yaml.compose(text, Loader=_StrictLoader)
-    except _Refused as exc:
-        raise ConfigError(exc.problem, path=path, line=exc.line, column=exc.column) from None
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        problem = exc.problem or "invalid YAML"
-        if exc.context:
-            problem = f"{problem} ({exc.context})"
-        if mark is None:
-            raise ConfigError(f"YAML syntax error: {problem}", path=path) from None
-        lines = text.splitlines()
-        source = lines[mark.line] if mark.line < len(lines) else ""
-        raise ConfigError(
-            f"YAML syntax error: {problem}{_syntax_hint(source)}",
-            path=path,
-            line=mark.line + 1,
-            column=mark.column + 1,
-        ) from None
-    except yaml.YAMLError as exc:
-        # ReaderError (control characters) carries a character offset, not a mark.
-        position = getattr(exc, "position", None)
-        line = text[:position].count("\n") + 1 if isinstance(position, int) else None
-        reason = getattr(exc, "reason", None) or str(exc)
-        character = getattr(exc, "character", None)
-        if isinstance(character, str):  # PyYAML gives a code point or a character
-            character = ord(character)
-        if isinstance(character, int):
-            reason = f"unacceptable character #x{character:04x}: {reason}"
-        raise ConfigError(f"YAML syntax error: {reason}", path=path, line=line) from None
-    except (ValueError, OverflowError) as exc:
-        # PyYAML lets some escapes through unchecked: "\U4DDDDDDD" is beyond Unicode.
-        raise ConfigError(f"YAML syntax error: {exc}", path=path) from None
-
-
 def _read_file(path: str, only: Collection[str] | None = None) -> dict[str, _Setting]:
-    root = _compose(path, _read_text(path))
-    if root is None:
-        raise ConfigError(
-            'the file is empty; expected settings such as listen: "0.0.0.0:2222" '
-            "(see example.yaml)",
-            path=path,
-        )
-    if not isinstance(root, MappingNode):
-        kind = "a list" if isinstance(root, SequenceNode) else "a single value"
-        raise ConfigError(
-            f"expected settings as 'key: value' lines at the top level, got {kind}",
-            path=path,
-            line=root.start_mark.line + 1,
-        )
     settings: dict[str, _Setting] = {}
-    for key_node, value_node in root.value:
-        name, line = _key_name(path, key_node), key_node.start_mark.line + 1
+    for name, line, value_node in read_mapping(path):
         if only is not None and name not in only:
             continue
         if name in settings:
@@ -795,27 +556,16 @@ def _read_file(path: str, only: Collection[str] | None = None) -> dict[str, _Set
                 line=line,
                 key=name,
             )
-        key = _known_key(name, _Where(path, line))
+        key = _known_key(name, Where(path, line))
         try:
-            value = _from_node(value_node, path)
+            value = value_from_node(value_node, path)
             settings[name] = _Setting(key.parse(value), value.where)
-        except _Invalid as exc:
+        except Invalid as exc:
             raise _error(exc, name) from None
     return settings
 
 
-def _key_name(path: str, node: Node) -> str:
-    if not isinstance(node, ScalarNode):
-        raise ConfigError(
-            "expected a setting name before ':', got a list or mapping",
-            path=path,
-            line=node.start_mark.line + 1,
-        )
-    # The text as written: YAML would turn a key `on:` into True.
-    return str(node.value)
-
-
-def _known_key(name: str, where: _Where) -> Key:
+def _known_key(name: str, where: Where) -> Key:
     key = _KEYS_BY_NAME.get(name)
     if key is not None:
         return key
@@ -825,15 +575,15 @@ def _known_key(name: str, where: _Where) -> Key:
         message = f"unknown key; did you mean {close[0]!r}?"
     else:
         message = f"unknown key; known keys are: {', '.join(names)}"
-    raise _error(_Invalid(message, where), name)
+    raise _error(Invalid(message, where), name)
 
 
 def _override(override: Override) -> _Setting:
-    where = _Where(None, origin=override.origin)
+    where = Where(None, origin=override.origin)
     key = _known_key(override.key, where)
     try:
-        return _Setting(key.parse(_from_python(override.value, where)), where)
-    except _Invalid as exc:
+        return _Setting(key.parse(value_from_python(override.value, where)), where)
+    except Invalid as exc:
         raise _error(exc, override.key) from None
 
 
@@ -844,7 +594,7 @@ def _file_networks(setting: _Setting) -> tuple[Network, ...]:
         raise _networks_file_error(exc, setting.where) from None
 
 
-def _networks_file_error(exc: NetworkError, where: _Where) -> ConfigError:
+def _networks_file_error(exc: NetworkError, where: Where) -> ConfigError:
     key = "allowed_networks_file"
     if exc.line is not None:
         # Point at the bad line of the networks file itself, and say who named it.
@@ -911,8 +661,8 @@ def _check_destination_ports(settings: dict[str, _Setting], values: dict[str, An
             "true lets the balancer pick any port on the target host; list the ports it "
             'may pick in allowed_destination_ports, e.g. [80, 443, "8000-8099"]'
         )
-        raise _error(_Invalid(message, follow.where), "follow_destination_port")
+        raise _error(Invalid(message, follow.where), "follow_destination_port")
     ports = settings.get("allowed_destination_ports")
     if ports is not None and not values["follow_destination_port"]:
         message = "has no effect without follow_destination_port: true; set both, or neither"
-        raise _error(_Invalid(message, ports.where), "allowed_destination_ports")
+        raise _error(Invalid(message, ports.where), "allowed_destination_ports")

@@ -12,8 +12,8 @@ from __future__ import annotations
 import difflib
 import ipaddress
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
 
 from mmproxy.address import Address, read_address, read_addresses
 from mmproxy.config_values import (
@@ -49,6 +49,8 @@ from mmproxy.networks import (
     NetworkError,
     read_networks_file,
 )
+
+T = TypeVar("T")
 
 __all__ = [
     "KEYS",
@@ -88,98 +90,87 @@ def parse_listen(text: str) -> tuple[Address, ...]:
 
 
 # --------------------------------------------------------------------------
-# The key table: adding a setting is one line here plus one Config field.
+# The key table. A setting is one Config field: its type, its default (written only
+# there), its parser and a line of help; KEYS is read from those fields.
 
 
 @dataclass(frozen=True)
 class Key:
+    """One setting as the loader sees it, read from a Config field."""
+
     name: str
     parse: Callable[[Value], Any]
     default: Any
     help: str
 
 
-KEYS: tuple[Key, ...] = (
-    Key("listen", parse_listen_value, (), "addresses (or port ranges) to accept connections on"),
-    Key("ipv4", backend(4), None, "where to connect for IPv4 clients (IPv4 address:port)"),
-    Key("ipv6", backend(6), None, "where to connect for IPv6 clients ([IPv6 address]:port)"),
-    Key("allowed_networks", parse_networks, (), "peers allowed to send PROXY headers"),
-    Key(
-        "allowed_networks_file",
-        parse_networks_file,
-        None,
-        "more allowed networks, one a line",
-    ),
-    Key("mark", parse_mark, 123, "firewall mark put on connections to the backend"),
-    Key("table", parse_table, 100, "routing table that routes replies back to mmproxy"),
-    Key("header_timeout", parse_header_timeout, 5.0, "how long to wait for the PROXY header"),
-    Key("connect_timeout", parse_connect_timeout, 5.0, "how long to wait for the backend"),
-    Key("max_connections", integer(1, 1_000_000), 10000, "concurrent connections at most"),
-    Key("workers", parse_workers, 0, "worker processes; 0 is auto: one per CPU"),
-    Key(
-        "allow_local_sources",
-        parse_bool,
-        False,
-        "accept loopback/unspecified client sources",
-    ),
-    Key("log_level", parse_log_level, "info", "one of debug, info, warning, error"),
-    Key("follow_destination_port", parse_bool, False, "target port = the header's dest port"),
-    Key("allowed_destination_ports", parse_ports, (), "ports follow_destination_port may use"),
-    Key("drain_timeout", parse_duration, 30.0, "how long a stop waits for connections"),
-    Key("check_failure", choice("fail", "warn"), "fail", "what a failed self-check does"),
-    Key("manage_routing", parse_bool, True, "apply and remove the routing rules"),
-    Key("share_table", parse_bool, False, "allow `table` to hold routes mmproxy did not add"),
-    Key("routing", choice("auto", "lo", "fwmark"), "auto", "which routing variant to use"),
-    Key("firewall", choice("nftables", "iptables"), "nftables", "tool for the fwmark rules"),
-    Key("idle_timeout", parse_duration, 0.0, "close after this long without traffic"),
-    Key("half_close_timeout", parse_duration, 60.0, "close a half-closed one after"),
-    Key("tcp_keepalive", parse_bool, True, "TCP keepalive towards client and target"),
-    Key("udp_idle_timeout", parse_udp_idle_timeout, 60.0, "close a quiet UDP flow after"),
-    Key("udp_max_flows", integer(1, 1_000_000), 10000, "concurrent UDP flows at most"),
-    Key(
-        "udp_max_flows_per_balancer",
-        integer(1, 1_000_000),
-        None,
-        "UDP flows one balancer address may hold; default: udp_max_flows",
-    ),
-    Key("udp_header", choice("v2", "spp"), "v2", "UDP framing: PROXY v2 or Spectrum's SPP"),
-)
-_KEYS_BY_NAME = {key.name: key for key in KEYS}
+def _setting(default: T, parse: Callable[[Value], Any], help: str) -> T:
+    """A Config field that is a setting: `default` applies when the file leaves it out."""
+    return field(default=default, metadata={"parse": parse, "help": help})
 
 
 @dataclass(frozen=True)
 class Config:
-    """A validated configuration; defaults match the KEYS table."""
+    """A validated configuration; its fields after `path` are the settings, in file order."""
 
     path: str | None = None
-    listen: tuple[Address, ...] = ()
-    ipv4: Address | None = None
-    ipv6: Address | None = None
-    allowed_networks: tuple[Network, ...] = ()
-    allowed_networks_file: str | None = None
-    mark: int = 123
-    table: int = 100
-    header_timeout: float = 5.0
-    connect_timeout: float = 5.0
-    max_connections: int = 10000
-    workers: int = 0  # "auto": one per CPU
-    allow_local_sources: bool = False
-    log_level: str = "info"
-    follow_destination_port: bool = False
-    allowed_destination_ports: tuple[tuple[int, int], ...] = ()  # (low, high) ranges
-    drain_timeout: float = 30.0
-    check_failure: str = "fail"
-    manage_routing: bool = True
-    share_table: bool = False
-    routing: str = "auto"
-    firewall: str = "nftables"
-    idle_timeout: float = 0.0
-    half_close_timeout: float = 60.0
-    tcp_keepalive: bool = True
-    udp_idle_timeout: float = 60.0
-    udp_max_flows: int = 10000
-    udp_max_flows_per_balancer: int | None = None  # None: udp_max_flows
-    udp_header: str = "v2"  # "v2" or "spp" (Simple Proxy Protocol)
+    listen: tuple[Address, ...] = _setting(
+        (), parse_listen_value, "addresses (or port ranges) to accept connections on"
+    )
+    ipv4: Address | None = _setting(
+        None, backend(4), "where to connect for IPv4 clients (IPv4 address:port)"
+    )
+    ipv6: Address | None = _setting(
+        None, backend(6), "where to connect for IPv6 clients ([IPv6 address]:port)"
+    )
+    allowed_networks: tuple[Network, ...] = _setting(
+        (), parse_networks, "peers allowed to send PROXY headers"
+    )
+    allowed_networks_file: str | None = _setting(
+        None, parse_networks_file, "more allowed networks, one a line"
+    )
+    mark: int = _setting(123, parse_mark, "firewall mark put on connections to the backend")
+    table: int = _setting(100, parse_table, "routing table that routes replies back to mmproxy")
+    header_timeout: float = _setting(
+        5.0, parse_header_timeout, "how long to wait for the PROXY header"
+    )
+    connect_timeout: float = _setting(
+        5.0, parse_connect_timeout, "how long to wait for the backend"
+    )
+    max_connections: int = _setting(10000, integer(1, 1_000_000), "concurrent connections at most")
+    workers: int = _setting(0, parse_workers, "worker processes; 0 is auto: one per CPU")
+    allow_local_sources: bool = _setting(
+        False, parse_bool, "accept loopback/unspecified client sources"
+    )
+    log_level: str = _setting("info", parse_log_level, "one of debug, info, warning, error")
+    follow_destination_port: bool = _setting(
+        False, parse_bool, "target port = the header's dest port"
+    )
+    # (low, high) ranges
+    allowed_destination_ports: tuple[tuple[int, int], ...] = _setting(
+        (), parse_ports, "ports follow_destination_port may use"
+    )
+    drain_timeout: float = _setting(30.0, parse_duration, "how long a stop waits for connections")
+    check_failure: str = _setting("fail", choice("fail", "warn"), "what a failed self-check does")
+    manage_routing: bool = _setting(True, parse_bool, "apply and remove the routing rules")
+    share_table: bool = _setting(
+        False, parse_bool, "allow `table` to hold routes mmproxy did not add"
+    )
+    routing: str = _setting("auto", choice("auto", "lo", "fwmark"), "which routing variant to use")
+    firewall: str = _setting(
+        "nftables", choice("nftables", "iptables"), "tool for the fwmark rules"
+    )
+    idle_timeout: float = _setting(0.0, parse_duration, "close after this long without traffic")
+    half_close_timeout: float = _setting(60.0, parse_duration, "close a half-closed one after")
+    tcp_keepalive: bool = _setting(True, parse_bool, "TCP keepalive towards client and target")
+    udp_idle_timeout: float = _setting(60.0, parse_udp_idle_timeout, "close a quiet UDP flow after")
+    udp_max_flows: int = _setting(10000, integer(1, 1_000_000), "concurrent UDP flows at most")
+    udp_max_flows_per_balancer: int | None = _setting(
+        None,
+        integer(1, 1_000_000),
+        "UDP flows one balancer address may hold; default: udp_max_flows",
+    )
+    udp_header: str = _setting("v2", choice("v2", "spp"), "UDP framing: PROXY v2 or Spectrum's SPP")
 
     def allowed(self) -> AllowedNetworks:
         return AllowedNetworks(self.allowed_networks)
@@ -197,6 +188,14 @@ class Config:
             return self.routing
         loopback = all(ipaddress.ip_address(t.host).is_loopback for t in self.targets())
         return "lo" if loopback else "fwmark"
+
+
+KEYS: tuple[Key, ...] = tuple(
+    Key(f.name, f.metadata["parse"], f.default, f.metadata["help"])
+    for f in fields(Config)
+    if f.name != "path"
+)
+_KEYS_BY_NAME = {key.name: key for key in KEYS}
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from mmproxy import routing
-from mmproxy.config import Address, Config
+from mmproxy.address import Address
+from mmproxy.config import Config
 from mmproxy.transparent import (
     IP_TRANSPARENT,
     IPV6_TRANSPARENT,

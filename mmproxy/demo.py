@@ -17,7 +17,8 @@ import threading
 import time
 from collections.abc import Sequence
 
-from mmproxy.config import Address, Config, load_config
+from mmproxy.address import Address
+from mmproxy.config import Config, load_config
 from mmproxy.netns import NetNS, apply
 from mmproxy.proxy_protocol import encode_v1, encode_v2
 from mmproxy.routing import lo_commands

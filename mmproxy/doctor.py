@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmproxy import routing
+from mmproxy.address import Address
 from mmproxy.checks import (
     CAP_NET_ADMIN,
     TEST_SOURCES,
@@ -32,7 +33,7 @@ from mmproxy.checks import (
     run_checks,
 )
 from mmproxy.checks import _proc_address as proc_address
-from mmproxy.config import Address, Config
+from mmproxy.config import Config
 from mmproxy.transparent import unmap
 
 # This many distinct refused peers look like clients, not a balancer (balancers come

@@ -23,7 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from mmproxy import _splice
-from mmproxy.config import Address, Config
+from mmproxy.address import Address
+from mmproxy.config import Config
 from mmproxy.networks import AllowedNetworks
 from mmproxy.policy import Rejected, route
 from mmproxy.proxy_protocol import (

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmproxy.config import Address, ConfigError, load_config
+from mmproxy.address import Address
+from mmproxy.config import ConfigError, load_config
 
 CONFIG_DIR = "/etc/mmproxy"
 EXAMPLE = "example.yaml"

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import ipaddress
 
-from mmproxy.config import Address, Config
+from mmproxy.address import Address
+from mmproxy.config import Config
 from mmproxy.localaddr import UNREADABLE, LocalAddresses, forbidden_source_reason, unmap
 from mmproxy.proxy_protocol import ProxyHeader
 

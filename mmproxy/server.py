@@ -9,8 +9,9 @@ import socket
 import threading
 from collections.abc import Callable, Sequence
 
+from mmproxy.address import Address
 from mmproxy.checks import run_checks
-from mmproxy.config import Address, Config, ConfigError
+from mmproxy.config import Config, ConfigError
 from mmproxy.forwarder import Forwarder
 from mmproxy.log import set_level
 from mmproxy.systemd import Notifier, listen_sockets

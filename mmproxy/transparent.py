@@ -14,7 +14,7 @@ import select
 import socket
 
 from mmproxy import _splice
-from mmproxy.config import Address
+from mmproxy.address import Address
 
 # Re-exported for the forwarders, which import them from here; mmproxy.localaddr owns them.
 from mmproxy.localaddr import LocalAddresses as LocalAddresses

@@ -40,7 +40,8 @@ from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from mmproxy.config import Address, Config
+from mmproxy.address import Address
+from mmproxy.config import Config
 from mmproxy.forwarder import RateLimitedLog
 from mmproxy.policy import UDP_FAMILIES, Rejected, route
 from mmproxy.proxy_protocol import V2_SIGNATURE, ProxyHeader, ProxyProtocolError, parse

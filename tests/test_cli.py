@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from mmproxy.address import Address
 from mmproxy.cli import EX_CONFIG, build_parser, overrides_from
-from mmproxy.config import Address, load_config
+from mmproxy.config import load_config
 
 
 def config_from(argv: list[str]):  # type: ignore[no-untyped-def]

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from mmproxy.address import Address
 from mmproxy.config import (
     KEYS,
-    Address,
     Config,
     ConfigError,
     Override,

@@ -10,7 +10,8 @@ from ipaddress import ip_network
 import pytest
 
 from mmproxy import doctor
-from mmproxy.config import Address, Config
+from mmproxy.address import Address
+from mmproxy.config import Config
 from mmproxy.doctor import Rejection, catches, from_journal_entry, parse_log_line, parse_since
 
 

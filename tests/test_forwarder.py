@@ -11,7 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from mmproxy.config import Address, Config
+from mmproxy.address import Address
+from mmproxy.config import Config
 from mmproxy.forwarder import Forwarder, RateLimitedLog
 from mmproxy.networks import parse_network
 from mmproxy.proxy_protocol import encode_v2

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from mmproxy.address import MAX_LISTEN_RANGE, Address
 from mmproxy.cli import build_parser, overrides_from
 from mmproxy.config import (
-    MAX_LISTEN_RANGE,
-    Address,
     ConfigError,
     load_config,
     parse_address,

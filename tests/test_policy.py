@@ -6,7 +6,8 @@ from ipaddress import ip_network
 
 import pytest
 
-from mmproxy.config import Address, Config
+from mmproxy.address import Address
+from mmproxy.config import Config
 from mmproxy.localaddr import LocalAddresses, LocalRoute
 from mmproxy.policy import UDP_FAMILIES, Rejected, route
 from mmproxy.proxy_protocol import encode_v1, encode_v2, parse

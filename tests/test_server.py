@@ -9,7 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from mmproxy.config import Address, Config
+from mmproxy.address import Address
+from mmproxy.config import Config
 from mmproxy.server import bind_listeners, raise_fd_limit
 
 

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from mmproxy.config import Address
+from mmproxy.address import Address
 from mmproxy.transparent import (
     LocalAddresses,
     UpstreamError,

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from mmproxy.config import Address, Config
+from mmproxy.address import Address
+from mmproxy.config import Config
 from mmproxy.networks import parse_network
 from mmproxy.proxy_protocol import PP2_TYPE_UNIQUE_ID, encode_v2
 from mmproxy.udp import IP_PKTINFO, IPV6_PKTINFO, UdpForwarder, UdpStats, _reply_ancillary

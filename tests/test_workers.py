@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mmproxy.config import Address, Config, ConfigError, load_config
+from mmproxy.address import Address
+from mmproxy.config import Config, ConfigError, load_config
 from mmproxy.forwarder import Stats
 from mmproxy.workers import share, worker_count
 

@@ -14,13 +14,12 @@ PYTRICIA := pytricia==1.3.0
 PIP := $(VENV)/bin/pip
 INSTALL_NEEDS := venv
 
-# The relay's C part (mmproxy/_splice.c), built against Debian's python3. CFLAGS and
-# LDFLAGS come from the environment when set (debian/rules exports dpkg's hardening flags).
+# The relay's C part (mmproxy/_splice.c), built against Debian's python3 by setup.py's
+# ext_modules, the one definition pip and debian/rules use too. CFLAGS and LDFLAGS come
+# from the environment when set (debian/rules exports dpkg's hardening flags).
 EXT_SUFFIX := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
-PY_INCLUDE := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 SPLICE_EXT := mmproxy/_splice$(EXT_SUFFIX)
 CFLAGS ?= -O2 -g
-EXT_CFLAGS := -Wall -Wextra -Werror=implicit-function-declaration -fPIC -fno-strict-aliasing
 
 .PHONY: all deps venv ext sanitize demo test lint typecheck unit integration system install deb fuzz soak clean
 
@@ -44,8 +43,8 @@ venv: deps $(VENV)/.installed ext
 
 ext: $(SPLICE_EXT)
 
-$(SPLICE_EXT): mmproxy/_splice.c
-	gcc $(CPPFLAGS) $(CFLAGS) $(EXT_CFLAGS) -I$(PY_INCLUDE) -shared $(LDFLAGS) -o $@ $<
+$(SPLICE_EXT): mmproxy/_splice.c setup.py
+	CFLAGS="$(CFLAGS)" $(PYTHON) setup.py -q build_ext --inplace --force --build-temp build/ext
 
 demo: venv
 	$(PY) -m mmproxy.demo etc/mmproxy/example.yaml

@@ -4,7 +4,7 @@ PYTHON := /usr/bin/python3
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := python3-venv python3-dev gcc python3-systemd python3-yaml python3-sdnotify \
-	iproute2 iptables nftables haproxy procps dnsmasq-base
+	iproute2 iptables nftables haproxy procps dnsmasq-base libsystemd-dev pkg-config
 
 PREFIX ?= /usr
 DESTDIR ?=

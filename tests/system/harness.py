@@ -1,6 +1,7 @@
 """Boot a real systemd in a throw-away container (recipes: ../shared/notes/testbed.md).
 
     root = base_rootfs()                   # debootstrap'd Debian 12, cached outside the checkout
+                                           # (base_rootfs(suite="trixie"): Debian 13)
     with Container(root) as c:             # a clean copy (overlayfs) of it
         c.install(["haproxy"], debs=[deb]) # apt, before boot, on the host's network
         c.write("/etc/mmproxy/ssh.yaml", text)

@@ -5,25 +5,27 @@ VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := python3-venv python3-dev gcc python3-systemd python3-yaml python3-sdnotify \
 	iproute2 iptables nftables haproxy procps dnsmasq-base nginx libnginx-mod-stream curl \
-	bind9-dnsutils
+	bind9-dnsutils libsystemd-dev pkg-config
 
 PREFIX ?= /usr
 DESTDIR ?=
 LIBDIR := $(PREFIX)/lib/mmproxy
+# debian/rules gives the release's own (Debian 12: /lib/systemd/...).
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+GENERATORDIR ?= $(PREFIX)/lib/systemd/system-generators
 PYTRICIA := pytricia==1.3.0
 # debian/rules installs with Debian's own pip and no virtualenv (INSTALL_NEEDS empty).
 PIP := $(VENV)/bin/pip
 INSTALL_NEEDS := venv
 
-# The relay's C part (mmproxy/_splice.c), built against Debian's python3. CFLAGS and
-# LDFLAGS come from the environment when set (debian/rules exports dpkg's hardening flags).
+# The relay's C part (mmproxy/_splice.c), built against Debian's python3 by setup.py's
+# ext_modules, the one definition pip and debian/rules use too. CFLAGS and LDFLAGS come
+# from the environment when set (debian/rules exports dpkg's hardening flags).
 EXT_SUFFIX := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
-PY_INCLUDE := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 SPLICE_EXT := mmproxy/_splice$(EXT_SUFFIX)
 CFLAGS ?= -O2 -g
-EXT_CFLAGS := -Wall -Wextra -Werror=implicit-function-declaration -fPIC -fno-strict-aliasing
 
-.PHONY: all deps venv ext sanitize demo test lint typecheck unit integration system install deb fuzz soak clean
+.PHONY: all deps venv ext sanitize demo test lint typecheck unit integration system install deb deb-deps lintian fuzz soak clean
 
 all: test
 
@@ -45,8 +47,8 @@ venv: deps $(VENV)/.installed ext
 
 ext: $(SPLICE_EXT)
 
-$(SPLICE_EXT): mmproxy/_splice.c
-	gcc $(CPPFLAGS) $(CFLAGS) $(EXT_CFLAGS) -I$(PY_INCLUDE) -shared $(LDFLAGS) -o $@ $<
+$(SPLICE_EXT): mmproxy/_splice.c setup.py
+	CFLAGS="$(CFLAGS)" $(PYTHON) setup.py -q build_ext --inplace --force --build-temp build/ext
 
 demo: venv
 	$(PY) -m mmproxy.demo etc/mmproxy/example.yaml
@@ -81,36 +83,57 @@ install: $(INSTALL_NEEDS) $(SPLICE_EXT)
 		'from mmproxy.cli import main  # noqa: E402' 'sys.exit(main())' \
 		> $(DESTDIR)$(PREFIX)/bin/mmproxy
 	chmod 755 $(DESTDIR)$(PREFIX)/bin/mmproxy
-	install -D -m 644 units/mmproxy@.socket $(DESTDIR)$(PREFIX)/lib/systemd/system/mmproxy@.socket
-	install -D -m 644 units/mmproxy@.service $(DESTDIR)$(PREFIX)/lib/systemd/system/mmproxy@.service
-	install -D -m 755 units/mmproxy-generator \
-		$(DESTDIR)$(PREFIX)/lib/systemd/system-generators/mmproxy-generator
+	install -D -m 644 units/mmproxy@.socket $(DESTDIR)$(UNITDIR)/mmproxy@.socket
+	install -D -m 644 units/mmproxy@.service $(DESTDIR)$(UNITDIR)/mmproxy@.service
+	install -D -m 755 units/mmproxy-generator $(DESTDIR)$(GENERATORDIR)/mmproxy-generator
 	install -D -m 644 etc/mmproxy/example.yaml $(DESTDIR)/etc/mmproxy/example.yaml
 	install -D -m 644 etc/mmproxy/README $(DESTDIR)/etc/mmproxy/README
 	install -D -m 644 docs/mmproxy.8 $(DESTDIR)$(PREFIX)/share/man/man8/mmproxy.8
 	install -D -m 644 docs/mmproxy.yaml.5 $(DESTDIR)$(PREFIX)/share/man/man5/mmproxy.yaml.5
 
-# The Debian package (debian/): dist/mmproxy_<version>_<arch>.deb. Installs its build
-# dependencies with apt, then builds from a copy of the tree in DEB_BUILD, so that
-# dpkg-buildpackage's by-products stay out of the checkout. pytricia's source is
-# fetched at build time, pinned by its SHA-256 (debian/pytricia.txt).
+# The Debian packages (debian/), built on the release they are for (Debian 12 or 13):
+# the source package (dist/mmproxy_<version>.dsc, its .orig.tar.gz, made here from the
+# tree without debian/, and .debian.tar.xz, which carries pytricia's pinned source) and
+# dist/mmproxy_<version>_<arch>.deb. `deb-deps` installs the build dependencies with apt
+# (network); the build itself needs none: run it offline as Debian's build daemons do.
+# It builds from a copy of the tree in DEB_BUILD, so that dpkg-buildpackage's by-products
+# stay out of the checkout.
 DEB_DIST := dist
 DEB_BUILD := build/deb
-DEB_TREE := Makefile README.md pyproject.toml mmproxy units docs etc debian
-deb:
+DEB_UPSTREAM := Makefile README.md pyproject.toml setup.py mmproxy units docs etc
+DEB_VERSION = $(shell dpkg-parsechangelog -S Version)
+DEB_UPSTREAM_VERSION = $(shell dpkg-parsechangelog -S Version | sed 's/^[0-9]*://; s/-[^-]*$$//')
+DEB_EPOCH = $(shell dpkg-parsechangelog -S Timestamp)
+DEB_SRC = mmproxy-$(DEB_UPSTREAM_VERSION)
+deb-deps:
 	@if ! command -v dpkg-checkbuilddeps >/dev/null || ! dpkg-checkbuilddeps >/dev/null 2>&1; then \
 		echo "installing the build dependencies in debian/control"; \
 		DEBIAN_FRONTEND=noninteractive apt-get build-dep -y -qq ./ >/dev/null 2>&1 || { apt-get update -qq && \
 			DEBIAN_FRONTEND=noninteractive apt-get build-dep -y -qq ./ >/dev/null; }; \
 	fi
-	rm -rf $(DEB_BUILD) && mkdir -p $(DEB_BUILD)/src $(DEB_DIST)
-	cp -r $(DEB_TREE) $(DEB_BUILD)/src/
-	rm -f $(DEB_BUILD)/src/mmproxy/*.so  # built again there, with dpkg's hardening flags
-	cd $(DEB_BUILD)/src && dpkg-buildpackage -b -us -uc >../build.log 2>&1 \
+
+deb: deb-deps
+	rm -rf $(DEB_BUILD) && mkdir -p $(DEB_BUILD)/$(DEB_SRC) $(DEB_DIST)
+	cp -r $(DEB_UPSTREAM) $(DEB_BUILD)/$(DEB_SRC)/
+	find $(DEB_BUILD)/$(DEB_SRC) \( -name '*.so' -o -name __pycache__ \) -prune -exec rm -rf {} +
+	# The upstream tarball, the same bytes for the same tree (names sorted, times and
+	# owners fixed, gzip without a time stamp).
+	tar -C $(DEB_BUILD) --sort=name --mtime=@$(DEB_EPOCH) --owner=0 --group=0 --numeric-owner \
+		-cf - $(DEB_SRC) | gzip -9n > $(DEB_BUILD)/mmproxy_$(DEB_UPSTREAM_VERSION).orig.tar.gz
+	cp -r debian $(DEB_BUILD)/$(DEB_SRC)/
+	cd $(DEB_BUILD)/$(DEB_SRC) && dpkg-buildpackage -us -uc >../build.log 2>&1 \
 		|| { tail -n 40 ../build.log; exit 1; }
-	rm -f $(DEB_DIST)/mmproxy_*.deb
-	cp $(DEB_BUILD)/mmproxy_*.deb $(DEB_DIST)/
-	@ls -l $(DEB_DIST)/mmproxy_*.deb
+	rm -f $(DEB_DIST)/mmproxy_* $(DEB_DIST)/mmproxy-dbgsym_*
+	cd $(DEB_BUILD) && cp mmproxy_*.deb mmproxy-dbgsym_*.*deb mmproxy_*.dsc mmproxy_*.orig.tar.gz mmproxy_*.debian.tar.* \
+		mmproxy_*.changes mmproxy_*.buildinfo $(abspath $(DEB_DIST))/
+	@ls -l $(DEB_DIST)/mmproxy_* $(DEB_DIST)/mmproxy-dbgsym_*
+
+# Lintian of this release on what `make deb` built (source and binary): no error, no
+# warning (debian/*lintian-overrides say why for the few deliberate ones).
+lintian: deb
+	@command -v lintian >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		--no-install-recommends lintian >/dev/null
+	lintian --fail-on error,warning --info $(DEB_DIST)/mmproxy_*.changes
 
 # Coverage-guided fuzzing (atheris) of the codecs (PROXY, SPP) and the config loader,
 # 1,000,000 runs each; new interesting inputs are added to tests/fuzz/corpus/. `make test`

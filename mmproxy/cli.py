@@ -13,18 +13,21 @@ The original mmproxy's flags work verbatim:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mmproxy import __version__, doctor
-from mmproxy.checks import host_checks, plan_for, report, run_checks
+from mmproxy import __version__
 from mmproxy.config import Config, ConfigError, Override, load_config
 from mmproxy.log import setup_logging
 from mmproxy.routing import CONFIG_KEYS as ROUTING_KEYS
 from mmproxy.routing import RoutingError, RoutingState, runtime_dir
-from mmproxy.server import Server, ServerError
+
+# The modules that need the C part (mmproxy._splice) are imported by the commands that use
+# them: --version, --help and the configuration check work where it failed to build.
+NATIVE = "mmproxy._splice"
 
 EX_CONFIG = 78  # sysexits.h: systemd shows it as "status=78/CONFIG"
 COMMANDS = ("run", "check", "routing", "doctor")
@@ -43,7 +46,9 @@ def build_parser(command: str = "run") -> argparse.ArgumentParser:
     )
     if command == "routing":
         parser.add_argument("action", choices=("up", "down"))
-    if command == "doctor":
+    if command == "doctor" and not native_missing():  # else main() says what is missing
+        from mmproxy import doctor
+
         doctor.add_arguments(parser)
     parser.add_argument("-c", "--config", metavar="FILE", help="YAML configuration file")
     parser.add_argument(
@@ -121,13 +126,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "check":
         return check(config, args)
     if command == "doctor":
+        if why := native_missing():
+            return explain_native("doctor", why)
+        from mmproxy import doctor
+
         return doctor.main(config, args, instance_name(args))
     if command == "routing":
         return routing_up(config, args)
     return run(config, args)
 
 
+def native_missing() -> str | None:
+    """Why the C part cannot be loaded, in one line; None when it can."""
+    try:
+        if importlib.util.find_spec(NATIVE) is None:
+            return f"the C extension {NATIVE} is not installed (it did not build)"
+        importlib.import_module(NATIVE)
+    except (ImportError, ValueError) as exc:  # ValueError: a None entry in sys.modules
+        return f"the C extension {NATIVE} cannot be loaded: {exc}"
+    return None
+
+
+def explain_native(command: str, why: str) -> int:
+    print(f"mmproxy {command}: cannot run: {why}", file=sys.stderr)
+    print(
+        "fix: install mmproxy's Debian package, or reinstall with pip where a C compiler "
+        "and the Python headers are present (Debian: gcc python3-dev)",
+        file=sys.stderr,
+    )
+    return 1
+
+
 def run(config: Config, args: argparse.Namespace) -> int:
+    if why := native_missing():
+        return explain_native("run", why)
+    from mmproxy.server import Server, ServerError
+
     setup_logging(config.log_level)
     server = Server(
         config,
@@ -143,6 +177,12 @@ def run(config: Config, args: argparse.Namespace) -> int:
 
 
 def check(config: Config, args: argparse.Namespace) -> int:
+    if why := native_missing():
+        # The configuration was read and is valid; only the live self-checks need C.
+        print(f"configuration {args.config or '(from the options)'}: valid")
+        return explain_native("check", f"the self-checks need it: {why}")
+    from mmproxy.checks import report, run_checks
+
     results = run_checks(config, instance_name(args))
     print(report(results))
     failed = sum(not r.ok for r in results)
@@ -157,6 +197,10 @@ def routing_up(config: Config, args: argparse.Namespace) -> int:
     if instance is None:
         print("mmproxy routing: give --instance NAME or -c FILE", file=sys.stderr)
         return 2
+    if why := native_missing():
+        return explain_native("routing", why)
+    from mmproxy.checks import host_checks, plan_for, report
+
     if not config.manage_routing:
         print(f"mmproxy: manage_routing is false for {instance}: routing left as it is")
     else:

@@ -5,7 +5,6 @@ import os
 import re
 import socket
 import subprocess
-import sys
 import tempfile
 from ipaddress import ip_network
 from pathlib import Path
@@ -22,6 +21,7 @@ from mmproxy.config import (
     parse_address,
 )
 from mmproxy.networks import AllowedNetworks
+from tests.readable import copy_for_others
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "mmproxy" / "example.yaml"
 
@@ -979,10 +979,13 @@ def test_a_file_that_cannot_be_read_for_lack_of_permission(where: str) -> None:
             "try:\n    load_config(sys.argv[1])\nexcept ConfigError as exc:\n    print(exc)\n"
         )
         nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-        out = subprocess.run(
-            [*nobody, sys.executable, "-c", code, str(path)],
-            capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent,
-        ).stdout.strip()  # fmt: skip
+        # nobody runs a readable copy of the code: the checkout may be under /root.
+        with copy_for_others() as code_copy:
+            out = subprocess.run(
+                [*nobody, code_copy.python, "-c", code, str(path)],
+                capture_output=True, text=True, check=True, cwd=code_copy.path,
+                env=code_copy.env(),
+            ).stdout.strip()  # fmt: skip
     if where == "config":
         assert out == f"{path}: cannot read the configuration file: Permission denied"
     else:

@@ -16,11 +16,11 @@ instance, yet cannot run a fwmark one, so it is never the capability to grant.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -30,6 +30,7 @@ import pytest
 import yaml
 
 from mmproxy.proxy_protocol import encode_v1, encode_v2
+from tests.readable import Runnable, copy_for_others
 
 from .conftest import CLIENT4, CLIENT6, MARK, TABLE, Mmproxy, Net, make_net, start_backend
 from .test_udp import PORT, UdpEcho, balancer, datagram, targets
@@ -56,11 +57,19 @@ def setpriv(caps: list[str]) -> list[str]:
 class Unprivileged(Mmproxy):
     """Mmproxy started through setpriv (same log capture as the root one)."""
 
-    def __init__(self, net: Net, config_path: Path, caps: list[str]) -> None:
+    def __init__(
+        self, net: Net, config_path: Path, caps: list[str], code: Runnable | None = None
+    ) -> None:
         self.ns = net.gw
-        cmd = net.gw.exec_args(*setpriv(caps), sys.executable, "-m", "mmproxy", "-c",
+        # nobody runs a readable copy of the code (the checkout may be under /root).
+        self._copy = contextlib.ExitStack()
+        if code is None:
+            code = self._copy.enter_context(copy_for_others())
+        cmd = net.gw.exec_args(*setpriv(caps), code.python, "-m", "mmproxy", "-c",
                                str(config_path))  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            cmd, stderr=subprocess.PIPE, text=True, cwd=code.path, env=code.env()
+        )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -70,6 +79,13 @@ class Unprivileged(Mmproxy):
         assert self.proc.wait(30) != 0
         self.wait_for("self-checks failed; not starting")
         assert not [line for line in self.lines if "listening on" in line], self.lines
+        self._copy.close()
+
+    def stop(self) -> None:
+        try:
+            super().stop()
+        finally:
+            self._copy.close()
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """Boot a real systemd in a throw-away container (recipes: ../shared/notes/testbed.md).
 
     root = base_rootfs()                   # debootstrap'd Debian 12, cached outside the checkout
+                                           # (base_rootfs(suite="trixie"): Debian 13)
     with Container(root) as c:             # a clean copy (overlayfs) of it
         c.install(["haproxy"], debs=[deb]) # apt, before boot, on the host's network
         c.write("/etc/mmproxy/ssh.yaml", text)
@@ -34,6 +35,8 @@ from typing import Any, Literal, overload
 from mmproxy.netns import NetNS
 
 SUITE = "bookworm"
+# The releases the package is built and tested on (Debian 12 and 13).
+SUITES = ("bookworm", "trixie")
 BASE_PACKAGES = (
     "systemd",
     "systemd-sysv",
@@ -167,9 +170,24 @@ def ensure_host_tools() -> None:
 def apt_mirror(suite: str = SUITE) -> tuple[str, Path | None]:
     """The host's Debian mirror for `suite` and the file that names it, read from the apt
     sources at run time (deb822 `*.sources` or one-line `*.list`). The environment variable
-    MMPROXY_TEST_MIRROR overrides it (then the file is None)."""
+    MMPROXY_TEST_MIRROR overrides it (then the file is None). For a release the host does
+    not use (trixie on a Debian 12 host), the host's mirror of its own release, and a
+    sources file for `suite` written beside the cached roots."""
     if override := os.environ.get("MMPROXY_TEST_MIRROR"):
         return override, None
+    found = _host_source(suite)
+    if found is not None:
+        return found
+    host = _host_source(SUITE) or next(
+        (f for f in (_host_source(s) for s in SUITES) if f is not None), None
+    )
+    if host is None:
+        raise ContainerError(f"no apt source for {suite} in {SOURCES_DIR.parent}")
+    uri = host[0]
+    return uri, _sources_for(suite, uri)
+
+
+def _host_source(suite: str) -> tuple[str, Path] | None:
     files = sorted(SOURCES_DIR.glob("*.sources")) + sorted(SOURCES_DIR.glob("*.list"))
     files.insert(0, SOURCES_DIR.parent / "sources.list")
     for path in files:
@@ -179,7 +197,21 @@ def apt_mirror(suite: str = SUITE) -> tuple[str, Path | None]:
         uri = _deb822_uri(text, suite) if path.suffix == ".sources" else _one_line_uri(text, suite)
         if uri:
             return uri, path
-    raise ContainerError(f"no apt source for {suite} in {SOURCES_DIR.parent}")
+    return None
+
+
+def _sources_for(suite: str, uri: str) -> Path:
+    """A deb822 sources file for `suite`, its updates and (on the same host, as Debian's
+    mirrors lay them out) its security archive."""
+    stanzas = [f"Types: deb\nURIs: {uri}\nSuites: {suite} {suite}-updates\n"]
+    if uri.rstrip("/").endswith("/debian"):
+        stanzas.append(f"Types: deb\nURIs: {uri.rstrip('/')}-security\nSuites: {suite}-security\n")
+    keyring = "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+    text = "\n".join(f"{s}Components: main\n{keyring}" for s in stanzas)
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    path = CACHE_DIR / f"{suite}.sources"
+    path.write_text(text)
+    return path
 
 
 def _deb822_uri(text: str, suite: str) -> str | None:
@@ -364,14 +396,18 @@ class Container:
                 _replace_with_copy(Path(dirpath, name), here / name)
 
     def run_offline(
-        self, *cmd: str, timeout: float = 600, check: bool = True
+        self, *cmd: str, timeout: float = 600, check: bool = True, network: bool = True
     ) -> subprocess.CompletedProcess[str]:
-        """Run a command in the root without booting it (systemd-nspawn without -b, on the
-        host's network so apt reaches the archive). Only before boot()."""
+        """Run a command in the root without booting it (systemd-nspawn without -b), on the
+        host's network so apt reaches the archive, or with network=False in a network
+        namespace of its own with only `lo`, as Debian's build daemons build. Only before
+        boot()."""
         if self.nspawn is not None:
             raise ContainerError("run_offline() is for a container that is not booted")
-        argv = [*_nspawn_args(self.root, machine=self.name), *cmd]
-        return _run(argv, timeout=timeout, check=check)
+        argv = [*_nspawn_args(self.root, machine=self.name)]
+        if not network:
+            argv.append("--private-network")
+        return _run([*argv, *cmd], timeout=timeout, check=check)
 
     def install(
         self,

@@ -1,23 +1,27 @@
-"""The Debian package on a clean Debian 12 system, as a new admin uses it (issue 4).
+"""The Debian package on clean Debian 12 and Debian 13 systems, as a new admin uses it
+(issues 4 and 14).
 
-`make deb` builds the package; a fresh container gets it with apt, with openssh-server and
+For each release, `make deb` builds the source and binary packages in a clean container
+of that release with networking off (build.py), and that release's lintian checks them.
+A fresh container of the release gets the package with apt, with openssh-server and
 HAProxy from Debian. The admin writes /etc/mmproxy/ssh.yaml and enables the socket; a
 client in the peer namespace (PEER4, a documentation address) reaches sshd through
 HAProxy (`send-proxy-v2`) and mmproxy, and sshd logs the client's own address. Then an
-upgrade to a rebuilt package with a higher version while a connection is open, then
-removal and purge (with a second, fwmark instance running too), after which nothing of
-the package is left."""
+upgrade while a connection is open (on Debian 12 from the released 0.1.0-1 package, on
+Debian 13 to a rebuild with a higher version), which leaves no file dpkg does not own;
+then removal and purge (with a second, fwmark instance running too), after which nothing
+of the package is left."""
 
 from __future__ import annotations
 
-import email.utils
+import hashlib
 import re
-import shutil
 import socket
 import subprocess
+import tarfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +29,9 @@ from typing import Any
 import pytest
 
 from mmproxy.netns import NetNS
+from tests.system.build import Build, build_on
 from tests.system.conftest import PEER4, SERVER4, Net
-from tests.system.harness import Container
+from tests.system.harness import SUITES, Container, base_rootfs
 
 REPO = Path(__file__).resolve().parents[2]
 FRONTEND = 2200  # HAProxy's frontend, on the container's veth address (SERVER4)
@@ -82,79 +87,113 @@ ADMIN_FILES = ["/etc/mmproxy", "/etc/mmproxy/fw.yaml", "/etc/mmproxy/ssh.yaml"]
 
 # --------------------------------------------------------------------------- the packages
 
+# The tree the 0.1.0-1 package was built from (main before issue 14): Debian 12 hosts
+# have it installed, and upgrade from it.
+RELEASED = ("0.1.0-1", "2cf50c07066e5a87f64cb22f17c7d4a18bb46e98")
+
 
 @dataclass
 class Debs:
+    build: Build  # this tree, built on the release
     first: Path
     first_version: str
     upgrade: Path
     upgrade_version: str
 
 
-def changelog_version(changelog: Path) -> str:
-    match = re.match(r"mmproxy \(([^)]+)\)", changelog.read_text())
-    assert match, f"{changelog}: no version on the first line"
-    return match.group(1)
-
-
-def make_deb(tree: Path, dist: Path) -> Path:
+def build_released(work: Path) -> tuple[Path, str]:
+    """The 0.1.0-1 package, built on this (Debian 12) host by that tree's own `make deb`
+    (it downloads pytricia: that build needed the network)."""
+    version, commit = RELEASED
+    if subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", commit], check=False).returncode:
+        pytest.fail(f"commit {commit} (the {version} package's tree) is not in this clone")
+    tree = work / "released"
+    tree.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", commit], capture_output=True, check=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
     proc = subprocess.run(
-        ["make", "-C", str(tree), "deb", f"DEB_DIST={dist}"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=900,
-    )
-    assert proc.returncode == 0, f"make deb failed:\n{proc.stdout}{proc.stderr}"
-    version = changelog_version(tree / "debian/changelog").split(":")[-1]
-    (deb,) = dist.glob(f"mmproxy_{version}_*.deb")
-    return deb
+        ["make", "-C", str(tree), "deb", f"DEB_DIST={work / 'released-dist'}"],
+        capture_output=True, text=True, check=False, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"make deb of {commit} failed:\n{proc.stdout}{proc.stderr}"
+    (deb,) = (work / "released-dist").glob(f"mmproxy_{version}_*.deb")
+    return deb, version
 
 
-def bump_version(tree: Path) -> str:
-    """A new changelog entry, version `<current>+test1` (higher for dpkg), on a copy."""
-    changelog = tree / "debian/changelog"
-    text = changelog.read_text()
-    version = changelog_version(changelog)
-    trailer = re.search(r"^ -- (.+?)  ", text, re.M)
-    assert trailer, f"{changelog}: no trailer line"
-    new = f"{version}+test1"
-    entry = (
-        f"mmproxy ({new}) bookworm; urgency=medium\n\n"
-        "  * Test build: the same tree with a higher version, to test upgrades.\n\n"
-        f" -- {trailer.group(1)}  {email.utils.formatdate(usegmt=False)}\n\n"
-    )
-    changelog.write_text(entry + text)
-    return new
+class Packages:
+    """Each release's packages, built when a test first asks for them."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.debs: dict[str, Debs] = {}
+
+    def get(self, suite: str) -> Debs:
+        if suite not in self.debs:
+            t0 = time.monotonic()
+            dist = self.work / suite / "dist"
+            if suite == "bookworm":
+                build = build_on(suite, REPO, dist)
+                first, first_version = build_released(self.work / suite)
+                upgrade, upgrade_version = build.deb, build.version
+            else:
+                build = build_on(suite, REPO, dist, upgrade_dist=self.work / suite / "upgrade")
+                assert build.upgrade is not None
+                first, first_version = build.deb, build.version
+                upgrade, upgrade_version = build.upgrade, build.upgrade_version
+            build.seconds["packages in all"] = time.monotonic() - t0
+            self.debs[suite] = Debs(build, first, first_version, upgrade, upgrade_version)
+        return self.debs[suite]
 
 
 @pytest.fixture(scope="session")
-def debs(tmp_path_factory: pytest.TempPathFactory) -> Debs:
-    """dist/mmproxy_<version>_<arch>.deb from `make deb`, and one rebuilt from a copy of
-    the tree with a higher version."""
-    first = make_deb(REPO, REPO / "dist")
-    tree = tmp_path_factory.mktemp("upgrade") / "tree"
-    skip = ("build", "dist", "bench", "tests", "__pycache__", "*.egg-info", ".*")
-    shutil.copytree(REPO, tree, ignore=shutil.ignore_patterns(*skip))
-    upgrade_version = bump_version(tree)
-    upgrade = make_deb(tree, tree.parent / "dist")
-    return Debs(first, changelog_version(REPO / "debian/changelog"), upgrade, upgrade_version)
+def packages(tmp_path_factory: pytest.TempPathFactory) -> Packages:
+    return Packages(tmp_path_factory.mktemp("packages"))
+
+
+@pytest.fixture(params=SUITES)
+def release(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def debs(packages: Packages, release: str) -> Debs:
+    return packages.get(release)
+
+
+@pytest.fixture
+def container(release: str) -> Iterator[Container]:
+    """A fresh container of the release (this module's, not conftest's Debian 12 one)."""
+    with Container(base_rootfs(suite=release)) as c:
+        yield c
 
 
 def test_lintian_reports_no_error_and_no_warning(debs: Debs) -> None:
-    if not shutil.which("lintian"):
-        apt = "apt-get install -y -q --no-install-recommends lintian"
-        install = f"{apt} >/dev/null || {{ apt-get update -q >/dev/null && {apt}; }}"
-        subprocess.run(["sh", "-c", install], check=True, timeout=600)
-    proc = subprocess.run(
-        ["lintian", "--fail-on", "error,warning", "--info", "--display-info", str(debs.first)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert not re.search(r"^[EW]: ", proc.stdout, re.M), proc.stdout
+    build = debs.build
+    print(f"{build.suite}: {build.lintian or '(lintian printed nothing)'}; {build.seconds}")
+    assert build.lintian_status == 0, build.lintian
+    assert not re.search(r"^[EW]: ", build.lintian, re.M), build.lintian
+
+
+def test_the_source_package_carries_pytricia_pinned(debs: Debs) -> None:
+    """dpkg-buildpackage made a source package (built offline, so complete): the upstream
+    tarball has no debian/, the Debian tarball has pytricia's source with the pinned hash."""
+    dist = debs.build.dist
+    (dsc,) = dist.glob("mmproxy_*.dsc")
+    (orig,) = dist.glob("mmproxy_*.orig.tar.gz")
+    (debian,) = dist.glob("mmproxy_*.debian.tar.xz")
+    assert orig.name in dsc.read_text() and debian.name in dsc.read_text()
+    with tarfile.open(orig) as tar:
+        names = tar.getnames()
+    assert not [n for n in names if "/debian/" in n or n.endswith("/debian")], names
+    assert {n.split("/", 1)[-1] for n in names} >= {"setup.py", "mmproxy/_splice.c"}
+    pinned = re.search(r"sha256:([0-9a-f]{64})", (REPO / "debian/pytricia.txt").read_text())
+    assert pinned
+    with tarfile.open(debian) as tar:
+        member = tar.extractfile("debian/pytricia-1.3.0.tar.gz")
+        assert member is not None
+        assert hashlib.sha256(member.read()).hexdigest() == pinned.group(1)
 
 
 # --------------------------------------------------------------------------- the client
@@ -308,6 +347,25 @@ def leftovers(c: Container) -> list[str]:
     return sorted(set(out))
 
 
+def unowned(c: Container) -> list[str]:
+    """Files of the package's directories that dpkg does not own (left by an upgrade), but
+    for the byte-code of owned modules. On a merged /usr, /lib/x is /usr/lib/x."""
+    owned = {p.removeprefix("/usr") for p in c.sh("dpkg-query", "-L", "mmproxy").stdout.split()}
+    script = (
+        "find /usr/lib/mmproxy /usr/lib/systemd \\( -type f -o -type l \\)"
+        " \\( -path '/usr/lib/mmproxy/*' -o -name '*mmproxy*' \\) -print"
+    )
+    found = []
+    for path in c.sh("sh", "-c", script).stdout.split():
+        plain = path.removeprefix("/usr")
+        cached = re.match(r"(.*)/__pycache__/([^/.]+)\.cpython-\d+\.pyc$", plain)
+        if cached and f"{cached.group(1)}/{cached.group(2)}.py" in owned:
+            continue
+        if plain not in owned:
+            found.append(path)
+    return found
+
+
 def test_install_use_upgrade_remove_purge(container: Container, net: Net, debs: Debs) -> None:
     c = container
     timings: dict[str, float] = {}
@@ -373,6 +431,7 @@ def test_install_use_upgrade_remove_purge(container: Container, net: Net, debs: 
     new.close()
     timings["upgrade"] = time.monotonic() - t2
     assert installed_version(c) == debs.upgrade_version
+    assert unowned(c) == []  # nothing of the old package is left behind
     assert show(c, "mmproxy@ssh.service", "MainPID") not in (pid, "0")
     sshd_saw(c, held)
     for port in (40002, 40003):
@@ -417,4 +476,5 @@ def test_install_use_upgrade_remove_purge(container: Container, net: Net, debs: 
     for family in ("-4", "-6"):
         table = c.sh("ip", family, "route", "show", "table", "100", check=False).stdout
         assert table.strip() == "", table
-    print(", ".join(f"{k}: {v:.1f} s" for k, v in timings.items()))
+    timings.update(debs.build.seconds)
+    print(f"{debs.build.suite}: " + ", ".join(f"{k}: {v:.1f} s" for k, v in timings.items()))

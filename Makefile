@@ -49,6 +49,7 @@ ext: $(SPLICE_EXT)
 
 $(SPLICE_EXT): mmproxy/_splice.c setup.py
 	CFLAGS="$(CFLAGS)" $(PYTHON) setup.py -q build_ext --inplace --force --build-temp build/ext
+	@test -f $@ || { echo "mmproxy/_splice.c did not build (see the compiler's errors above)" >&2; exit 1; }
 
 demo: venv
 	$(PY) -m mmproxy.demo etc/mmproxy/example.yaml

@@ -63,6 +63,8 @@ class Stats:
     bytes_in: int = 0  # client -> application
     bytes_out: int = 0  # application -> client
     rejected: Counter[str] = field(default_factory=Counter)
+    # Exceptions the relay loop (or the accept loop) caught and carried on from, by where.
+    errors: Counter[str] = field(default_factory=Counter)
 
     def snapshot(self) -> dict[str, object]:
         """The counters as plain data (a worker process sends them to the supervisor)."""
@@ -72,6 +74,7 @@ class Stats:
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "rejected": dict(self.rejected),  # one C-level copy: atomic under the GIL
+            "errors": dict(self.errors),
         }
 
     def add(self, snapshot: dict[str, object]) -> None:
@@ -83,13 +86,21 @@ class Stats:
         rejected = snapshot.get("rejected", {})
         assert isinstance(rejected, dict)
         self.rejected.update(rejected)
+        errors = snapshot.get("errors", {})
+        assert isinstance(errors, dict)
+        self.errors.update(errors)
 
     def summary(self) -> str:
         rejected = ", ".join(f"{k} {v}" for k, v in sorted(self.rejected.items())) or "none"
-        return (
+        line = (
             f"{self.active} active, {self.total} total, rejected: {rejected}, "
             f"{self.bytes_in} bytes in, {self.bytes_out} bytes out"
         )
+        if self.errors:  # only a bug or a broken listener makes any
+            line += ", internal errors: " + ", ".join(
+                f"{k} {v}" for k, v in sorted(self.errors.items())
+            )
+        return line
 
 
 @dataclass(slots=True)
@@ -151,7 +162,7 @@ class Forwarder:
         self._listeners = list(listeners)
         self._local = LocalAddresses()
         self._rejections = RateLimitedLog()
-        self._relay = Relay(self._on_close)
+        self._relay = Relay(self._on_close, errors=self.stats.errors)
         self._apply_timeouts(config)
         self._stopping = False
         self._paused = False  # at max_connections: new clients wait in the backlog
@@ -243,19 +254,25 @@ class Forwarder:
             except BlockingIOError:
                 return
             except OSError as exc:
-                if exc.errno in _ACCEPT_BACKOFF_ERRNOS:
-                    self._rejections.warning(
-                        "accept-" + errno.errorcode[exc.errno],
-                        f"accept failed: {exc.strerror}; pausing {_ACCEPT_BACKOFF} s",
-                        {"CLOSE_REASON": "accept-failed"},
-                    )
-                    self._relay.listening(False)
-                    self._resume_at = time.monotonic() + _ACCEPT_BACKOFF
-                    return
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
-                    continue
-                raise
+                    continue  # that client is gone (or a firewall refused it): the next
+                self._accept_failed(exc)
+                return
             self._admit(fd, (host, port))
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """Out of fds or memory, or an error nothing expects (EINVAL from a listener shut
+        down under us): say so, pause accepting a while, and carry on."""
+        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        if exc.errno not in _ACCEPT_BACKOFF_ERRNOS:
+            self.stats.errors["accept-" + name] += 1
+        self._rejections.warning(
+            "accept-" + name,
+            f"accept failed: {exc.strerror or exc}; pausing {_ACCEPT_BACKOFF} s",
+            {"CLOSE_REASON": "accept-failed"},
+        )
+        self._relay.listening(False)
+        self._resume_at = time.monotonic() + _ACCEPT_BACKOFF
 
     def _admit(self, client: int, balancer: tuple[str, int]) -> None:
         if balancer[0] not in self.allowed:

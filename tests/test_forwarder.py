@@ -116,3 +116,32 @@ def test_rate_limited_log_summarises(caplog: pytest.LogCaptureFixture) -> None:
     assert messages[:3] == ["bad 0", "bad 1", "bad 2"]
     assert "7 more connections rejected (bad)" in messages[3]
     assert messages[4] == "bad again"
+
+
+def test_an_unexpected_accept_error_is_counted_and_accepting_goes_on(
+    echo: socket.socket,
+) -> None:
+    """A listener shut down under the loop makes accept() fail with EINVAL, an errno
+    nothing expects: the loop logs, counts, pauses that accept a while and carries on
+    serving the other listener."""
+    broken, working = socket.create_server(("127.0.0.1", 0)), socket.create_server(("127.0.0.1", 0))
+    config = Config(
+        ipv4=Address(*echo.getsockname()),
+        allowed_networks=(parse_network("127.0.0.0/8"),),
+        tcp_keepalive=False,
+    )
+    fwd = Forwarder(config, [broken, working])
+    fwd.start()
+    try:
+        broken.shutdown(socket.SHUT_RDWR)  # the listener reports EPOLLHUP; accept: EINVAL
+        time.sleep(0.2)  # the loop meets the error at once
+        assert fwd._relay.alive()
+        assert fwd.stats.errors["accept-EINVAL"] >= 1
+        assert "internal errors: accept-EINVAL" in fwd.stats.summary()
+        with socket.create_connection(working.getsockname(), timeout=5) as sock:
+            sock.sendall(LOCAL + b"ping")
+            assert sock.recv(4) == b"ping"
+    finally:
+        fwd.stop()
+        broken.close()
+        working.close()

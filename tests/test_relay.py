@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -261,3 +262,95 @@ def test_adding_from_another_thread_a_connection_that_resets_at_once(
         time.sleep(0.01)
     assert errors == []
     assert len(closed) == count and len(r) == 0
+
+
+# --- the loop never stops (security issue 11, item 4) -----------------------------------
+
+
+def test_a_watch_that_cannot_be_registered_leaves_nothing_behind(
+    relay: tuple[Relay, list], tmp_path: Path
+) -> None:
+    """epoll refuses a regular file (EPERM): the watch must not stay in the tables, where
+    its deadline would later run on_expire, which closes an fd number that may by then
+    belong to another connection."""
+    r, _ = relay
+    fired: list[str] = []
+    raised: list[BaseException] = []
+    fd = os.open(tmp_path / "plain", os.O_CREAT | os.O_RDWR)
+
+    def arm() -> None:
+        try:
+            r.watch(fd, select.EPOLLIN, time.monotonic(), lambda: fired.append("ready"),
+                    lambda: fired.append("expired"))  # fmt: skip
+        except OSError as exc:
+            raised.append(exc)
+
+    r._request(arm)
+    h = Harness(*relay)  # a connection relayed after the deadline passed: the loop turned
+    h.client.sendall(b"x")
+    assert recv_exactly(h.app, 1) == b"x"
+    os.close(fd)
+    assert [type(e) for e in raised] == [PermissionError]
+    assert r.waiting() == 0 and fired == []
+
+
+def test_an_exception_in_a_listener_is_counted_and_the_loop_carries_on(
+    relay: tuple[Relay, list],
+) -> None:
+    r, _ = relay
+    calls: list[int] = []
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.setblocking(False)
+
+        def broken() -> None:
+            calls.append(1)
+            r.remove_listeners()
+            raise RuntimeError("a bug in an accept loop")
+
+        r.add_listener(server.fileno(), broken)
+        socket.create_connection(server.getsockname()).close()
+        deadline = time.monotonic() + 5
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+    assert r.alive() and calls == [1]
+    assert r.errors["listener"] == 1
+    h = Harness(*relay)  # and established connections are still relayed
+    h.client.sendall(b"still here")
+    assert recv_exactly(h.app, 10) == b"still here"
+
+
+def test_listeners_are_removed_on_the_loop_thread_between_two_calls(
+    relay: tuple[Relay, list],
+) -> None:
+    """stop_accepting() runs on the main thread while the loop may be inside a listener:
+    the removal waits for the loop (which alone changes its tables), so the loop never
+    finds a listener gone between looking it up and calling it, and none runs after."""
+    r, _ = relay
+    entered, release = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def accepting() -> None:
+        entered.set()
+        release.wait(5)
+        order.append("listener returned")
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.setblocking(False)
+        r.add_listener(server.fileno(), accepting)
+        with socket.create_connection(server.getsockname()):
+            assert entered.wait(5)
+
+            def remove() -> None:
+                r.remove_listeners()
+                order.append("removed")
+
+            remover = threading.Thread(target=remove)
+            remover.start()
+            time.sleep(0.1)  # the removal, were it done here, would be done by now
+            release.set()
+            remover.join(5)
+            time.sleep(0.05)  # the client still waits in the backlog: no call after it
+    assert order[0] == "listener returned"  # (the loop may call it again before it)
+    assert order[-1] == "removed"
+    assert r.alive() and not r.errors

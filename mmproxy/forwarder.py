@@ -184,6 +184,8 @@ class Forwarder:
             sock.setblocking(False)
             # Accepted sockets inherit these from the listener: no syscalls per client.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # TCP urgent bytes stay in the stream: the header read and the relay keep them.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
             if self.config.tcp_keepalive:
                 set_keepalive(sock)
         for sock in self._listeners:

@@ -659,6 +659,7 @@ KEYS: tuple[Key, ...] = (
     Key("workers", _parse_workers, 0, "worker processes; 0 is auto: one per CPU"),
     Key("allow_local_sources", _parse_bool, False, "accept loopback/unspecified client sources"),
     Key("log_level", _parse_log_level, "info", "one of debug, info, warning, error"),
+    Key("log_connections", _choice("all", "rejected", "none"), "all", "per-connection log records"),
     Key("follow_destination_port", _parse_bool, False, "target port = the header's dest port"),
     Key("drain_timeout", _parse_duration, 30.0, "how long a stop waits for connections"),
     Key("check_failure", _choice("fail", "warn"), "fail", "what a failed self-check does"),
@@ -692,6 +693,7 @@ class Config:
     workers: int = 0  # "auto": one per CPU
     allow_local_sources: bool = False
     log_level: str = "info"
+    log_connections: str = "all"  # all | rejected (their warnings only) | none
     follow_destination_port: bool = False
     drain_timeout: float = 30.0
     check_failure: str = "fail"

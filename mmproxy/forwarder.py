@@ -481,6 +481,8 @@ class Forwarder:
 
     def _reject(self, info: ConnInfo, exc: Rejected) -> None:
         self.stats.rejected[exc.reason] += 1
+        if self.config.log_connections == "none":
+            return  # counted: the status line and `mmproxy` stats still show it
         if exc.reason == "probe":
             log.debug("health check from %s: %s", _format_peer(info.balancer), exc)
             return
@@ -500,7 +502,7 @@ class Forwarder:
         stats.bytes_out += nout
         if self._paused:
             self._released()
-        if not log.isEnabledFor(logging.INFO):
+        if self.config.log_connections != "all" or not log.isEnabledFor(logging.INFO):
             return
         info = conn.info
         assert isinstance(info, ConnInfo)

@@ -917,6 +917,7 @@ _KIND = {
     "routing": "choice",
     "firewall": "choice",
     "log_level": "choice",
+    "log_connections": "choice",
     "max_connections": "count",
     "udp_max_flows": "count",
     "workers": "count",  # or "auto"

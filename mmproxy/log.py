@@ -8,12 +8,14 @@ record is dropped and counted, and a warning says how many once there is room ag
 
 from __future__ import annotations
 
+import collections
+import functools
 import logging
-import logging.handlers
 import os
-import queue
 import sys
+import threading
 import time
+import weakref
 
 from mmproxy.systemd import journal_handler, under_journald
 
@@ -24,55 +26,60 @@ LEVELS = {
     "error": logging.ERROR,
 }
 QUEUE_SIZE = 8192  # records waiting for the logging thread at most (a few MiB)
+BATCH_DELAY = 0.05  # the logging thread gathers records this long after the first
 FLUSH_TIMEOUT = 2.0  # how long an exit waits for the queued records to be written
 
 
-class DroppingQueueHandler(logging.handlers.QueueHandler):
-    """Hands records to the logging thread and never waits: a record that finds the
-    queue full is dropped and counted (`dropped`)."""
+class LogThread(logging.Handler):
+    """Hands records to a logging thread, which writes them to `target`, and never
+    waits: a record that finds `size` others waiting is dropped and counted (`dropped`).
+    The thread wakes once per batch, not per record (a wake-up per connection cost
+    the relay more than the record itself), and sleeps while nothing is logged."""
 
-    def __init__(self, size: int = QUEUE_SIZE) -> None:
-        super().__init__(queue.Queue(size))
+    def __init__(self, target: logging.Handler, size: int = QUEUE_SIZE) -> None:
+        super().__init__()
+        self.target = target
+        self.size = size
         self.dropped = 0
         self._unreported = 0
-        self._listener: logging.handlers.QueueListener | None = None
+        self._start()
+        # A fork waits until the logging thread is between two records (it could hold
+        # the journal's or stderr's lock, for ever in the child). The child has no
+        # logging thread, and the parent's records are the parent's to write: a new
+        # queue and thread. Weak references: no handler is kept alive by the hooks.
+        ref = weakref.ref(self)
+        os.register_at_fork(
+            before=functools.partial(_at_fork, ref, "before"),
+            after_in_parent=functools.partial(_at_fork, ref, "parent"),
+            after_in_child=functools.partial(_at_fork, ref, "child"),
+        )
 
-    def start(self, target: logging.Handler) -> None:
-        """Write the queued records to `target` on a thread of this process."""
-        self._listener = logging.handlers.QueueListener(self.queue, target)
-        self._listener.start()
+    def _start(self) -> None:
+        self._records: collections.deque[logging.LogRecord] = collections.deque()
+        self._queued = self._written = 0
+        self._wake = threading.Event()
+        self._writing = threading.Lock()
+        threading.Thread(target=self._run, name="log", daemon=True).start()
 
-    def restart_after_fork(self) -> None:
-        """A forked child has no logging thread, and the old queue's lock may have been
-        held by it at the fork: a new queue and a new thread."""
-        if self._listener is None:
-            return
-        target = self._listener.handlers
-        self.queue = queue.Queue(self.queue.maxsize)  # type: ignore[attr-defined]
-        self._listener = logging.handlers.QueueListener(self.queue, *target)
-        self._listener.start()
-
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        # The message is made now (its arguments could change later); the rest, a
-        # traceback included, on the logging thread. No copy: nothing else holds it.
-        record.msg = record.getMessage()
-        record.args = None
-        return record
-
-    def enqueue(self, record: logging.LogRecord) -> None:
-        # Called under the handler's lock: the counters need no other.
-        put = self.queue.put_nowait
-        if self._unreported:
-            try:
-                put(self._drop_report())
-                self._unreported = 0
-            except queue.Full:
-                pass
-        try:
-            put(record)
-        except queue.Full:
+    def emit(self, record: logging.LogRecord) -> None:
+        # Called under the handler's lock: the counters need no other. The message is
+        # made now (its arguments could change later), the rest on the logging thread.
+        records = self._records
+        if len(records) >= self.size:
             self.dropped += 1
             self._unreported += 1
+            return
+        was_idle = not records
+        if self._unreported and len(records) < self.size // 2:  # not one per free slot
+            records.append(self._drop_report())
+            self._queued += 1
+            self._unreported = 0
+        record.msg = record.getMessage()
+        record.args = None
+        records.append(record)
+        self._queued += 1
+        if was_idle:
+            self._wake.set()
 
     def _drop_report(self) -> logging.LogRecord:
         return logging.getLogger("mmproxy").makeRecord(
@@ -86,33 +93,46 @@ class DroppingQueueHandler(logging.handlers.QueueHandler):
             extra={"DROPPED": self._unreported},
         )
 
+    def _run(self) -> None:
+        records, wake, target = self._records, self._wake, self.target
+        while True:
+            wake.wait()
+            wake.clear()
+            time.sleep(BATCH_DELAY)
+            while records:
+                with self._writing:
+                    target.handle(records.popleft())  # its errors go to its handleError
+                self._written += 1
+
     def flush(self) -> None:
-        """Wait (a while) until the logging thread has written what is queued."""
-        if self._listener is None:
-            return
-        pending = self.queue
-        assert isinstance(pending, queue.Queue)
+        """Wait (a while) until the logging thread has written what is queued now."""
+        queued = self._queued
+        self._wake.set()
         deadline = time.monotonic() + FLUSH_TIMEOUT
-        while pending.unfinished_tasks and time.monotonic() < deadline:
+        while self._written < queued and time.monotonic() < deadline:
             time.sleep(0.005)
+        self.target.flush()
 
 
-_queue_handler: DroppingQueueHandler | None = None
+def _at_fork(ref: weakref.ref[LogThread], when: str) -> None:
+    handler = ref()
+    if handler is None:
+        return
+    if when == "before":
+        handler._writing.acquire()
+    elif when == "parent":
+        handler._writing.release()
+    else:
+        handler._start()
 
 
-def queued(target: logging.Handler, size: int = QUEUE_SIZE) -> DroppingQueueHandler:
-    """A handler that passes records to `target` through the queue and logging thread
-    (restarted in every forked worker)."""
-    handler = DroppingQueueHandler(size)
-    handler.start(target)
-    os.register_at_fork(after_in_child=handler.restart_after_fork)
-    return handler
+_log_thread: LogThread | None = None
 
 
 def setup_logging(level: str, connections: str = "all") -> None:
     # One record per connection: skip what no line shows (the caller's source location is
     # a stack walk, the process and thread lookups are more calls on the hot path).
-    global _queue_handler
+    global _log_thread
     logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
@@ -127,9 +147,9 @@ def setup_logging(level: str, connections: str = "all") -> None:
         if sys.stderr.isatty():
             fmt = "%(asctime)s " + fmt
         handler.setFormatter(logging.Formatter(fmt))
-    _queue_handler = queued(handler)
+    _log_thread = LogThread(handler)
     root = logging.getLogger("mmproxy")
-    root.handlers[:] = [_queue_handler]
+    root.handlers[:] = [_log_thread]
     root.setLevel(LEVELS[level])
     root.propagate = False
     set_connection_logging(connections)
@@ -168,4 +188,4 @@ def set_connection_logging(connections: str) -> None:
 
 def dropped_records() -> int:
     """Log records dropped so far because the logging thread did not keep up."""
-    return _queue_handler.dropped if _queue_handler is not None else 0
+    return _log_thread.dropped if _log_thread is not None else 0

@@ -30,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -37,9 +38,10 @@
 #define MAX_EVENTS 256
 #define SPLICE_FLAGS (SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
 /* Edge-triggered: a direction is pumped until the kernel says EAGAIN. EPOLLOUT is asked
- * for only once a write has met a full buffer (a fresh socket is writable). */
-#define EVENTS (EPOLLIN | EPOLLRDHUP | EPOLLET)
-#define READ_EVENTS (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)
+ * for only once a write has met a full buffer (a fresh socket is writable). EPOLLPRI
+ * says TCP urgent data came (see pass_urgent). */
+#define EVENTS (EPOLLIN | EPOLLPRI | EPOLLRDHUP | EPOLLET)
+#define READ_EVENTS (EPOLLIN | EPOLLPRI | EPOLLRDHUP | EPOLLHUP | EPOLLERR)
 #define END_EVENTS (EPOLLRDHUP | EPOLLHUP | EPOLLERR)
 #define WRITE_EVENTS (EPOLLOUT | EPOLLHUP | EPOLLERR)
 
@@ -55,6 +57,7 @@ typedef struct {
     size_t pending;     /* bytes in the pipe */
     long long nbytes;
     char done, dst_watched;
+    char urgent; /* EPOLLPRI seen on src: its urgent mark may stop splice() */
 } Flow;
 
 typedef struct {
@@ -170,6 +173,51 @@ static void finish(Core *c, Conn *conn, Why why, int reset_peer)
     free(conn);
 }
 
+/* splice() stops at TCP's urgent mark (telnet's and FTP's interrupts send urgent data)
+ * and says EAGAIN there for ever, or 0 once a FIN has followed. At the mark the byte is
+ * read with recv(), in line (SO_OOBINLINE: else the kernel would skip it, or drop it
+ * when a second urgent byte comes), and sent on as urgent, so the application sees
+ * what the client sent; when the destination is full it goes in line through the pipe,
+ * keeping its place in the stream. Called with the pipe empty. Returns 1 when a byte
+ * was moved, 0 when the source is not at a mark, -1 with `why` set. */
+static int pass_urgent(Core *c, Flow *f, int i, Why *why)
+{
+    static const int on = 1;
+    int at_mark = 0;
+    char byte;
+    ssize_t n;
+    if (ioctl(f->src, SIOCATMARK, &at_mark) < 0 || !at_mark)
+        return 0;
+    setsockopt(f->src, SOL_SOCKET, SO_OOBINLINE, &on, sizeof on);
+    do
+        n = recv(f->src, &byte, 1, MSG_DONTWAIT);
+    while (n < 0 && errno == EINTR);
+    if (n < 0 && errno != EAGAIN) {
+        *why = (Why){END_READ, i, errno};
+        return -1;
+    }
+    if (n != 1)
+        return 0;
+    f->urgent = 0;
+    do
+        n = send(f->dst, &byte, 1, MSG_OOB | MSG_DONTWAIT | MSG_NOSIGNAL);
+    while (n < 0 && errno == EINTR);
+    if (n == 1) {
+        f->nbytes++;
+        return 1;
+    }
+    if (errno != EAGAIN) {
+        *why = (Why){END_WRITE, 1 - i, errno};
+        return -1;
+    }
+    if ((f->pipe_r < 0 && take_pipe(c, f) < 0) || write(f->pipe_w, &byte, 1) != 1) {
+        *why = (Why){END_RELAY, i, errno};
+        return -1;
+    }
+    f->pending = 1;
+    return 1;
+}
+
 /* Move bytes until the source says EAGAIN or EOF, or the destination is full. With
  * short_read_ends, a read that emptied the socket's queue ends it too, which spares a
  * splice() that would only say EAGAIN. Returns 0, or 1 with `why` set: the connection
@@ -216,6 +264,13 @@ static int pump(Core *c, Conn *conn, int i, int short_read_ends, double now, Why
             if (errno == EINTR)
                 continue;
             if (errno == EAGAIN) {
+                /* Only after an EPOLLPRI: an ioctl per EAGAIN would cost every event. */
+                int moved = f->urgent ? pass_urgent(c, f, i, why) : 0;
+                if (moved < 0)
+                    return 1;
+                if (moved)
+                    continue;
+                f->urgent = 0;
                 give_pipe(c, f);
                 return 0;
             }
@@ -223,6 +278,13 @@ static int pump(Core *c, Conn *conn, int i, int short_read_ends, double now, Why
             return 1;
         }
         if (n == 0) {
+            /* Always checked here (once per direction): a FIN read in the same pump as
+             * the urgent byte comes before its EPOLLPRI, and bytes would be lost. */
+            int moved = pass_urgent(c, f, i, why);
+            if (moved < 0)
+                return 1;
+            if (moved)
+                continue;
             give_pipe(c, f);
             f->done = 1;
             if (conn->first_eof < 0) {
@@ -236,7 +298,8 @@ static int pump(Core *c, Conn *conn, int i, int short_read_ends, double now, Why
             return 0;
         }
         f->pending = (size_t)n;
-        drained = short_read_ends && (size_t)n < c->short_read;
+        /* A read that stopped at an urgent mark did not empty the queue. */
+        drained = short_read_ends && !f->urgent && (size_t)n < c->short_read;
     }
 }
 
@@ -246,6 +309,8 @@ static void on_event(Core *c, Conn *conn, int fd, uint32_t ev, double now)
     int w = 1 - r;
     Why why;
     conn->last_active = now;
+    if (ev & EPOLLPRI)
+        conn->flow[r].urgent = 1;
     /* A flow blocked on its destination resumes reading when that becomes writable. */
     if ((ev & READ_EVENTS) && !conn->flow[r].pending && !conn->flow[r].done) {
         /* Unless the peer has closed (its EOF is still to be read), a short read may
@@ -391,7 +456,9 @@ static int grow_table(Core *c, int fd)
 
 PyDoc_STRVAR(add_doc, "add(client_fd, upstream_fd, handle, bytes_in=0)\n--\n\n"
                       "Own an established pair of non-blocking sockets from now on (the core "
-                      "closes them). On OSError the caller still owns them.");
+                      "closes them). On OSError the caller still owns them. Give them "
+                      "SO_OOBINLINE (as accept() from a listener with it, and connect(), "
+                      "do): else an urgent byte is lost when the next one comes first.");
 
 static PyObject *Core_add(Core *c, PyObject *args)
 {
@@ -774,7 +841,10 @@ static PyObject *splice_connect(PyObject *Py_UNUSED(module), PyObject *args)
         if (ok < 0 || bind(fd, (struct sockaddr *)&source, source_len) < 0)
             return connect_result(fd, "bind", errno);
     }
-    if (set_int(fd, IPPROTO_TCP, TCP_NODELAY, 1) < 0)
+    /* Urgent data in line (the listener's accepted sockets inherit it): the relay passes
+     * each urgent byte on in order, and none is dropped when the next one comes. */
+    if (set_int(fd, IPPROTO_TCP, TCP_NODELAY, 1) < 0 ||
+        set_int(fd, SOL_SOCKET, SO_OOBINLINE, 1) < 0)
         return connect_result(fd, "socket", errno);
     if ((options & CONNECT_KEEPALIVE) && set_int(fd, SOL_SOCKET, SO_KEEPALIVE, 1) < 0)
         return connect_result(fd, "socket", errno);

@@ -143,6 +143,9 @@ class Config:
         False, parse_bool, "accept loopback/unspecified client sources"
     )
     log_level: str = _setting("info", parse_log_level, "one of debug, info, warning, error")
+    log_connections: str = _setting(
+        "all", choice("all", "rejected", "none"), "per-connection log records"
+    )
     follow_destination_port: bool = _setting(
         False, parse_bool, "target port = the header's dest port"
     )

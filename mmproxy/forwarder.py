@@ -64,6 +64,8 @@ class Stats:
     bytes_in: int = 0  # client -> application
     bytes_out: int = 0  # application -> client
     rejected: Counter[str] = field(default_factory=Counter)
+    # Exceptions the relay loop (or the accept loop) caught and carried on from, by where.
+    errors: Counter[str] = field(default_factory=Counter)
 
     def snapshot(self) -> dict[str, object]:
         """The counters as plain data (a worker process sends them to the supervisor)."""
@@ -73,6 +75,7 @@ class Stats:
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "rejected": dict(self.rejected),  # one C-level copy: atomic under the GIL
+            "errors": dict(self.errors),
         }
 
     def add(self, snapshot: dict[str, object]) -> None:
@@ -84,13 +87,21 @@ class Stats:
         rejected = snapshot.get("rejected", {})
         assert isinstance(rejected, dict)
         self.rejected.update(rejected)
+        errors = snapshot.get("errors", {})
+        assert isinstance(errors, dict)
+        self.errors.update(errors)
 
     def summary(self) -> str:
         rejected = ", ".join(f"{k} {v}" for k, v in sorted(self.rejected.items())) or "none"
-        return (
+        line = (
             f"{self.active} active, {self.total} total, rejected: {rejected}, "
             f"{self.bytes_in} bytes in, {self.bytes_out} bytes out"
         )
+        if self.errors:  # only a bug or a broken listener makes any
+            line += ", internal errors: " + ", ".join(
+                f"{k} {v}" for k, v in sorted(self.errors.items())
+            )
+        return line
 
 
 @dataclass(slots=True)
@@ -152,7 +163,7 @@ class Forwarder:
         self._listeners = list(listeners)
         self._local = LocalAddresses()
         self._rejections = RateLimitedLog()
-        self._relay = Relay(self._on_close)
+        self._relay = Relay(self._on_close, errors=self.stats.errors)
         self._apply_timeouts(config)
         self._stopping = False
         self._paused = False  # at max_connections: new clients wait in the backlog
@@ -174,6 +185,8 @@ class Forwarder:
             sock.setblocking(False)
             # Accepted sockets inherit these from the listener: no syscalls per client.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # TCP urgent bytes stay in the stream: the header read and the relay keep them.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
             if self.config.tcp_keepalive:
                 set_keepalive(sock)
         for sock in self._listeners:
@@ -244,19 +257,25 @@ class Forwarder:
             except BlockingIOError:
                 return
             except OSError as exc:
-                if exc.errno in _ACCEPT_BACKOFF_ERRNOS:
-                    self._rejections.warning(
-                        "accept-" + errno.errorcode[exc.errno],
-                        f"accept failed: {exc.strerror}; pausing {_ACCEPT_BACKOFF} s",
-                        {"CLOSE_REASON": "accept-failed"},
-                    )
-                    self._relay.listening(False)
-                    self._resume_at = time.monotonic() + _ACCEPT_BACKOFF
-                    return
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
-                    continue
-                raise
+                    continue  # that client is gone (or a firewall refused it): the next
+                self._accept_failed(exc)
+                return
             self._admit(fd, (host, port))
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """Out of fds or memory, or an error nothing expects (EINVAL from a listener shut
+        down under us): say so, pause accepting a while, and carry on."""
+        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        if exc.errno not in _ACCEPT_BACKOFF_ERRNOS:
+            self.stats.errors["accept-" + name] += 1
+        self._rejections.warning(
+            "accept-" + name,
+            f"accept failed: {exc.strerror or exc}; pausing {_ACCEPT_BACKOFF} s",
+            {"CLOSE_REASON": "accept-failed"},
+        )
+        self._relay.listening(False)
+        self._resume_at = time.monotonic() + _ACCEPT_BACKOFF
 
     def _admit(self, client: int, balancer: tuple[str, int]) -> None:
         if balancer[0] not in self.allowed:
@@ -463,6 +482,8 @@ class Forwarder:
 
     def _reject(self, info: ConnInfo, exc: Rejected) -> None:
         self.stats.rejected[exc.reason] += 1
+        if self.config.log_connections == "none":
+            return  # counted: the status line and `mmproxy` stats still show it
         if exc.reason == "probe":
             log.debug("health check from %s: %s", _format_peer(info.balancer), exc)
             return
@@ -482,7 +503,7 @@ class Forwarder:
         stats.bytes_out += nout
         if self._paused:
             self._released()
-        if not log.isEnabledFor(logging.INFO):
+        if self.config.log_connections != "all" or not log.isEnabledFor(logging.INFO):
             return
         info = conn.info
         assert isinstance(info, ConnInfo)

@@ -21,12 +21,15 @@ import queue
 import select
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 
 from mmproxy import _splice
 
 SWEEP_INTERVAL = 1.0  # seconds between checks of the idle and half-close timeouts
 SIDES = ("client", "target")
+TABLE_CHANGE_TIMEOUT = 5.0  # how long another thread waits for the loop to apply a change
+ERROR_LOG_WINDOW = 10.0  # the loop logs at most one traceback per kind of error per window
 
 log = logging.getLogger("mmproxy.relay")
 
@@ -77,8 +80,12 @@ class Relay:
         idle_timeout: float = 0.0,
         half_close_timeout: float = 0.0,
         keep_pipes: int = 64,
+        errors: Counter[str] | None = None,
     ) -> None:
         self._on_close = on_close
+        # Exceptions the loop caught and carried on from, by where they happened.
+        self.errors: Counter[str] = Counter() if errors is None else errors
+        self._error_logged: dict[str, float] = {}
         # 0 turns a timeout off; both may be changed while running (a reload).
         self.idle_timeout = idle_timeout
         self.half_close_timeout = half_close_timeout
@@ -98,37 +105,53 @@ class Relay:
         # (deadline, sequence, watch): a heap, entries of watches already gone are skipped.
         self._deadlines: list[tuple[float, int, _Watch]] = []
         self._sequence = itertools.count()
+        self._next_sweep = self._next_tick = 0.0
 
     def start(self) -> None:
         self._thread.start()
 
     def add_listener(self, fd: int, on_ready: Callable[[], None]) -> None:
-        self._listeners[fd] = on_ready
-        self._listen(fd)
+        def add() -> None:
+            self._listeners[fd] = on_ready
+            self._listen(fd)
+
+        self._on_loop(add)
 
     def _listen(self, fd: int) -> None:
         # Worker processes share the listening sockets: EPOLLEXCLUSIVE wakes one of them
         # per new client, not all (the others would find the backlog empty).
-        self._epoll.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        try:
+            self._epoll.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        except OSError:
+            self._failed("listen")  # the backlog keeps its clients; the next resume retries
 
     def listening(self, on: bool) -> None:
         """Pause or resume accepting (the listen backlog holds new clients meanwhile)."""
-        for fd in list(self._listeners):
-            # An exclusive registration cannot be modified: it is removed and added again.
-            try:
-                self._epoll.unregister(fd)
-            except OSError:
-                pass  # paused already
-            if on:
-                self._listen(fd)
+
+        def switch() -> None:
+            for fd in list(self._listeners):
+                # An exclusive registration cannot be modified: it is removed and added again.
+                try:
+                    self._epoll.unregister(fd)
+                except OSError:
+                    pass  # paused already
+                if on:
+                    self._listen(fd)
+
+        self._on_loop(switch)
 
     def remove_listeners(self) -> None:
-        for fd in list(self._listeners):
-            self._listeners.pop(fd, None)
-            try:
-                self._epoll.unregister(fd)
-            except OSError:
-                pass
+        """Stop accepting for good; once this returns no listener is called again."""
+
+        def remove() -> None:
+            for fd in list(self._listeners):
+                del self._listeners[fd]
+                try:
+                    self._epoll.unregister(fd)
+                except OSError:
+                    pass
+
+        self._on_loop(remove)
 
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -151,6 +174,9 @@ class Relay:
             os.close(conn.client)
             os.close(conn.upstream)
             self._report([(conn, _splice.END_RELAY, 0, exc.errno or 0, conn.bytes_in, 0)])
+        except Exception:  # a bug: the fds may be another connection's, so left open
+            self._failed("add")
+            self._report([(conn, _splice.END_RELAY, 0, errno.EINVAL, conn.bytes_in, 0)])
 
     def watch(
         self,
@@ -162,10 +188,12 @@ class Relay:
     ) -> None:
         """Relay thread only: call `on_ready` once `fd` has one of `events` (or an error),
         or `on_expire` at `deadline` (time.monotonic()); the fd is unregistered first."""
+        # Registered first: if that fails nothing is kept, since a watch left behind would
+        # at its deadline close an fd number that may belong to another socket by then.
+        self._epoll.register(fd, events)
         watch = _Watch(fd, deadline, on_ready, on_expire)
         self._watches[fd] = watch
         heapq.heappush(self._deadlines, (deadline, next(self._sequence), watch))
-        self._epoll.register(fd, events)
 
     def waiting(self) -> int:
         """Sockets watched now (not yet connections)."""
@@ -199,40 +227,84 @@ class Relay:
         self._calls.put(fn)
         os.eventfd_write(self._wake, 1)
 
+    def _on_loop(self, fn: Callable[[], None]) -> None:
+        """Run `fn`, which changes the loop's tables, on the relay thread and wait for it
+        (at once when called there, or when the loop is not running)."""
+        if threading.current_thread() is self._thread or not self._thread.is_alive():
+            fn()
+            return
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                fn()
+            finally:
+                done.set()
+
+        self._request(run)
+        if not done.wait(TABLE_CHANGE_TIMEOUT):
+            log.error("the relay loop did not apply a change within %g s", TABLE_CHANGE_TIMEOUT)
+
     def _run(self) -> None:
-        poll = self._core.poll
-        wake = self._wake
-        listeners = self._listeners
-        watches = self._watches
-        deadlines = self._deadlines
-        monotonic = time.monotonic
-        next_sweep = next_tick = monotonic()
+        # One exception must never end this thread: every connection of the process
+        # would hang until the watchdog restarts it. Each step logs, counts, carries on.
         while not self._stopping:
-            timed = self.idle_timeout or self.half_close_timeout
-            timeout = min(SWEEP_INTERVAL if timed else 3600.0, self.tick_interval or 3600.0)
-            if deadlines:
-                timeout = max(0.0, min(timeout, deadlines[0][0] - monotonic()))
-            # The connections' events are handled inside poll(); the rest come back here.
-            events, ended = poll(timeout)
-            if ended:
-                self._report(ended)
-            now = monotonic()
-            if deadlines and deadlines[0][0] <= now:
-                self._expire(now)
-            if timed and now >= next_sweep:
-                next_sweep = now + SWEEP_INTERVAL
-                self._report(self._core.sweep(self.idle_timeout, self.half_close_timeout))
-            if self.on_tick is not None and now >= next_tick:
-                next_tick = now + self.tick_interval
-                self.on_tick(now)
-            for fd, _ in events:
-                watch = watches.get(fd)
-                if watch is not None:
-                    self._call(self._unwatch(watch)[0])
-                elif fd == wake:
-                    self._on_wake()
-                elif fd in listeners:
-                    listeners[fd]()
+            try:
+                self._turn()
+            except Exception:
+                self._failed("loop")
+                time.sleep(0.01)  # a lasting failure (of epoll itself) must not spin
+
+    def _turn(self) -> None:
+        """One wait for events and what follows it."""
+        deadlines = self._deadlines
+        timed = self.idle_timeout or self.half_close_timeout
+        timeout = min(SWEEP_INTERVAL if timed else 3600.0, self.tick_interval or 3600.0)
+        if deadlines:
+            timeout = max(0.0, min(timeout, deadlines[0][0] - time.monotonic()))
+        # The connections' events are handled inside poll(); the rest come back here.
+        events, ended = self._core.poll(timeout)
+        if ended:
+            self._report(ended)
+        now = time.monotonic()
+        if deadlines and deadlines[0][0] <= now:
+            self._guarded("timer", self._expire, now)
+        if timed and now >= self._next_sweep:
+            self._next_sweep = now + SWEEP_INTERVAL
+            self._guarded("sweep", self._sweep)
+        if self.on_tick is not None and now >= self._next_tick:
+            self._next_tick = now + self.tick_interval
+            self._guarded("tick", self.on_tick, now)
+        watches, listeners, wake = self._watches, self._listeners, self._wake
+        for fd, _ in events:
+            watch = watches.get(fd)
+            if watch is not None:
+                self._guarded("watch", self._ready, watch)
+            elif fd == wake:
+                self._on_wake()
+            elif (on_ready := listeners.get(fd)) is not None:
+                self._guarded("listener", on_ready)
+            # Else an fd whose watch or listener an earlier step of this turn removed.
+
+    def _sweep(self) -> None:
+        self._report(self._core.sweep(self.idle_timeout, self.half_close_timeout))
+
+    def _guarded(self, where: str, fn: Callable[..., object], *args: object) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            self._failed(where)
+
+    def _failed(self, where: str) -> None:
+        """Count the exception being handled; log it, at most once per window per place
+        (a failure met on every turn must not flood the journal)."""
+        self.errors[where] += 1
+        now = time.monotonic()
+        if now - self._error_logged.get(where, float("-inf")) >= ERROR_LOG_WINDOW:
+            self._error_logged[where] = now
+            log.exception(
+                "error in the relay loop (%s, %d so far); carrying on", where, self.errors[where]
+            )
 
     def _report(
         self, ended: list[tuple[Connection, int, int, int, int, int]], reason: str = ""
@@ -240,10 +312,7 @@ class Relay:
         """Tell the owner about connections that ended (records from the core)."""
         for conn, kind, side, err, nin, nout in ended:
             conn.bytes_in, conn.bytes_out = nin, nout
-            try:
-                self._on_close(conn, reason or self._why(kind, side, err))
-            except Exception:
-                log.exception("error while recording a closed connection")
+            self._guarded("record", self._on_close, conn, reason or self._why(kind, side, err))
 
     def _why(self, kind: int, side: int, err: int) -> str:
         who = SIDES[side]
@@ -282,14 +351,10 @@ class Relay:
         while deadlines and deadlines[0][0] <= now:
             watch = heapq.heappop(deadlines)[2]
             if self._watches.get(watch.fd) is watch:
-                self._call(self._unwatch(watch)[1])
+                self._guarded("watch", self._unwatch(watch)[1])
 
-    @staticmethod
-    def _call(fn: Callable[[], None]) -> None:
-        try:
-            fn()
-        except Exception:  # never let one hand-shake take the relay down
-            log.exception("error in a hand-shake step on the relay thread")
+    def _ready(self, watch: _Watch) -> None:
+        self._unwatch(watch)[0]()
 
     def _on_wake(self) -> None:
         try:
@@ -297,7 +362,7 @@ class Relay:
         except BlockingIOError:
             return
         while not self._calls.empty():
-            self._calls.get()()
+            self._guarded("call", self._calls.get())
 
 
 def _nothing() -> None:

@@ -13,7 +13,8 @@ from mmproxy.address import Address
 from mmproxy.checks import run_checks
 from mmproxy.config import Config, ConfigError
 from mmproxy.forwarder import Forwarder
-from mmproxy.log import set_level
+from mmproxy.log import reconfigure as reconfigure_logging
+from mmproxy.log import set_connection_logging
 from mmproxy.systemd import Notifier, listen_sockets
 from mmproxy.udp import UdpForwarder
 from mmproxy.workers import Supervisor, worker_count
@@ -163,6 +164,7 @@ class Server:
             self.open_listeners()
         datagram = [s for s in self.listeners if s.type == socket.SOCK_DGRAM]
         stream = [s for s in self.listeners if s.type != socket.SOCK_DGRAM]
+        set_connection_logging(self.config.log_connections)
         self.forwarder = Forwarder(self.config, stream)
         if self.notifier.watchdog_interval:
             self.forwarder.heartbeat = self._watchdog
@@ -227,7 +229,7 @@ class Server:
         if new.listen != self.config.listen and not self._activated:
             log.warning("listen addresses changed: they take effect at the next restart")
         self.config = new
-        set_level(new.log_level)
+        reconfigure_logging(new.log_level, new.log_connections)
         self.forwarder.reconfigure(new)
         if self.udp is not None:
             self.udp.reconfigure(new)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from mmproxy.config import Config
 from mmproxy.forwarder import Stats
-from mmproxy.log import set_level
+from mmproxy.log import reconfigure as reconfigure_logging
 from mmproxy.systemd import Notifier
 
 if TYPE_CHECKING:
@@ -199,7 +199,7 @@ class Supervisor:
         if worker_count(new) != self.count:
             log.warning("workers changed: it takes effect at the next restart")
         self.config = self.server.config = new
-        set_level(new.log_level)
+        reconfigure_logging(new.log_level, new.log_connections)
         for worker in self.workers.values():
             worker.ready = False
             _send(worker.orders, ("config", share(new, self.count, worker.slot)))
@@ -402,7 +402,7 @@ def _worker_main(
         if kind == "config":
             assert isinstance(payload, Config)
             server.config = payload
-            set_level(payload.log_level)
+            reconfigure_logging(payload.log_level, payload.log_connections)
             forwarder.reconfigure(payload)
             if server.udp is not None:
                 server.udp.reconfigure(payload)

@@ -922,6 +922,7 @@ _KIND = {
     "routing": "choice",
     "firewall": "choice",
     "log_level": "choice",
+    "log_connections": "choice",
     "max_connections": "count",
     "udp_max_flows": "count",
     "udp_max_flows_per_balancer": "count",

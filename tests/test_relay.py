@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import random
 import select
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -261,3 +263,214 @@ def test_adding_from_another_thread_a_connection_that_resets_at_once(
         time.sleep(0.01)
     assert errors == []
     assert len(closed) == count and len(r) == 0
+
+
+# --- the loop never stops (security issue 11, item 4) -----------------------------------
+
+
+def test_a_watch_that_cannot_be_registered_leaves_nothing_behind(
+    relay: tuple[Relay, list], tmp_path: Path
+) -> None:
+    """epoll refuses a regular file (EPERM): the watch must not stay in the tables, where
+    its deadline would later run on_expire, which closes an fd number that may by then
+    belong to another connection."""
+    r, _ = relay
+    fired: list[str] = []
+    raised: list[BaseException] = []
+    fd = os.open(tmp_path / "plain", os.O_CREAT | os.O_RDWR)
+
+    def arm() -> None:
+        try:
+            r.watch(fd, select.EPOLLIN, time.monotonic(), lambda: fired.append("ready"),
+                    lambda: fired.append("expired"))  # fmt: skip
+        except OSError as exc:
+            raised.append(exc)
+
+    r._request(arm)
+    h = Harness(*relay)  # a connection relayed after the deadline passed: the loop turned
+    h.client.sendall(b"x")
+    assert recv_exactly(h.app, 1) == b"x"
+    os.close(fd)
+    assert [type(e) for e in raised] == [PermissionError]
+    assert r.waiting() == 0 and fired == []
+
+
+def test_an_exception_in_a_listener_is_counted_and_the_loop_carries_on(
+    relay: tuple[Relay, list],
+) -> None:
+    r, _ = relay
+    calls: list[int] = []
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.setblocking(False)
+
+        def broken() -> None:
+            calls.append(1)
+            r.remove_listeners()
+            raise RuntimeError("a bug in an accept loop")
+
+        r.add_listener(server.fileno(), broken)
+        socket.create_connection(server.getsockname()).close()
+        deadline = time.monotonic() + 5
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+    assert r.alive() and calls == [1]
+    assert r.errors["listener"] == 1
+    h = Harness(*relay)  # and established connections are still relayed
+    h.client.sendall(b"still here")
+    assert recv_exactly(h.app, 10) == b"still here"
+
+
+def test_listeners_are_removed_on_the_loop_thread_between_two_calls(
+    relay: tuple[Relay, list],
+) -> None:
+    """stop_accepting() runs on the main thread while the loop may be inside a listener:
+    the removal waits for the loop (which alone changes its tables), so the loop never
+    finds a listener gone between looking it up and calling it, and none runs after."""
+    r, _ = relay
+    entered, release = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def accepting() -> None:
+        entered.set()
+        release.wait(5)
+        order.append("listener returned")
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.setblocking(False)
+        r.add_listener(server.fileno(), accepting)
+        with socket.create_connection(server.getsockname()):
+            assert entered.wait(5)
+
+            def remove() -> None:
+                r.remove_listeners()
+                order.append("removed")
+
+            remover = threading.Thread(target=remove)
+            remover.start()
+            time.sleep(0.1)  # the removal, were it done here, would be done by now
+            release.set()
+            remover.join(5)
+            time.sleep(0.05)  # the client still waits in the backlog: no call after it
+    assert order[0] == "listener returned"  # (the loop may call it again before it)
+    assert order[-1] == "removed"
+    assert r.alive() and not r.errors
+
+
+# --- TCP urgent data (security issue 11, item 5) ----------------------------------------
+
+
+def inline(*socks: socket.socket) -> None:
+    """Urgent bytes kept in the stream, where recv() returns them in order."""
+    for sock in socks:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+
+
+def send_with_urgent(sock: socket.socket, parts: list[bytes]) -> bytes:
+    """Send the parts, every other one as urgent data (telnet's interrupt, FTP's ABOR);
+    returns every byte sent, in order."""
+    for k, part in enumerate(parts):
+        if k % 2:
+            assert sock.send(part, socket.MSG_OOB) == len(part)
+        else:
+            sock.sendall(part)
+        time.sleep(0.01)  # each its own segment: each urgent byte its own mark
+    return b"".join(parts)
+
+
+@pytest.mark.parametrize("direction", ["client to application", "application to client"])
+def test_urgent_data_is_relayed_and_the_stream_goes_on(
+    relay: tuple[Relay, list], direction: str
+) -> None:
+    """splice() stops at the urgent mark and says EAGAIN there for ever: without the
+    relay's recv()/send() past it, everything after the first urgent byte was stuck."""
+    h = Harness(*relay)
+    inline(h.client, h.app)
+    sender, receiver = (h.client, h.app) if direction.startswith("client") else (h.app, h.client)
+    parts = [b"before", b"!", b"between", b"?", b"after" * 1000, b"#", b"end"]
+    sent = send_with_urgent(sender, parts)
+    assert recv_exactly(receiver, len(sent)) == sent
+    # And the connection works on afterwards, both ways.
+    h.client.sendall(b"more")
+    assert recv_exactly(h.app, 4) == b"more"
+    h.app.sendall(b"back")
+    assert recv_exactly(h.client, 4) == b"back"
+    total = len(sent) + 4
+    h.client.close()
+    h.app.close()
+    h.wait_closed()
+    assert sorted((h.conn.bytes_in, h.conn.bytes_out)) == [4, total]
+
+
+def test_urgent_data_just_before_a_close_is_not_lost(relay: tuple[Relay, list]) -> None:
+    """With a FIN behind the mark, splice() says 0 there, as at the end of the stream."""
+    h = Harness(*relay)
+    inline(h.app)
+    sent = send_with_urgent(h.client, [b"data", b"!", b"tail"])
+    h.client.shutdown(socket.SHUT_WR)
+    assert recv_exactly(h.app, len(sent)) == sent
+    assert h.app.recv(1) == b""  # and then the half-close
+
+
+def test_urgent_data_stays_urgent(relay: tuple[Relay, list]) -> None:
+    """The application (without SO_OOBINLINE) finds the byte where the client put it:
+    out of band, at the mark."""
+    h = Harness(*relay)
+    send_with_urgent(h.client, [b"abc", b"!", b"def"])
+    assert recv_exactly(h.app, 3) == b"abc"  # a read stops at the mark
+    h.app.settimeout(5)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            assert h.app.recv(1, socket.MSG_OOB) == b"!"
+            break
+        except BlockingIOError:  # EAGAIN... not yet here
+            time.sleep(0.01)
+        except OSError:  # EINVAL: no urgent byte (yet)
+            time.sleep(0.01)
+    else:
+        raise AssertionError("no urgent byte arrived")
+    assert recv_exactly(h.app, 3) == b"def"
+
+
+def test_urgent_bytes_while_the_application_side_is_full(relay: tuple[Relay, list]) -> None:
+    """The relay meets urgent marks while the application's side cannot take a byte (it
+    then goes on in line through the pipe, keeping its place: measured, about one mark in
+    seven here); every byte arrives in order, whatever the timing."""
+    r, _ = relay
+    client, client_side = tcp_pair()
+    upstream_side, app = tcp_pair()
+    # Full as soon as one byte waits unsent: TCP_NOTSENT_LOWAT (25) of 1.
+    upstream_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    upstream_side.setsockopt(socket.IPPROTO_TCP, 25, 1)
+    inline(app, client_side, upstream_side)  # as the daemon's sockets are
+    for sock in (client_side, upstream_side):
+        sock.setblocking(False)
+    r.add(Connection(client_side.detach(), upstream_side.detach(), info="full"))
+    rng = random.Random(11)
+    parts = []
+    for _ in range(200):
+        parts += [rng.randbytes(rng.choice([0, 1, 10, 1000, 4000, 9000])), b"!"]
+    parts = [p for p in parts if p]
+    sent = b"".join(parts)
+
+    def send() -> None:
+        for part in parts:
+            if part == b"!":
+                client.send(part, socket.MSG_OOB)
+                time.sleep(0.002)  # else the next mark replaces this one before it is met
+            else:
+                client.sendall(part)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    got = b""
+    app.settimeout(10)
+    while len(got) < len(sent):
+        chunk = app.recv(rng.choice([1, 100, 3000]))
+        assert chunk, f"EOF after {len(got)} of {len(sent)} bytes"
+        got += chunk
+    sender.join()
+    assert got == sent
+    client.close()
+    app.close()

@@ -73,6 +73,8 @@ def test_connect_plainly(listener: socket.socket) -> None:
         assert flags(fd) == (True, True)
         with socket.socket(fileno=os.dup(fd)) as sock:
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+            # Urgent bytes in line: the relay passes each on, none dropped (issue 11, 5).
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE) == 1
             assert sock.getpeername() == (host, port)
     finally:
         os.close(fd)

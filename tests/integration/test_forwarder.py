@@ -3,9 +3,12 @@ application, in network namespaces, with both routing variants."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
+import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -334,3 +337,90 @@ def test_client_port_in_use_falls_back_to_an_ephemeral_port(
         second.sendall(header(1, "TCP4", (CLIENT4, 40014)))  # same client address and port
         host, port = read_line(second).split()
     assert host == CLIENT4 and port != "40014"
+
+
+# --- TCP urgent data (security issue 11, item 5) ----------------------------------------
+
+SIOCATMARK = 0x8905  # <linux/sockios.h>: the next byte to read is the urgent one
+
+
+def at_mark(sock: socket.socket) -> bool:
+    return struct.unpack("i", fcntl.ioctl(sock, SIOCATMARK, b"\0" * 4))[0] != 0
+
+
+def read_marked(sock: socket.socket, length: int) -> list[tuple[bytes, bool]]:
+    """`length` bytes from an SO_OOBINLINE socket as (bytes, urgent) pieces: a read
+    stops at the urgent mark, and SIOCATMARK says the byte there is the urgent one.
+    Nothing at all when the peer closes at once (mmproxy's self-checks do)."""
+    pieces: list[tuple[bytes, bool]] = []
+    got = 0
+    while got < length:
+        readable, _, _ = select.select([sock], [], [], 10)
+        assert readable, f"stalled after {got} of {length} bytes: {pieces}"
+        urgent = at_mark(sock)
+        data = sock.recv(1 if urgent else length - got)
+        if not data and not got:
+            return []
+        assert data, f"EOF after {got} of {length} bytes"
+        pieces.append((data, urgent))
+        got += len(data)
+    return merge(pieces)
+
+
+def merge(pieces: list[tuple[bytes, bool]]) -> list[tuple[bytes, bool]]:
+    """Adjacent plain pieces joined (how the stream was cut into reads is no matter)."""
+    merged: list[tuple[bytes, bool]] = []
+    for data, urgent in pieces:
+        if merged and not urgent and not merged[-1][1]:
+            merged[-1] = (merged[-1][0] + data, False)
+        else:
+            merged.append((data, urgent))
+    return merged
+
+
+def send_marked(sock: socket.socket, pieces: list[tuple[bytes, bool]]) -> None:
+    for data, urgent in pieces:
+        if urgent:
+            assert sock.send(data, socket.MSG_OOB) == 1
+        else:
+            sock.sendall(data)
+        time.sleep(0.01)  # each urgent byte its own segment, and its own mark
+
+
+URGENT_STREAM = [
+    (b"login: ", False),
+    (b"\xff", True),  # telnet's IAC, as an interrupt sends it
+    (b"\xf2" + bytes(range(256)) * 100, False),
+    (b"!", True),
+    (b"after", False),
+    (b"#", True),
+    (b"end", False),
+]
+
+
+def urgent_echo(conn: socket.socket, seen: Seen) -> None:
+    """Read the stream, noting which bytes came urgent, and send it back the same way."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+    length = sum(len(data) for data, _ in URGENT_STREAM)
+    pieces = read_marked(conn, length)
+    if not pieces:
+        return
+    seen.received = repr(pieces).encode()
+    send_marked(conn, pieces)
+
+
+def test_urgent_data_passes_both_ways_in_order_and_urgent(
+    lo_net: Net, run_mmproxy: StartMmproxy
+) -> None:
+    """splice() stops at TCP's urgent mark: every byte after it used to be stuck (telnet's
+    interrupt, FTP's ABOR). Every byte now arrives, in order, and urgent stays urgent."""
+    app = start_backend(lo_net.gw, "127.0.0.1", urgent_echo)
+    run_mmproxy(lo_net, ipv4=app.address)
+    with connect(lo_net) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+        sock.sendall(header(2, "TCP4", (CLIENT4, 40011)))
+        time.sleep(0.01)
+        send_marked(sock, URGENT_STREAM)
+        back = read_marked(sock, sum(len(data) for data, _ in URGENT_STREAM))
+    assert app.seen[0].received == repr(URGENT_STREAM).encode()  # client -> application
+    assert back == URGENT_STREAM  # and application -> client

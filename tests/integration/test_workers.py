@@ -53,10 +53,21 @@ def ask(net: Net, port: int) -> bytes:
         return line
 
 
+def all_stopped(pid: int) -> bool:
+    tasks = Path(f"/proc/{pid}/task").iterdir()
+    # The state follows the command name, which is in parentheses.
+    return all((t / "stat").read_text().rsplit(")", 1)[1].split()[0] == "T" for t in tasks)
+
+
 @contextmanager
 def stopped(pid: int) -> Iterator[None]:
-    """SIGSTOP a worker: meanwhile only the others can accept."""
+    """SIGSTOP a worker: meanwhile only the others can accept. Once every thread has
+    stopped: a relay thread still in epoll_wait would take the next client's wake-up
+    (EPOLLEXCLUSIVE wakes one waiter) and then stop with it unaccepted."""
     os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 5
+    while not all_stopped(pid) and time.monotonic() < deadline:
+        time.sleep(0.005)
     try:
         yield
     finally:

@@ -159,7 +159,7 @@ soak: venv
 # `ip` (run by the self-checks) trips ASan's strncpy check. Not the soak: its RSS bound
 # cannot hold with ASan's quarantine (256 MiB of freed memory kept).
 SANITIZE_TESTS := tests/test_relay.py tests/test_splice.py tests/integration/test_forwarder.py \
-	tests/integration/test_faults.py tests/integration/test_workers.py \
+	tests/integration/test_faults.py tests/integration/test_supervisor.py \
 	tests/integration/test_fd_exhaustion.py
 sanitize: venv
 	rm -f $(SPLICE_EXT) /tmp/mmproxy-asan.* /tmp/mmproxy-ubsan.*

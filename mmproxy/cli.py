@@ -158,20 +158,29 @@ def explain_native(command: str, why: str) -> int:
 
 
 def run(config: Config, args: argparse.Namespace) -> int:
+    """Check, then run the instance: in this process, or under a supervisor of worker
+    processes when `workers` asks for more than one."""
     if why := native_missing():
         return explain_native("run", why)
-    from mmproxy.server import Server, ServerError
+    from mmproxy import lifecycle
+    from mmproxy.runner import Runner
+    from mmproxy.supervisor import Supervisor, worker_count
+    from mmproxy.systemd import Notifier
 
     setup_logging(config.log_level)
-    server = Server(
-        config,
-        reload_config=lambda: load_config(args.config, overrides_from(args)),
-        instance=instance_name(args),
-        host_checks=not args.no_host_checks,
-    )
+    notifier = Notifier()
+    if not lifecycle.self_check(config, instance_name(args), not args.no_host_checks, notifier):
+        return 1
+    workers = worker_count(config)
+    lifecycle.raise_fd_limit(config, workers)
+
+    def reload_config() -> Config:
+        return load_config(args.config, overrides_from(args))
+
+    runner = Supervisor if workers > 1 else Runner
     try:
-        return server.run()
-    except ServerError as exc:
+        return runner(config, reload_config, notifier).run()
+    except lifecycle.StartError as exc:
         log.error("%s", exc)
         return 1
 

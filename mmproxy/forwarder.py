@@ -5,7 +5,7 @@ One thread does it all: the relay's epoll loop also accepts, and does the whole
 hand-shake at once when nothing has to wait (the usual case: the header came with the
 connection, the local target accepts at once); a connection that must wait (a header
 still on its way, a slow target) is watched by the same loop with a deadline, so the
-loop never waits on a client. Several worker processes (mmproxy.workers) each run one.
+loop never waits on a client. Several worker processes (mmproxy.supervisor) each run one.
 """
 
 from __future__ import annotations
@@ -16,11 +16,9 @@ import logging
 import os
 import select
 import socket
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from mmproxy import _splice
 from mmproxy.address import Address
@@ -34,7 +32,9 @@ from mmproxy.proxy_protocol import (
     ProxyHeader,
     parse,
 )
+from mmproxy.ratelimit import RateLimitedLog
 from mmproxy.relay import Connection, Relay
+from mmproxy.stats import TcpStats
 from mmproxy.transparent import (
     LocalAddresses,
     UpstreamError,
@@ -53,57 +53,6 @@ _RECV_SIZE = 4096
 _ACCEPT_BATCH = 64
 
 
-@dataclass
-class Stats:
-    """Live counters, read by the status reporter and the tests. Only the forwarder's
-    relay thread changes them, so they need no lock (reading an int is atomic under the
-    GIL; a status line may be a connection out of step)."""
-
-    active: int = 0
-    total: int = 0
-    bytes_in: int = 0  # client -> application
-    bytes_out: int = 0  # application -> client
-    rejected: Counter[str] = field(default_factory=Counter)
-    # Exceptions the relay loop (or the accept loop) caught and carried on from, by where.
-    errors: Counter[str] = field(default_factory=Counter)
-
-    def snapshot(self) -> dict[str, object]:
-        """The counters as plain data (a worker process sends them to the supervisor)."""
-        return {
-            "active": self.active,
-            "total": self.total,
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "rejected": dict(self.rejected),  # one C-level copy: atomic under the GIL
-            "errors": dict(self.errors),
-        }
-
-    def add(self, snapshot: dict[str, object]) -> None:
-        """Add another process's snapshot to these counters."""
-        for name in ("active", "total", "bytes_in", "bytes_out"):
-            value = snapshot.get(name, 0)
-            assert isinstance(value, int)
-            setattr(self, name, getattr(self, name) + value)
-        rejected = snapshot.get("rejected", {})
-        assert isinstance(rejected, dict)
-        self.rejected.update(rejected)
-        errors = snapshot.get("errors", {})
-        assert isinstance(errors, dict)
-        self.errors.update(errors)
-
-    def summary(self) -> str:
-        rejected = ", ".join(f"{k} {v}" for k, v in sorted(self.rejected.items())) or "none"
-        line = (
-            f"{self.active} active, {self.total} total, rejected: {rejected}, "
-            f"{self.bytes_in} bytes in, {self.bytes_out} bytes out"
-        )
-        if self.errors:  # only a bug or a broken listener makes any
-            line += ", internal errors: " + ", ".join(
-                f"{k} {v}" for k, v in sorted(self.errors.items())
-            )
-        return line
-
-
 @dataclass(slots=True)
 class ConnInfo:
     """What the connection record says about a connection."""
@@ -114,52 +63,13 @@ class ConnInfo:
     unique_id: bytes | None = None
 
 
-class RateLimitedLog:
-    """At most `burst` warnings per reason per `window` seconds, then one summary line:
-    a flood of bad connections must not flood the journal."""
-
-    def __init__(
-        self, burst: int = 10, window: float = 10.0, what: str = "connections rejected"
-    ) -> None:
-        self._what = what
-        self._burst = burst
-        self._window = window
-        self._lock = threading.Lock()
-        self._counts: Counter[str] = Counter()
-        self._window_start = time.monotonic()
-
-    def warning(self, reason: str, message: str, extra: dict[str, object]) -> None:
-        with self._lock:
-            now = time.monotonic()
-            if now - self._window_start >= self._window:
-                self._flush(now)
-            self._counts[reason] += 1
-            show = self._counts[reason] <= self._burst
-        if show:
-            log.warning(message, extra=extra)
-
-    def _flush(self, now: float) -> None:
-        for reason, count in self._counts.items():
-            if count > self._burst:
-                log.warning(
-                    "%d more %s (%s) in the last %.0f s",
-                    count - self._burst,
-                    self._what,
-                    reason,
-                    now - self._window_start,
-                    extra={"CLOSE_REASON": reason, "SUPPRESSED": count - self._burst},
-                )
-        self._counts.clear()
-        self._window_start = now
-
-
 class Forwarder:
     """Accepts on the given listening sockets until stopped."""
 
     def __init__(self, config: Config, listeners: Sequence[socket.socket]) -> None:
         self.config = config
         self.allowed: AllowedNetworks = config.allowed()
-        self.stats = Stats()
+        self.stats = TcpStats()
         self._listeners = list(listeners)
         self._local = LocalAddresses()
         self._rejections = RateLimitedLog()

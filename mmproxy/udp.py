@@ -36,18 +36,19 @@ import socket
 import struct
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from mmproxy.address import Address
 from mmproxy.config import Config
-from mmproxy.forwarder import RateLimitedLog
 from mmproxy.policy import UDP_FAMILIES, Rejected, route
 from mmproxy.proxy_protocol import V2_SIGNATURE, ProxyHeader, ProxyProtocolError, parse
+from mmproxy.ratelimit import RateLimitedLog
 from mmproxy.spp import HEADER_SIZE as SPP_SIZE
 from mmproxy.spp import SppError
 from mmproxy.spp import parse as parse_spp
+from mmproxy.stats import UdpStats
 from mmproxy.transparent import LocalAddresses, UpstreamError, open_datagram, unmap
 
 log = logging.getLogger("mmproxy")
@@ -72,35 +73,6 @@ _V1_PREFIX = b"PROXY "
 Ancillary = list[tuple[int, int, bytes]]
 FlowKey = tuple[object, ...]  # (listener fd, (balancer host, port), client Address)
 PortKey = tuple[int, tuple[object, ...]]  # (listener fd, the balancer's sockaddr)
-
-
-@dataclass
-class UdpStats:
-    """Live counters, read by the status reporter and the tests."""
-
-    flows: int = 0
-    total: int = 0
-    packets_in: int = 0  # balancer -> application
-    packets_out: int = 0  # application -> balancer
-    bytes_in: int = 0  # payload only, headers not counted
-    bytes_out: int = 0
-    evicted: int = 0  # flows closed to make room for a new one
-    dropped: Counter[str] = field(default_factory=Counter)
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def drop(self, reason: str) -> None:
-        with self.lock:
-            self.dropped[reason] += 1
-
-    def summary(self) -> str:
-        with self.lock:
-            dropped = ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items())) or "none"
-        return (
-            f"udp: {self.flows} flows, {self.total} total, dropped: {dropped}, "
-            f"{self.packets_in} packets ({self.bytes_in} bytes) in, "
-            f"{self.packets_out} packets ({self.bytes_out} bytes) out, "
-            f"{self.evicted} flows evicted"
-        )
 
 
 @dataclass(eq=False)

@@ -18,7 +18,7 @@ import pytest
 
 from mmproxy.address import Address
 from mmproxy.config import Config, ConfigError, load_config
-from mmproxy.forwarder import Forwarder, RateLimitedLog
+from mmproxy.forwarder import Forwarder
 from mmproxy.log import LogThread, set_connection_logging
 from mmproxy.networks import parse_network
 from mmproxy.proxy_protocol import encode_v2
@@ -110,19 +110,6 @@ def test_bad_starts_are_rejected(
         assert sock.recv(100) == b""
     assert rejected(fwd, reason) == 1
     assert fwd.stats.total == 1 and fwd.stats.active == 0
-
-
-def test_rate_limited_log_summarises(caplog: pytest.LogCaptureFixture) -> None:
-    limiter = RateLimitedLog(burst=3, window=0.1)
-    with caplog.at_level(logging.WARNING, logger="mmproxy"):
-        for i in range(10):
-            limiter.warning("bad", f"bad {i}", {})
-        time.sleep(0.15)
-        limiter.warning("bad", "bad again", {})
-    messages = [r.getMessage() for r in caplog.records]
-    assert messages[:3] == ["bad 0", "bad 1", "bad 2"]
-    assert "7 more connections rejected (bad)" in messages[3]
-    assert messages[4] == "bad again"
 
 
 def test_an_unexpected_accept_error_is_counted_and_accepting_goes_on(

@@ -16,7 +16,7 @@ from mmproxy.address import Address
 from mmproxy.config import Config
 from mmproxy.networks import parse_network
 from mmproxy.proxy_protocol import PP2_TYPE_UNIQUE_ID, encode_v2
-from mmproxy.udp import IP_PKTINFO, IPV6_PKTINFO, UdpForwarder, UdpStats, _reply_ancillary
+from mmproxy.udp import IP_PKTINFO, IPV6_PKTINFO, UdpForwarder, _reply_ancillary
 
 LOCAL_HEADER = encode_v2("LOCAL", "UNSPEC")
 
@@ -271,18 +271,6 @@ def test_a_reload_that_changes_the_framing_closes_every_flow(echo: socket.socket
     finally:
         udp.stop()
         listener.close()
-
-
-def test_summary() -> None:
-    stats = UdpStats(flows=2, total=5, packets_in=7, packets_out=6, bytes_in=70, bytes_out=60)
-    stats.drop("invalid-header")
-    stats.drop("invalid-header")
-    stats.drop("no-flow")
-    stats.evicted = 3
-    assert stats.summary() == (
-        "udp: 2 flows, 5 total, dropped: invalid-header 2, no-flow 1, "
-        "7 packets (70 bytes) in, 6 packets (60 bytes) out, 3 flows evicted"
-    )
 
 
 def test_reply_leaves_from_the_datagrams_destination() -> None:

@@ -1,5 +1,5 @@
 """The workers key and the pieces of the supervisor that need no process (the processes
-themselves: tests/integration/test_workers.py)."""
+themselves: tests/integration/test_supervisor.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import pytest
 
 from mmproxy.address import Address
 from mmproxy.config import Config, ConfigError, load_config
-from mmproxy.forwarder import Stats
-from mmproxy.workers import share, worker_count
+from mmproxy.supervisor import share, worker_count
 
 BASE = "listen: 127.0.0.1:2222\nipv4: 127.0.0.1:22\nallowed_networks: 127.0.0.0/8\n"
 
@@ -53,17 +52,3 @@ def test_the_shares_of_max_connections_add_up_to_it() -> None:
 
 def test_never_more_workers_than_max_connections() -> None:
     assert worker_count(Config(workers=4, max_connections=3)) == 3
-
-
-def test_stats_of_several_workers_add_up() -> None:
-    one, two, total = Stats(), Stats(), Stats()
-    one.active, one.total, one.bytes_in = 1, 5, 100
-    one.rejected["probe"] += 2
-    two.active, two.total, two.bytes_out = 2, 7, 50
-    two.rejected["probe"] += 1
-    two.rejected["header-timeout"] += 1
-    total.add(one.snapshot())
-    total.add(two.snapshot())
-    assert total.summary() == (
-        "3 active, 12 total, rejected: header-timeout 1, probe 3, 100 bytes in, 50 bytes out"
-    )

@@ -1,4 +1,4 @@
-"""Server pieces that need no privileges: binding listeners, the open-file limit."""
+"""Start-up pieces that need no privileges: binding listeners, the open-file limit."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from mmproxy.address import Address
 from mmproxy.config import Config
-from mmproxy.server import bind_listeners, raise_fd_limit
+from mmproxy.lifecycle import bind_listeners, raise_fd_limit
 
 
 @pytest.fixture

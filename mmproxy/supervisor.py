@@ -1,4 +1,5 @@
-"""Worker processes: one forwarder per CPU, all accepting on the same listening sockets.
+"""The supervisor: worker processes, one instance each (one per CPU), all accepting on the
+same listening sockets. Its sibling for one process is mmproxy.runner.
 
 A Python process runs one thread at a time, so one process keeps one CPU busy at most;
 the relay is bound by that CPU under many short connections. The supervisor (the
@@ -26,15 +27,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, Pipe, wait
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
+from mmproxy import lifecycle
 from mmproxy.config import Config
-from mmproxy.forwarder import Stats
+from mmproxy.instance import Instance
 from mmproxy.log import reconfigure as reconfigure_logging
+from mmproxy.stats import Snapshot, Totals
 from mmproxy.systemd import Notifier
-
-if TYPE_CHECKING:
-    from mmproxy.server import Server
 
 log = logging.getLogger("mmproxy")
 
@@ -78,8 +78,7 @@ class Worker:
     started: float
     ready: bool = False
     stopping: bool = False
-    stats: dict[str, object] = field(default_factory=dict)
-    udp: str | None = None  # the UDP summary, from the worker that serves UDP
+    stats: Snapshot = field(default_factory=Snapshot)
     reported_at: float = 0.0
     beat_age: float = 0.0  # how long ago its relay loop last beat, at its last report
 
@@ -87,14 +86,20 @@ class Worker:
 class Supervisor:
     """Forks the workers and looks after them until SIGTERM/SIGINT."""
 
-    def __init__(self, server: Server, reload_config: Callable[[], Config] | None) -> None:
-        self.server = server
-        self.config = server.config
+    def __init__(
+        self,
+        config: Config,
+        reload_config: Callable[[], Config] | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.config = config
         self.count = worker_count(self.config)
-        self.notifier = server.notifier
+        self.notifier = notifier or Notifier()
         self._reload_config = reload_config
+        self.listeners: list[socket.socket] = []
+        self._activated = False
         self.workers: dict[int, Worker] = {}
-        self._retired = Stats()  # counters of workers that ended (totals only)
+        self._retired = Totals()  # counters of workers that ended (totals only)
         self._respawn_at: dict[int, float] = {}
         self._stop = False
         self._reload = False
@@ -119,12 +124,12 @@ class Supervisor:
     def run(self) -> int:
         """Start the workers, report ready, supervise until stopped. An exit status."""
         self._install_signal_handlers()
-        self.server.open_listeners()
+        self.listeners, self._activated = lifecycle.open_listeners(self.config)
         for slot in range(self.count):
             self._spawn(slot)
         if not self._wait_ready():
             self._stop_workers()
-            self.server.shutdown()
+            self._close_listeners()
             return 1
         log.info("%d worker processes accept and relay connections", self.count)
         self.notifier.ready(self.status())
@@ -147,8 +152,12 @@ class Supervisor:
                 last_ping = now
                 self.notifier.watchdog()
         self._stop_workers()
-        self.server.shutdown()
+        self._close_listeners()
         return 0
+
+    def _close_listeners(self) -> None:
+        for sock in self.listeners:
+            sock.close()
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + START_TIMEOUT
@@ -187,18 +196,12 @@ class Supervisor:
     def reload(self) -> None:
         """Re-read the configuration and hand it to every worker; a bad one is refused
         here, once, and every worker keeps the running one."""
-        if self._reload_config is None:
-            return
-        from mmproxy.server import reread  # the server imports this module
-
-        new = reread(self._reload_config, self.notifier, self.status)
+        new = lifecycle.reload(self.config, self._reload_config, self.notifier, self.status)
         if new is None:
             return
-        if new.listen != self.config.listen:
-            log.warning("listen addresses changed: they take effect at the next restart")
         if worker_count(new) != self.count:
             log.warning("workers changed: it takes effect at the next restart")
-        self.config = self.server.config = new
+        self.config = new
         reconfigure_logging(new.log_level, new.log_connections)
         for worker in self.workers.values():
             worker.ready = False
@@ -212,13 +215,11 @@ class Supervisor:
         self.notifier.ready(self.status())
 
     def status(self) -> str:
-        total = Stats()
-        total.add(self._retired.snapshot())
-        udp = None
+        totals = Totals()
+        totals.merge(self._retired)
         for worker in self.workers.values():
-            total.add(worker.stats)
-            udp = udp or worker.udp
-        return total.summary() if udp is None else f"{total.summary()}; {udp}"
+            totals.add(worker.stats)
+        return totals.summary()
 
     # --- workers ---------------------------------------------------------------------
 
@@ -239,11 +240,13 @@ class Supervisor:
                     other.reports.close()
                 for fd in self._signalled:
                     os.close(fd)
+                listeners = self.listeners
                 if slot:  # the first worker alone serves UDP, and says where it listens
-                    _leave_udp(self.server)
-                    self.server.announce = False
+                    listeners = _leave_udp(listeners)
+                else:
+                    lifecycle.announce(listeners, self._activated)
                 _pin(slot, self.count)
-                status = _worker_main(self.server, config, orders_in, reports_out, beat)
+                status = _worker_main(config, listeners, orders_in, reports_out, beat)
             except BaseException:
                 log.exception("worker %d failed", slot)
             finally:
@@ -267,7 +270,7 @@ class Supervisor:
     def _read_reports(self, worker: Worker) -> None:
         try:
             while worker.reports.poll():
-                kind, stats, beat_age, worker.udp = worker.reports.recv()
+                kind, stats, beat_age = worker.reports.recv()
                 worker.stats = stats
                 worker.reported_at = time.monotonic()
                 worker.beat_age = beat_age
@@ -312,9 +315,7 @@ class Supervisor:
         return died
 
     def _forget(self, worker: Worker) -> None:
-        stats = dict(worker.stats)
-        stats["active"] = 0  # its connections ended with it
-        self._retired.add(stats)
+        self._retired.add(worker.stats.ended())  # its connections and flows ended with it
         worker.orders.close()
         worker.reports.close()
         del self.workers[worker.slot]
@@ -357,7 +358,11 @@ class _WorkerNotifier(Notifier):
 
 
 def _worker_main(
-    server: Server, config: Config, orders: Connection, reports: Connection, beat: float
+    config: Config,
+    listeners: list[socket.socket],
+    orders: Connection,
+    reports: Connection,
+    beat: float,
 ) -> int:
     stop = False
 
@@ -372,14 +377,12 @@ def _worker_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     notifier = _WorkerNotifier(beat)
-    server.notifier = notifier
-    server.config = config
-    forwarder = server.start()
+    instance = Instance(config, listeners, notifier.watchdog, beat)
+    instance.start()
 
     def report(kind: str) -> None:
         beat_age = time.monotonic() - notifier.last_beat
-        udp = server.udp.stats.summary() if server.udp is not None else None
-        _send(reports, (kind, forwarder.stats.snapshot(), beat_age, udp))
+        _send(reports, (kind, instance.snapshot(), beat_age))
 
     signalled = _signal_pipe()[0]
     # Under a watchdog, reports come often enough for the supervisor to ping in time.
@@ -401,16 +404,14 @@ def _worker_main(
             break
         if kind == "config":
             assert isinstance(payload, Config)
-            server.config = payload
-            reconfigure_logging(payload.log_level, payload.log_connections)
-            forwarder.reconfigure(payload)
-            if server.udp is not None:
-                server.udp.reconfigure(payload)
+            instance.reconfigure(payload)
             report("ready")
         else:
             report("stats")
     report("stopping")
-    server.shutdown()
+    instance.stop(instance.config.drain_timeout)
+    for sock in listeners:
+        sock.close()
     report("exit")
     return 0
 
@@ -428,12 +429,13 @@ def _pin(slot: int, count: int) -> None:
             log.debug("worker %d not kept on CPU %d: %s", slot, cpus[slot], exc.strerror)
 
 
-def _leave_udp(server: Server) -> None:
-    """Close this worker's copies of the UDP sockets: another worker serves them."""
-    for sock in server.listeners:
+def _leave_udp(listeners: list[socket.socket]) -> list[socket.socket]:
+    """Close this worker's copies of the UDP sockets (another worker serves them); the
+    others."""
+    for sock in listeners:
         if sock.type == socket.SOCK_DGRAM:
             sock.close()
-    server.listeners = [s for s in server.listeners if s.type != socket.SOCK_DGRAM]
+    return [s for s in listeners if s.type != socket.SOCK_DGRAM]
 
 
 def _signal_pipe() -> tuple[int, int]:

@@ -1,0 +1,187 @@
+"""Counters: TCP connections and UDP flows, live and as plain snapshots.
+
+A forwarder changes its live counters from its own thread. A worker process sends them
+to the supervisor as a `Snapshot` (plain data, picklable), and `Totals` adds the
+snapshots of every worker up, TCP and UDP alike, for systemd's STATUS line.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass, field, fields, replace
+
+Counts = dict[str, int]
+
+
+def _join(counts: Counter[str]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+
+
+@dataclass
+class TcpStats:
+    """Only the forwarder's relay thread changes these, so they need no lock (reading an
+    int is atomic under the GIL; a status line may be a connection out of step)."""
+
+    active: int = 0
+    total: int = 0
+    bytes_in: int = 0  # client -> application
+    bytes_out: int = 0  # application -> client
+    rejected: Counter[str] = field(default_factory=Counter)
+    # Exceptions the relay loop (or the accept loop) caught and carried on from, by where.
+    errors: Counter[str] = field(default_factory=Counter)
+
+    def snapshot(self) -> TcpSnapshot:
+        return TcpSnapshot(
+            self.active,
+            self.total,
+            self.bytes_in,
+            self.bytes_out,
+            dict(self.rejected),  # one C-level copy: atomic under the GIL
+            dict(self.errors),
+        )
+
+    def add(self, other: TcpSnapshot) -> None:
+        self.active += other.active
+        self.total += other.total
+        self.bytes_in += other.bytes_in
+        self.bytes_out += other.bytes_out
+        self.rejected.update(other.rejected)
+        self.errors.update(other.errors)
+
+    def summary(self) -> str:
+        line = (
+            f"{self.active} active, {self.total} total, "
+            f"rejected: {_join(self.rejected) or 'none'}, "
+            f"{self.bytes_in} bytes in, {self.bytes_out} bytes out"
+        )
+        if self.errors:  # only a bug or a broken listener makes any
+            line += ", internal errors: " + _join(self.errors)
+        return line
+
+
+@dataclass(frozen=True)
+class TcpSnapshot:
+    active: int = 0
+    total: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    rejected: Counts = field(default_factory=dict)
+    errors: Counts = field(default_factory=dict)
+
+
+@dataclass
+class UdpStats:
+    """Changed by the UDP forwarder's thread and read by the status reporter's: the
+    Counter of drop reasons is changed and copied under a lock."""
+
+    flows: int = 0
+    total: int = 0
+    packets_in: int = 0  # balancer -> application
+    packets_out: int = 0  # application -> balancer
+    bytes_in: int = 0  # payload only, headers not counted
+    bytes_out: int = 0
+    evicted: int = 0  # flows closed to make room for a new one
+    dropped: Counter[str] = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def drop(self, reason: str) -> None:
+        with self.lock:
+            self.dropped[reason] += 1
+
+    def snapshot(self) -> UdpSnapshot:
+        with self.lock:
+            dropped = dict(self.dropped)
+        return UdpSnapshot(
+            self.flows,
+            self.total,
+            self.packets_in,
+            self.packets_out,
+            self.bytes_in,
+            self.bytes_out,
+            self.evicted,
+            dropped,
+        )
+
+    def add(self, other: UdpSnapshot) -> None:
+        for name in _UDP_NUMBERS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        with self.lock:
+            self.dropped.update(other.dropped)
+
+    def summary(self) -> str:
+        with self.lock:
+            dropped = _join(self.dropped) or "none"
+        return (
+            f"udp: {self.flows} flows, {self.total} total, dropped: {dropped}, "
+            f"{self.packets_in} packets ({self.bytes_in} bytes) in, "
+            f"{self.packets_out} packets ({self.bytes_out} bytes) out, "
+            f"{self.evicted} flows evicted"
+        )
+
+
+@dataclass(frozen=True)
+class UdpSnapshot:
+    flows: int = 0
+    total: int = 0
+    packets_in: int = 0
+    packets_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    evicted: int = 0
+    dropped: Counts = field(default_factory=dict)
+
+
+_UDP_NUMBERS = tuple(f.name for f in fields(UdpSnapshot) if f.name != "dropped")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One instance's counters: None for a transport it does not serve."""
+
+    tcp: TcpSnapshot | None = None
+    udp: UdpSnapshot | None = None
+
+    def ended(self) -> Snapshot:
+        """What stays of it once its process is gone: totals, nothing open."""
+        return Snapshot(
+            None if self.tcp is None else replace(self.tcp, active=0),
+            None if self.udp is None else replace(self.udp, flows=0),
+        )
+
+
+class Totals:
+    """The sum of several instances' snapshots (one per worker process)."""
+
+    def __init__(self) -> None:
+        self.tcp: TcpStats | None = None
+        self.udp: UdpStats | None = None
+
+    def add(self, snapshot: Snapshot) -> None:
+        if snapshot.tcp is not None:
+            self.tcp = self.tcp or TcpStats()
+            self.tcp.add(snapshot.tcp)
+        if snapshot.udp is not None:
+            self.udp = self.udp or UdpStats()
+            self.udp.add(snapshot.udp)
+
+    def merge(self, other: Totals) -> None:
+        self.add(other.snapshot())
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(
+            None if self.tcp is None else self.tcp.snapshot(),
+            None if self.udp is None else self.udp.snapshot(),
+        )
+
+    def summary(self) -> str:
+        """systemd's STATUS line: TCP's counters, then UDP's, for what is served."""
+        parts = [s.summary() for s in (self.tcp, self.udp) if s is not None]
+        return "; ".join(parts) or TcpStats().summary()
+
+
+def total(*snapshots: Snapshot) -> Totals:
+    totals = Totals()
+    for snapshot in snapshots:
+        totals.add(snapshot)
+    return totals

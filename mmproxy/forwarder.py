@@ -10,6 +10,7 @@ loop never waits on a client. Several worker processes (mmproxy.supervisor) each
 
 from __future__ import annotations
 
+import enum
 import errno
 import functools
 import logging
@@ -53,14 +54,30 @@ _RECV_SIZE = 4096
 _ACCEPT_BATCH = 64
 
 
-@dataclass(slots=True)
-class ConnInfo:
-    """What the connection record says about a connection."""
+class Step(enum.Enum):
+    """Where a hand-shake waits, if it must."""
+
+    HEADER = "header"  # for the rest of the PROXY header
+    CONNECT = "connect"  # for the target to accept
+    EARLY = "early"  # to send the bytes that came after the header
+
+
+@dataclass(slots=True, eq=False)
+class Handshake:
+    """One connection from accept to the relay: where its hand-shake stands and what its
+    record will say. The relay keeps it as the connection's opaque `info`."""
 
     balancer: tuple[str, int]
-    client: Address | None = None  # None: a health check (LOCAL / UNKNOWN), not spoofed
+    client_fd: int
+    upstream_fd: int | None = None
+    step: Step = Step.HEADER
+    pending: bytes = b""  # the header so far; then the bytes after it still to send
+    early: int = 0  # how many bytes came after the header (relayed as bytes in)
+    deadline: float = 0.0  # of the step that waits; 0: nothing waited yet
+    client: Address | None = None  # the source the application sees; None: this host
     target: Address | None = None
     unique_id: bytes | None = None
+    health_check: bool = False  # LOCAL / UNKNOWN: the balancer speaks for itself
 
 
 class Forwarder:
@@ -191,197 +208,179 @@ class Forwarder:
         if balancer[0] not in self.allowed:
             os.close(client)  # before reading a byte: an untrusted peer may not send a header
             self._reject(
-                ConnInfo(balancer),
+                Handshake(balancer, -1),
                 Rejected("untrusted-balancer", "peer is not in allowed_networks"),
             )
             return
         stats = self.stats
         stats.active += 1
         stats.total += 1
-        info = ConnInfo(balancer)
+        hs = Handshake(balancer, client)
         try:
-            self._read_header(client, info, b"", 0.0)
+            self._read_header(hs)
         except Exception as exc:  # a bug must cost one connection, not the acceptor
-            self._internal_error(info, client, None, exc)
+            self._internal_error(hs, exc)
 
     # --- hand-shake ------------------------------------------------------------------
     # All of it runs on the relay thread. Usually the header came with the connection and
     # the local target accepts at once, so nothing waits; a step that must wait (a header
     # still on its way, a connect under way) has the loop watch the socket and resumes
     # when it is ready (Relay.watch), with the header or connect timeout as its deadline.
-    # No thread hand-off, hence no GIL hand-off, on any path.
+    # No thread hand-off, hence no GIL hand-off, on any path. Every step takes the
+    # connection's Handshake and nothing else.
 
-    def _read_header(self, client: int, info: ConnInfo, data: bytes, deadline: float) -> None:
-        """Read what the client sent so far; `deadline` 0: not waited yet."""
+    def _read_header(self, hs: Handshake) -> None:
+        """Read what the client sent so far."""
         try:
-            chunk = os.read(client, _RECV_SIZE)
+            chunk = os.read(hs.client_fd, _RECV_SIZE)
         except BlockingIOError:
-            self._wait_for_header(client, info, data, deadline)
+            self._wait(hs, Step.HEADER)
             return
         except OSError as exc:
-            self._fail(client, None, info, _read_error(exc))
+            self._fail(hs, _read_error(exc))
             return
         if not chunk:
-            self._fail(client, None, info, _closed_before_header(data))
+            self._fail(hs, _closed_before_header(hs.pending))
             return
-        data += chunk
+        data = hs.pending + chunk
         try:
             header = parse(data)
         except IncompleteHeader:
-            self._wait_for_header(client, info, data, deadline)
+            hs.pending = data
+            self._wait(hs, Step.HEADER)
             return
         except InvalidHeader as exc:
-            self._fail(client, None, info, _invalid_header(exc))
+            self._fail(hs, _invalid_header(exc))
             return
-        self._connect(client, info, header, data[header.length :])
+        hs.pending = data[header.length :]
+        hs.early = len(hs.pending)
+        self._connect(hs, header)
 
-    def _wait_for_header(self, client: int, info: ConnInfo, data: bytes, deadline: float) -> None:
-        timeout = self.config.header_timeout
-        deadline = deadline or time.monotonic() + timeout
-        expired = Rejected(
-            "header-timeout",
-            f"no complete PROXY header within {timeout:g} s ({len(data)} bytes received)",
-        )
-        self._relay.watch(
-            client,
-            select.EPOLLIN | select.EPOLLRDHUP,
-            deadline,
-            self._later(info, client, None, self._read_header, client, info, data, deadline),
-            self._later(info, client, None, self._fail, client, None, info, expired),
-        )
-
-    def _connect(self, client: int, info: ConnInfo, header: ProxyHeader, early: bytes) -> None:
+    def _connect(self, hs: Handshake, header: ProxyHeader) -> None:
+        hs.deadline = 0.0  # the connect timeout starts now
         try:
-            upstream = self._start_upstream(header, info, bool(early))
+            hs.upstream_fd = self._start_upstream(hs, header)
         except Rejected as exc:
-            self._fail(client, None, info, exc)
+            self._fail(hs, exc)
             return
-        if early:
-            self._send_early(client, upstream, info, early, len(early), 0.0)
+        if hs.pending:
+            self._send_early(hs)
         else:
-            self._await_connect(client, upstream, info, 0.0)
+            self._await_connect(hs)
 
-    def _send_early(
-        self,
-        client: int,
-        upstream: int,
-        info: ConnInfo,
-        early: bytes,
-        total: int,
-        deadline: float,
-    ) -> None:
+    def _send_early(self, hs: Handshake) -> None:
         """Send the bytes that came after the header. Sent at once, they also prove the
         connect done, which spares a poll() and a getsockopt(): a socket still connecting
         says EAGAIN, one whose connect failed gives the reason."""
+        assert hs.upstream_fd is not None
         try:
-            sent = os.write(upstream, early)
+            sent = os.write(hs.upstream_fd, hs.pending)
         except BlockingIOError:
             sent = 0
         except OSError as exc:
-            self._fail(client, upstream, info, _early_send_failed(_target(info), exc))
+            self._fail(hs, _early_send_failed(_target(hs), exc))
             return
-        if sent < len(early):
-            self._wait_for_target(
-                client, upstream, info, deadline,
-                self._send_early, client, upstream, info, early[sent:], total,
-            )  # fmt: skip
+        hs.pending = hs.pending[sent:]
+        if hs.pending:
+            self._wait(hs, Step.EARLY)
             return
-        self._established(client, upstream, info, total)
+        self._established(hs)
 
-    def _await_connect(self, client: int, upstream: int, info: ConnInfo, deadline: float) -> None:
+    def _await_connect(self, hs: Handshake) -> None:
+        assert hs.upstream_fd is not None
         try:
-            connected = finish_upstream(upstream, _target(info), 0)
+            connected = finish_upstream(hs.upstream_fd, _target(hs), 0)
         except UpstreamError as exc:
-            self._fail(client, upstream, info, _unavailable(exc))
+            self._fail(hs, _unavailable(exc))
             return
         if connected:
-            self._established(client, upstream, info, 0)
+            self._established(hs)
         else:
-            self._wait_for_target(
-                client, upstream, info, deadline, self._await_connect, client, upstream, info
+            self._wait(hs, Step.CONNECT)
+
+    def _wait(self, hs: Handshake, step: Step) -> None:
+        """Have the relay resume `hs` at `step` when its socket is ready, or fail it at
+        its deadline (the header timeout, or the connect timeout for the target)."""
+        hs.step = step
+        if step is Step.HEADER:
+            fd, events, timeout = (
+                hs.client_fd,
+                select.EPOLLIN | select.EPOLLRDHUP,
+                (self.config.header_timeout),
             )
-
-    def _wait_for_target(
-        self,
-        client: int,
-        upstream: int,
-        info: ConnInfo,
-        deadline: float,
-        step: Callable[..., None],
-        *args: object,
-    ) -> None:
-        """Resume `step(*args, deadline)` when the target's socket is writable."""
-        timeout = self.config.connect_timeout
-        deadline = deadline or time.monotonic() + timeout
-        expired = _unavailable(
-            UpstreamError(f"target {_target(info)} did not answer within {timeout:g} s")
-        )
+        else:
+            assert hs.upstream_fd is not None
+            fd, events, timeout = hs.upstream_fd, select.EPOLLOUT, self.config.connect_timeout
+        hs.deadline = hs.deadline or time.monotonic() + timeout
         self._relay.watch(
-            upstream,
-            select.EPOLLOUT,
-            deadline,
-            self._later(info, client, upstream, step, *args, deadline),
-            self._later(info, client, upstream, self._fail, client, upstream, info, expired),
-        )
+            fd, events, hs.deadline, functools.partial(self._resume, hs),
+            functools.partial(self._expire, hs),
+        )  # fmt: skip
 
-    def _later(
-        self,
-        info: ConnInfo,
-        client: int,
-        upstream: int | None,
-        step: Callable[..., None],
-        *args: object,
-    ) -> Callable[[], None]:
-        """`step(*args)` for the relay to call later, with _admit's guard around it."""
+    def _resume(self, hs: Handshake) -> None:
+        try:
+            if hs.step is Step.HEADER:
+                self._read_header(hs)
+            elif hs.step is Step.CONNECT:
+                self._await_connect(hs)
+            else:
+                self._send_early(hs)
+        except Exception as exc:  # a bug must cost one connection, not the relay
+            self._internal_error(hs, exc)
 
-        def run() -> None:
-            try:
-                step(*args)
-            except Exception as exc:  # a bug must cost one connection, not the relay
-                self._internal_error(info, client, upstream, exc)
+    def _expire(self, hs: Handshake) -> None:
+        if hs.step is Step.HEADER:
+            timeout = self.config.header_timeout
+            reason = Rejected(
+                "header-timeout",
+                f"no complete PROXY header within {timeout:g} s ({len(hs.pending)} bytes received)",
+            )
+        else:
+            timeout = self.config.connect_timeout
+            reason = _unavailable(
+                UpstreamError(f"target {_target(hs)} did not answer within {timeout:g} s")
+            )
+        try:
+            self._fail(hs, reason)
+        except Exception as exc:  # a bug must cost one connection, not the relay
+            self._internal_error(hs, exc)
 
-        return run
-
-    def _internal_error(
-        self, info: ConnInfo, client: int, upstream: int | None, exc: Exception
-    ) -> None:
+    def _internal_error(self, hs: Handshake, exc: Exception) -> None:
         log.exception("unexpected error during a hand-shake")
-        self._fail(client, upstream, info, Rejected("internal-error", repr(exc)))
+        self._fail(hs, Rejected("internal-error", repr(exc)))
 
-    def _start_upstream(self, header: ProxyHeader, info: ConnInfo, data_follows: bool) -> int:
+    def _start_upstream(self, hs: Handshake, header: ProxyHeader) -> int:
         config = self.config
-        info.client, info.target = route(header, config, self._local, info.balancer)
+        hs.client, hs.target = route(header, config, self._local, hs.balancer)
+        hs.health_check = header.command == "LOCAL" or header.family == "UNKNOWN"
         if header.version == 2:
-            info.unique_id = header.tlv(PP2_TYPE_UNIQUE_ID)
+            hs.unique_id = header.tlv(PP2_TYPE_UNIQUE_ID)
         try:
             return start_upstream(
-                info.target, info.client, config.mark, config.tcp_keepalive, data_follows
+                hs.target, hs.client, config.mark, config.tcp_keepalive, bool(hs.pending)
             )
         except UpstreamError as exc:
             raise _unavailable(exc) from exc
 
-    def _established(self, client: int, upstream: int, info: ConnInfo, early: int) -> None:
-        self._relay.add(Connection(client, upstream, info, early))
+    def _established(self, hs: Handshake) -> None:
+        assert hs.upstream_fd is not None
+        hs.pending = b""
+        self._relay.add(Connection(hs.client_fd, hs.upstream_fd, hs, hs.early))
 
-    def _fail(
-        self,
-        client: int,
-        upstream: int | None,
-        info: ConnInfo,
-        reason: Rejected,
-    ) -> None:
+    def _fail(self, hs: Handshake, reason: Rejected) -> None:
         try:
-            os.close(client)
+            os.close(hs.client_fd)
         except OSError:
             pass  # a bug closed it already (an internal error after the close)
-        if upstream is not None:
-            os.close(upstream)
-        self._handshake_failed(info, reason)
+        if hs.upstream_fd is not None:
+            os.close(hs.upstream_fd)
+            hs.upstream_fd = None
+        self._handshake_failed(hs, reason)
 
-    def _handshake_failed(self, info: ConnInfo, exc: Rejected) -> None:
+    def _handshake_failed(self, hs: Handshake, exc: Rejected) -> None:
         self.stats.active -= 1
         self._released()
-        self._reject(info, exc)
+        self._reject(hs, exc)
 
     def _released(self) -> None:
         """A connection ended: accept again if that was the limit."""
@@ -390,7 +389,7 @@ class Forwarder:
             if not self._stopping:
                 self._relay.listening(True)
 
-    def _reject(self, info: ConnInfo, exc: Rejected) -> None:
+    def _reject(self, info: Handshake, exc: Rejected) -> None:
         self.stats.rejected[exc.reason] += 1
         if self.config.log_connections == "none":
             return  # counted: the status line and `mmproxy` stats still show it
@@ -416,11 +415,11 @@ class Forwarder:
         if self.config.log_connections != "all" or not log.isEnabledFor(logging.INFO):
             return
         info = conn.info
-        assert isinstance(info, ConnInfo)
+        assert isinstance(info, Handshake)
         duration = time.monotonic() - conn.started
         fields = _record_fields(info)
         fields.update(BYTES_IN=nin, BYTES_OUT=nout, DURATION=f"{duration:.3f}", CLOSE_REASON=reason)
-        source = str(info.client) if info.client else "health check"
+        source = "health check" if info.health_check else info.client
         log.info(
             "%s via %s -> %s: %s after %.3f s, %d bytes in, %d bytes out",
             source,
@@ -473,7 +472,7 @@ def _closed_before_header(data: bytes) -> Rejected:
     )
 
 
-def _target(info: ConnInfo) -> Address:
+def _target(info: Handshake) -> Address:
     assert info.target is not None  # set by _start_upstream before any connect
     return info.target
 
@@ -482,7 +481,7 @@ def _format_peer(peer: tuple[str, int]) -> str:
     return str(Address(peer[0], peer[1]))
 
 
-def _record_fields(info: ConnInfo) -> dict[str, object]:
+def _record_fields(info: Handshake) -> dict[str, object]:
     """Journal fields (upper case) so that `journalctl CLIENT_ADDR=...` finds a record."""
     fields: dict[str, object] = {"LB_ADDR": info.balancer[0], "LB_PORT": info.balancer[1]}
     if info.client is not None:

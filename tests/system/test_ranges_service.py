@@ -13,6 +13,7 @@ listen: "198.51.100.1:9100-9102"
 ipv4: "127.0.0.1:9100"
 allowed_networks: ["198.51.100.0/24"]
 follow_destination_port: true
+allowed_destination_ports: ["9100-9102"]
 """
 
 

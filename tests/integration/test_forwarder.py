@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import os
 import select
+import signal
 import socket
 import struct
 import threading
@@ -424,3 +425,24 @@ def test_urgent_data_passes_both_ways_in_order_and_urgent(
         back = read_marked(sock, sum(len(data) for data, _ in URGENT_STREAM))
     assert app.seen[0].received == repr(URGENT_STREAM).encode()  # client -> application
     assert back == URGENT_STREAM  # and application -> client
+
+
+@pytest.mark.parametrize("mode", ["all", "rejected"])
+def test_log_connections_in_the_daemon(lo_net: Net, run_mmproxy: StartMmproxy, mode: str) -> None:
+    """A flood of short connections must not flood the journal: with `rejected`, only
+    the rejections leave a line (security issue 11, item 11)."""
+    app = start_backend(lo_net.gw, "127.0.0.1")
+    proc = run_mmproxy(lo_net, ipv4=app.address, log_connections=mode, workers=1)
+    for port in range(40030, 40040):
+        with connect(lo_net) as sock:
+            sock.sendall(header(1, "TCP4", (CLIENT4, port)))
+            assert read_line(sock) == f"{CLIENT4} {port}\n"
+    with connect(lo_net) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        assert recv_all(sock) == b""
+    proc.wait_for("rejected 127.0.0.1:.*invalid PROXY header")
+    proc.proc.send_signal(signal.SIGTERM)
+    proc.wait_for("stopping: .*10 total|stopping: .*11 total")
+    assert proc.proc.wait(10) == 0  # and every line is written before the exit
+    records = [line for line in proc.lines if f"{CLIENT4}:400" in line and "bytes in" in line]
+    assert len(records) == (10 if mode == "all" else 0), "\n".join(proc.lines)

@@ -372,6 +372,7 @@ def test_listen_port_range_through_haproxy(
             allowed_networks=["198.51.100.0/24"],
             ipv4=f"127.0.0.1:{RANGE[0]}",
             follow_destination_port=follow,
+            **({"allowed_destination_ports": [f"{RANGE[0]}-{RANGE[-1]}"]} if follow else {}),
         )
         for backend in backends.values():
             backend.seen.clear()  # mmproxy's start-up self-checks
@@ -414,6 +415,7 @@ def test_wider_span_redirected_to_one_listener(
             allowed_networks=["198.51.100.0/24"],
             ipv4="127.0.0.1:22",
             follow_destination_port=True,
+            allowed_destination_ports=["20000-40000"],
             check_failure="warn",  # nothing listens on the configured port 22
         )
         header = encode_v1("TCP4", (CLIENT4, 40000), (GW4, port))
@@ -465,6 +467,7 @@ def test_udp_range_follows_the_destination_port(
             allowed_networks=["2001:db8:1::/64"],
             ipv6="[::1]:7000",
             follow_destination_port=True,
+            allowed_destination_ports=["7000-7002"],
             check_failure="warn",  # the UDP self-check wants a reply from the application
         )
         lb = lo_net.peer.open_socket(socket.AF_INET6, socket.SOCK_DGRAM)

@@ -57,6 +57,7 @@ demo: venv
 lint: venv
 	$(VENV)/bin/ruff check mmproxy tests
 	$(VENV)/bin/ruff format --check mmproxy tests
+	$(VENV)/bin/lint-imports  # the import rules: pyproject.toml, [tool.importlinter]
 
 typecheck: venv
 	$(VENV)/bin/mypy mmproxy

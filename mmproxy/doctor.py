@@ -34,7 +34,7 @@ from mmproxy.checks import (
 )
 from mmproxy.checks import _proc_address as proc_address
 from mmproxy.config import Config
-from mmproxy.transparent import unmap
+from mmproxy.localaddr import unmap
 
 # This many distinct refused peers look like clients, not a balancer (balancers come
 # alone or in pairs).

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from mmproxy import _splice
 from mmproxy.address import Address
 from mmproxy.config import Config
+from mmproxy.localaddr import LocalAddresses
 from mmproxy.networks import AllowedNetworks
 from mmproxy.policy import Rejected, route
 from mmproxy.proxy_protocol import (
@@ -37,7 +38,6 @@ from mmproxy.ratelimit import RateLimitedLog
 from mmproxy.relay import Connection, Relay
 from mmproxy.stats import TcpStats
 from mmproxy.transparent import (
-    LocalAddresses,
     UpstreamError,
     connect_failure,
     finish_upstream,

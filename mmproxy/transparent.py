@@ -16,11 +16,6 @@ import socket
 from mmproxy import _splice
 from mmproxy.address import Address
 
-# Re-exported for the forwarders, which import them from here; mmproxy.localaddr owns them.
-from mmproxy.localaddr import LocalAddresses as LocalAddresses
-from mmproxy.localaddr import forbidden_source_reason as forbidden_source_reason
-from mmproxy.localaddr import unmap as unmap
-
 log = logging.getLogger("mmproxy")
 
 # Python 3.11's socket module lacks some of these on some builds: the kernel's numbers.

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 from mmproxy.address import Address
 from mmproxy.config import Config
+from mmproxy.localaddr import LocalAddresses, unmap
 from mmproxy.policy import UDP_FAMILIES, Rejected, route
 from mmproxy.proxy_protocol import V2_SIGNATURE, ProxyHeader, ProxyProtocolError, parse
 from mmproxy.ratelimit import RateLimitedLog
@@ -49,7 +50,7 @@ from mmproxy.spp import HEADER_SIZE as SPP_SIZE
 from mmproxy.spp import SppError
 from mmproxy.spp import parse as parse_spp
 from mmproxy.stats import UdpStats
-from mmproxy.transparent import LocalAddresses, UpstreamError, open_datagram, unmap
+from mmproxy.transparent import UpstreamError, open_datagram
 
 log = logging.getLogger("mmproxy")
 

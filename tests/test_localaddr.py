@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mmproxy.localaddr import RTN_LOCAL, LocalAddresses, LocalRoute, forbidden_source_reason
+from mmproxy.localaddr import RTN_LOCAL, LocalAddresses, LocalRoute, forbidden_source_reason, unmap
 
 LOCAL = LocalAddresses()
 
@@ -155,3 +155,34 @@ def test_every_embedding_of_a_special_ipv4_address_is_refused(v4: int, kind: str
     host = str(ipaddress.IPv6Address(value))
     reason = forbidden_source_reason(host, LOCAL)
     assert reason is not None and f"embedded in a{'n' if kind[0] == 'I' else ''} {kind}" in reason
+
+
+@pytest.mark.parametrize(
+    ("host", "reason"),
+    [
+        ("127.0.0.1", "loopback"),
+        ("127.9.9.9", "loopback"),
+        ("::1", "loopback"),
+        ("0.0.0.0", "unspecified"),
+        ("::", "unspecified"),
+        ("224.0.0.1", "multicast"),
+        ("ff02::1", "multicast"),
+        ("255.255.255.255", "broadcast"),
+        ("203.0.113.7", None),
+        ("2001:db8::7", None),
+    ],
+)
+def test_forbidden_sources(host: str, reason: str | None) -> None:
+    assert forbidden_source_reason(host, LocalAddresses()) == reason
+
+
+def test_this_hosts_addresses_are_forbidden() -> None:
+    local = LocalAddresses()
+    assert "127.0.0.1" in local  # always in the local table
+    assert forbidden_source_reason("127.0.0.1", local) == "loopback"
+
+
+def test_unmap() -> None:
+    assert unmap("::ffff:192.0.2.1") == "192.0.2.1"
+    assert unmap("2001:db8::1") == "2001:db8::1"
+    assert unmap("192.0.2.1") == "192.0.2.1"

@@ -17,7 +17,7 @@ from mmproxy.routing import lo_commands
 # Run in a fresh process inside the namespace: /proc/self/net and netlink both see it.
 PROBE = """
 import json, sys
-from mmproxy.transparent import LocalAddresses, forbidden_source_reason
+from mmproxy.localaddr import LocalAddresses, forbidden_source_reason
 local = LocalAddresses()
 print(json.dumps({host: forbidden_source_reason(host, local) for host in sys.argv[1:]}))
 """

@@ -294,15 +294,7 @@ class UdpForwarder:
                 if now - flow.moved >= _REORDER:
                     self._reorder(flow, now)
                 return
-        payload = memoryview(data)[size:]
-        self._send_upstream(flow, payload)
-        flow.last_seen = now
-        if now - flow.moved >= _REORDER:
-            self._reorder(flow, now)
-        flow.packets_in += 1
-        flow.bytes_in += len(payload)
-        self.stats.packets_in += 1
-        self.stats.bytes_in += len(payload)
+        self._forward(flow, memoryview(data)[size:], now)
 
     def _headerless(
         self, listener: _Listener, data: bytes, peer: tuple[object, ...], now: float
@@ -311,14 +303,18 @@ class UdpForwarder:
         if flow is None:
             raise self._without_flow(data, peer)
         flow.owns_port = True
-        self._send_upstream(flow, data)
+        self._forward(flow, data, now)
+
+    def _forward(self, flow: Flow, payload: bytes | memoryview, now: float) -> None:
+        """A flow's payload to the application, counted; the flow marked as used."""
+        self._send_upstream(flow, payload)
         flow.last_seen = now
         if now - flow.moved >= _REORDER:
             self._reorder(flow, now)
         flow.packets_in += 1
-        flow.bytes_in += len(data)
+        flow.bytes_in += len(payload)
         self.stats.packets_in += 1
-        self.stats.bytes_in += len(data)
+        self.stats.bytes_in += len(payload)
 
     def _claim_port(self, flow: Flow, port: PortKey) -> None:
         """v2: a header makes its flow the one of its balancer port. The port's previous

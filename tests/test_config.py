@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import socket
 import subprocess
@@ -22,6 +21,7 @@ from mmproxy.config import (
 )
 from mmproxy.networks import AllowedNetworks
 from tests.readable import copy_for_others
+from tests.support import needs_root
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "mmproxy" / "example.yaml"
 
@@ -963,8 +963,7 @@ def test_the_matrix_knows_every_key() -> None:
 def test_a_file_that_cannot_be_read_for_lack_of_permission(where: str) -> None:
     """Unreadable (mode 000) as an ordinary user: root reads anything, so the load runs in a
     child process that drops to nobody; skipped when not root."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to switch to another user")
+    needs_root("reading as another user needs root (to switch to that user)")
     # Somewhere nobody can reach (pytest's tmp_path is under a directory only root enters).
     with tempfile.TemporaryDirectory(prefix="mmproxy-perm-") as name:
         directory = Path(name)

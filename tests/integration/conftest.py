@@ -3,7 +3,6 @@ made for each test (../shared/notes/testbed.md has the recipes)."""
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import subprocess
@@ -19,6 +18,7 @@ import yaml
 
 from mmproxy.netns import NetNS, apply, link
 from mmproxy.routing import lo_commands, mark_commands
+from tests.support import needs_root
 
 MARK, TABLE = 123, 100
 # The gateway namespace's end of the veth, and the balancer/client namespace's end.
@@ -37,10 +37,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(autouse=True)
 def _needs_root() -> None:
-    if os.geteuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("integration tests need root; CI runs as root")
-        pytest.skip("NOT RUN: integration tests need root (network namespaces); run as root")
+    needs_root("integration tests need root (network namespaces)")
 
 
 @dataclass

@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,7 @@ import yaml
 
 from mmproxy.netns import NetNS, apply, link
 from mmproxy.routing import lo_commands, mark_commands
-from tests.support import needs_root
+from tests.support import Backend, Handler, needs_root, tell_peer
 
 MARK, TABLE = 123, 100
 # The gateway namespace's end of the veth, and the balancer/client namespace's end.
@@ -86,69 +86,6 @@ def lo_net() -> Iterator[Net]:
     yield n
     n.gw.delete()
     n.peer.delete()
-
-
-@dataclass
-class Seen:
-    peer: tuple[str, int]
-    received: bytes = b""
-
-
-Handler = Callable[[socket.socket, Seen], None]
-
-
-def echo(conn: socket.socket, seen: Seen) -> None:
-    """Echo until EOF, then close: the default application."""
-    while True:
-        data = conn.recv(65536)
-        if not data:
-            return
-        seen.received += data
-        conn.sendall(data)
-
-
-def tell_peer(conn: socket.socket, seen: Seen) -> None:
-    """Say who we think the peer is, then echo."""
-    host, port = seen.peer[:2]
-    conn.sendall(f"{host} {port}\n".encode())
-    echo(conn, seen)
-
-
-@dataclass
-class Backend:
-    """The application: accepts in the gateway namespace, records who connected."""
-
-    listener: socket.socket
-    handler: Handler
-    seen: list[Seen] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def address(self) -> str:
-        host, port = self.listener.getsockname()[:2]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, peer = self.listener.accept()
-            except OSError:
-                return
-            seen = Seen(peer[:2])
-            self.seen.append(seen)
-            threading.Thread(target=self._serve, args=(conn, seen), daemon=True).start()
-
-    def _serve(self, conn: socket.socket, seen: Seen) -> None:
-        with conn:
-            try:
-                self.handler(conn, seen)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 BACKENDS: list[Backend] = []

@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ import yaml
 
 from mmproxy.netns import NetNS
 from mmproxy.proxy_protocol import encode_v1
-from mmproxy.udp import IP_PKTINFO
+from tests.support import UdpEcho, prefixed
 
 from .conftest import (
     CLIENT4,
@@ -37,7 +36,7 @@ from .conftest import (
 from .test_haproxy import HAPROXY_CONFIG
 from .test_privileges import Unprivileged, world_readable  # noqa: F401 (a fixture)
 from .test_routing import bare  # noqa: F401 (a fixture)
-from .test_udp import PORT, UdpEcho, balancer, datagram
+from .test_udp import PORT, balancer, datagram
 
 StartMmproxy = Callable[..., Mmproxy]
 
@@ -330,17 +329,7 @@ def test_a_udp_application_that_answers_from_the_address_asked_is_not_blamed(
     dnsmasq and unbound do: its replies come back, and doctor sees the option set."""
     sock = lo_net.gw.open_socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("0.0.0.0", 0))
-    sock.setsockopt(socket.SOL_IP, IP_PKTINFO, 1)
-
-    def serve() -> None:
-        while True:
-            try:
-                data, ancillary, _flags, peer = sock.recvmsg(65535, 64)
-                sock.sendmsg([b"re: " + data], ancillary, 0, peer)
-            except OSError:
-                return
-
-    threading.Thread(target=serve, daemon=True).start()
+    UdpEcho(sock, prefixed(b"re: "), pktinfo=True)
     try:
         port = sock.getsockname()[1]
         proc = run_mmproxy(

@@ -15,8 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from mmproxy.proxy_protocol import encode_v1
+from tests.support import Seen
 
-from .conftest import CLIENT4, Mmproxy, Net, Seen, process_tree, start_backend
+from .conftest import CLIENT4, Mmproxy, Net, process_tree, start_backend
 
 CONNECTIONS = 10_000
 

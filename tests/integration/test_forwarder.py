@@ -16,6 +16,7 @@ from collections.abc import Callable
 import pytest
 
 from mmproxy.proxy_protocol import encode_v1, encode_v2
+from tests.support import Seen
 
 from .conftest import (
     CLIENT4,
@@ -25,7 +26,6 @@ from .conftest import (
     PEER4,
     Mmproxy,
     Net,
-    Seen,
     recv_all,
     start_backend,
 )

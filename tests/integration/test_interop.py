@@ -32,8 +32,9 @@ from mmproxy.proxy_protocol import (
     encode_v1,
     encode_v2,
 )
+from tests.support import Backend, tell_peer
 
-from .conftest import CLIENT4, CLIENT6, GW4, GW6, PEER4, PEER6, Backend, Mmproxy, Net, tell_peer
+from .conftest import CLIENT4, CLIENT6, GW4, GW6, PEER4, PEER6, Mmproxy, Net
 
 CLIENT_NET4 = "192.0.2.7", "192.0.2.1"  # the client, the balancer's address facing it
 APP_PORT = 8080

@@ -31,9 +31,10 @@ import yaml
 
 from mmproxy.proxy_protocol import encode_v1, encode_v2
 from tests.readable import Runnable, copy_for_others
+from tests.support import UdpEcho
 
 from .conftest import CLIENT4, CLIENT6, MARK, TABLE, Mmproxy, Net, make_net, start_backend
-from .test_udp import PORT, UdpEcho, balancer, datagram, targets
+from .test_udp import PORT, balancer, datagram, targets
 
 NOBODY = 65534
 CAP_NET_BIND_SERVICE, CAP_NET_ADMIN, CAP_NET_RAW = 10, 12, 13  # bits of /proc/PID/status Cap*

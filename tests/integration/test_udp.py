@@ -15,7 +15,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,37 +23,12 @@ import yaml
 
 from mmproxy.netns import NetNS
 from mmproxy.proxy_protocol import encode_v1, encode_v2
-from mmproxy.udp import IP_PKTINFO
+from tests.support import UdpEcho, prefixed
 
 from .conftest import CLIENT4, CLIENT6, GW4, GW6, PEER4, Mmproxy, Net
 
 StartMmproxy = Callable[..., Mmproxy]
 PORT = 5300  # mmproxy's UDP listener in the gateway namespace
-
-
-@dataclass
-class UdpEcho:
-    """The application: answers each datagram with "<peer host> <peer port> " + payload."""
-
-    sock: socket.socket
-    peers: list[tuple[str, int]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    @property
-    def address(self) -> str:
-        host, port = self.sock.getsockname()[:2]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                data, peer = self.sock.recvfrom(65535)
-                self.peers.append(peer[:2])
-                self.sock.sendto(f"{peer[0]} {peer[1]} ".encode() + data, peer)
-            except OSError:
-                return
 
 
 @pytest.fixture
@@ -406,18 +381,8 @@ def test_an_application_on_every_address_must_answer_from_the_address_asked(
     dnsmasq, unbound and BIND do, with IP_PKTINFO) is reached; the self-check says so."""
     sock = lo_net.gw.open_socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("0.0.0.0", 0))
-    sock.setsockopt(socket.SOL_IP, IP_PKTINFO, 1)
+    UdpEcho(sock, prefixed(b"from the address asked: "), pktinfo=True)
     port = sock.getsockname()[1]
-
-    def serve() -> None:
-        while True:
-            try:
-                data, ancillary, _flags, peer = sock.recvmsg(65535, 64)
-                sock.sendmsg([b"from the address asked: " + data], ancillary, 0, peer)
-            except OSError:
-                return
-
-    threading.Thread(target=serve, daemon=True).start()
     try:
         proc = run_mmproxy(
             lo_net,

@@ -55,8 +55,8 @@ demo: venv
 	$(PY) -m mmproxy.demo etc/mmproxy/example.yaml
 
 lint: venv
-	$(VENV)/bin/ruff check mmproxy tests
-	$(VENV)/bin/ruff format --check mmproxy tests
+	$(VENV)/bin/ruff check mmproxy tests bench
+	$(VENV)/bin/ruff format --check mmproxy tests bench
 
 typecheck: venv
 	$(VENV)/bin/mypy mmproxy

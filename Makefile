@@ -59,7 +59,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check mmproxy tests bench
 
 typecheck: venv
-	$(VENV)/bin/mypy mmproxy
+	$(VENV)/bin/mypy mmproxy tests
 
 unit: venv
 	$(VENV)/bin/pytest -q -m "not integration and not system"

@@ -818,7 +818,7 @@ def test_same_endpoint_on_tcp_and_udp_is_not_a_duplicate(tmp_path: Path) -> None
         'listen: ["0.0.0.0:53", "udp://0.0.0.0:53"]\nipv4: "127.0.0.1:53"\n'
         'allowed_networks: ["192.0.2.0/24"]\n'
     )
-    config = load_config(path)
+    config = load_config(str(path))
     assert [a.transport for a in config.listen] == ["tcp", "udp"]
 
 
@@ -933,7 +933,7 @@ _LISTS = {"listen", "allowed_networks", "allowed_destination_ports"}  # a list i
 
 
 def _matrix() -> list[object]:
-    cases = []
+    cases: list[object] = []
     for key in KEYS:
         wrong = _WRONG_TYPE + ([] if key.name in _LISTS else _WRONG_FOR_SCALARS)
         wrong = wrong + _BY_KIND.get(_KIND.get(key.name, ""), [])

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -119,9 +120,14 @@ class Mmproxy:
     """The real `python -m mmproxy` process in the gateway namespace."""
 
     def __init__(self, ns: NetNS, config_path: Path, *extra: str) -> None:
-        self.ns = ns
         cmd = ns.exec_args(sys.executable, "-m", "mmproxy", "-c", str(config_path), *extra)
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        self._spawn(ns, config_path, cmd)
+
+    def _spawn(self, ns: NetNS, config_path: Path, cmd: list[str], **popen: Any) -> None:
+        """Run `cmd` (mmproxy, however started) and collect its log lines."""
+        self.ns = ns
+        self.config_path = config_path
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, **popen)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

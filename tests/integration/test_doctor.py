@@ -51,11 +51,6 @@ def doctor(
     )  # fmt: skip
 
 
-def config_of(proc: Mmproxy) -> Path:
-    args = list(proc.proc.args)  # type: ignore[arg-type]
-    return Path(args[args.index("-c") + 1])
-
-
 def save_log(proc: Mmproxy, path: Path) -> Path:
     path.write_text("\n".join(proc.lines) + "\n")
     return path
@@ -104,7 +99,7 @@ def test_many_refused_peers_mean_clients_reach_the_port_directly(
         closed_at_once(lo_net.peer.connect((GW4, 2222), source=host))
     for host in clients:
         proc.wait_for(rf"rejected {host}:\d+: peer is not in allowed_networks")
-    out = doctor(lo_net, config_of(proc), save_log(proc, tmp_path / "log"))
+    out = doctor(lo_net, proc.config_path, save_log(proc, tmp_path / "log"))
     assert out.returncode == 1, out.stdout
     assert diagnoses(out.stdout) == ["direct-clients"], out.stdout
     assert "5 connections from 5 different addresses" in out.stdout
@@ -119,7 +114,7 @@ def test_one_refused_peer_is_named_as_a_balancer_to_allow(
     proc = run_mmproxy(lo_net, listen=["0.0.0.0:2222"], ipv4=app.address)
     closed_at_once(lo_net.peer.connect((GW4, 2222)))
     proc.wait_for(rf"rejected {PEER4}:\d+")
-    out = doctor(lo_net, config_of(proc), save_log(proc, tmp_path / "log"))
+    out = doctor(lo_net, proc.config_path, save_log(proc, tmp_path / "log"))
     assert diagnoses(out.stdout) == ["unknown-balancer"], out.stdout
     assert f"- {PEER4}/32" in out.stdout
 
@@ -148,7 +143,7 @@ def test_a_balancer_without_send_proxy_is_told_to_send_the_header(
         lb.terminate()
         lb.wait(10)
     proc.wait_for(r"rejected 127\.0\.0\.1:\d+: invalid PROXY header: .*looks like HTTP")
-    out = doctor(lo_net, config_of(proc), save_log(proc, tmp_path / "log"))
+    out = doctor(lo_net, proc.config_path, save_log(proc, tmp_path / "log"))
     assert diagnoses(out.stdout) == ["no-proxy-header"], out.stdout
     assert "2 connections from the allowed balancer(s) 127.0.0.1" in out.stdout
     assert "looks like HTTP" in out.stdout and "no complete PROXY header" in out.stdout
@@ -179,7 +174,7 @@ def test_ipv4_balancer_on_a_dual_stack_listener_is_named_mapped(
     )
     closed_at_once(lo_net.peer.connect((GW4, 2222)))
     proc.wait_for(rf"rejected {PEER4}:\d+")
-    out = doctor(lo_net, config_of(proc), save_log(proc, tmp_path / "log"))
+    out = doctor(lo_net, proc.config_path, save_log(proc, tmp_path / "log"))
     assert diagnoses(out.stdout) == ["ipv4-mapped-balancer"], out.stdout
     assert "dual-stack listener [::]:2222" in out.stdout
     assert f"- {PEER4}/32" in out.stdout
@@ -288,7 +283,7 @@ def test_a_target_behind_docker_proxy_is_named(
             sock.sendall(encode_v1("TCP4", (CLIENT4, 40000), (GW4, 2222)))
             seen = sock.makefile("rb").readline().decode()
         assert not seen.startswith(CLIENT4)  # the failure: the client's address is lost
-        out = doctor(lo_net, config_of(proc), save_log(proc, tmp_path / "log"))
+        out = doctor(lo_net, proc.config_path, save_log(proc, tmp_path / "log"))
     finally:
         docker.kill()
         docker.wait()
@@ -314,7 +309,7 @@ def test_a_udp_application_bound_to_every_address_loses_its_replies(
             with pytest.raises(TimeoutError):
                 lb.recv(65535)  # the failure: the reply never comes back
         assert echo.peers  # the application did get the datagram
-        out = doctor(lo_net, config_of(proc), save_log(proc, tmp_path / "log"))
+        out = doctor(lo_net, proc.config_path, save_log(proc, tmp_path / "log"))
     finally:
         sock.close()
     assert diagnoses(out.stdout) == ["udp-reply-source"], out.stdout
@@ -339,7 +334,7 @@ def test_a_udp_application_that_answers_from_the_address_asked_is_not_blamed(
         with balancer(lo_net) as lb:
             lb.send(datagram((CLIENT4, 40004), b"ping"))
             assert lb.recv(65535) == b"re: ping"
-        out = doctor(lo_net, config_of(proc), save_log(proc, tmp_path / "log"))
+        out = doctor(lo_net, proc.config_path, save_log(proc, tmp_path / "log"))
     finally:
         sock.close()
     assert out.returncode == 0, out.stdout

@@ -20,9 +20,7 @@ import contextlib
 import os
 import re
 import socket
-import subprocess
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,19 +59,13 @@ class Unprivileged(Mmproxy):
     def __init__(
         self, net: Net, config_path: Path, caps: list[str], code: Runnable | None = None
     ) -> None:
-        self.ns = net.gw
         # nobody runs a readable copy of the code (the checkout may be under /root).
         self._copy = contextlib.ExitStack()
         if code is None:
             code = self._copy.enter_context(copy_for_others())
         cmd = net.gw.exec_args(*setpriv(caps), code.python, "-m", "mmproxy", "-c",
                                str(config_path))  # fmt: skip
-        self.proc = subprocess.Popen(
-            cmd, stderr=subprocess.PIPE, text=True, cwd=code.path, env=code.env()
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        self._spawn(net.gw, config_path, cmd, cwd=code.path, env=code.env())
 
     def refused(self) -> None:
         """It exited without serving, saying why."""

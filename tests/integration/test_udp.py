@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import yaml
@@ -328,7 +327,7 @@ def test_ipv6_client_through_ipv4_balancer_socket(world: UdpWorld) -> None:
 def test_reload_applies_to_new_datagrams_and_a_bad_one_keeps_the_config(world: UdpWorld) -> None:
     lo_net = world.net
     proc = world.start()
-    config_path = Path(str(proc.proc.args[-2]))  # type: ignore[index]
+    config_path = proc.config_path
     with balancer(lo_net) as lb:
         lb.send(datagram((CLIENT4, 46000), b"before"))
         assert lb.recv(65535) == f"{CLIENT4} 46000 before".encode()
@@ -515,7 +514,7 @@ def test_reload_checks_the_balancer_of_a_first_datagram_flow(world: UdpWorld) ->
     """Its datagrams carry no header to check again: a balancer that lost its trust
     loses its flows' later datagrams too."""
     proc = world.start()
-    config_path = Path(str(proc.proc.args[-2]))  # type: ignore[index]
+    config_path = proc.config_path
     flow = SpectrumFlow(world.net, "v2", (CLIENT4, 42001))
     try:
         flow.send(b"before")

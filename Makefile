@@ -59,7 +59,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check mmproxy tests bench
 
 typecheck: venv
-	$(VENV)/bin/mypy mmproxy tests
+	$(VENV)/bin/mypy mmproxy tests bench
 
 unit: venv
 	$(VENV)/bin/pytest -q -m "not integration and not system"

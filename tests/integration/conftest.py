@@ -3,6 +3,7 @@ made for each test (../shared/notes/testbed.md has the recipes)."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import subprocess
@@ -73,20 +74,33 @@ def make_net(variant: str) -> Net:
     return Net(gw, peer, variant)
 
 
+@contextlib.contextmanager
+def made_net(variant: str) -> Iterator[Net]:
+    """make_net(variant), its namespaces deleted afterwards."""
+    n = make_net(variant)
+    try:
+        yield n
+    finally:
+        n.gw.delete()
+        n.peer.delete()
+
+
 @pytest.fixture(params=["lo", "mark"])
 def net(request: pytest.FixtureRequest) -> Iterator[Net]:
-    n = make_net(request.param)
-    yield n
-    n.gw.delete()
-    n.peer.delete()
+    with made_net(request.param) as n:
+        yield n
 
 
 @pytest.fixture
 def lo_net() -> Iterator[Net]:
-    n = make_net("lo")
-    yield n
-    n.gw.delete()
-    n.peer.delete()
+    with made_net("lo") as n:
+        yield n
+
+
+@pytest.fixture
+def mark_net() -> Iterator[Net]:
+    with made_net("mark") as n:
+        yield n
 
 
 BACKENDS: list[Backend] = []
@@ -159,8 +173,11 @@ class Mmproxy:
                 self.proc.wait()
 
 
+StartMmproxy = Callable[..., Mmproxy]  # the run_mmproxy fixture
+
+
 @pytest.fixture
-def run_mmproxy(tmp_path: Path) -> Iterator[Callable[..., Mmproxy]]:
+def run_mmproxy(tmp_path: Path) -> Iterator[StartMmproxy]:
     """start(net, **config keys) -> a running mmproxy in net.gw, on 127.0.0.1:2222 and
     [::1]:2222 by default."""
     started: list[Mmproxy] = []

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,7 @@ from .conftest import (
     TABLE,
     Mmproxy,
     Net,
-    make_net,
+    StartMmproxy,
     recv_all,
     start_backend,
 )
@@ -37,8 +36,6 @@ from .test_haproxy import HAPROXY_CONFIG
 from .test_privileges import Unprivileged, world_readable  # noqa: F401 (a fixture)
 from .test_routing import bare  # noqa: F401 (a fixture)
 from .test_udp import PORT, balancer, datagram
-
-StartMmproxy = Callable[..., Mmproxy]
 
 
 def doctor(
@@ -210,14 +207,6 @@ def test_a_rule_with_a_lower_priority_shadows_mmproxys(lo_net: Net, tmp_path: Pa
     after = doctor(lo_net, config)
     assert after.returncode == 0, after.stdout
     assert "answers a spoofed connection from 192.0.2.1" in after.stdout
-
-
-@pytest.fixture
-def mark_net() -> Iterator[Net]:
-    net = make_net("mark")
-    yield net
-    net.gw.delete()
-    net.peer.delete()
 
 
 def test_route_localnet_off_blocks_the_fwmark_variant(mark_net: Net, tmp_path: Path) -> None:

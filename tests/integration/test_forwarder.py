@@ -11,7 +11,6 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
 
@@ -24,13 +23,11 @@ from .conftest import (
     GW4,
     GW6,
     PEER4,
-    Mmproxy,
     Net,
+    StartMmproxy,
     recv_all,
     start_backend,
 )
-
-StartMmproxy = Callable[..., Mmproxy]
 
 
 def header(version: int, family: str, source: tuple[str, int]) -> bytes:

@@ -31,7 +31,7 @@ from mmproxy.proxy_protocol import encode_v1, encode_v2
 from tests.readable import Runnable, copy_for_others
 from tests.support import UdpEcho
 
-from .conftest import CLIENT4, CLIENT6, MARK, TABLE, Mmproxy, Net, make_net, start_backend
+from .conftest import CLIENT4, CLIENT6, MARK, TABLE, Mmproxy, Net, made_net, start_backend
 from .test_udp import PORT, balancer, datagram, targets
 
 NOBODY = 65534
@@ -215,8 +215,7 @@ def test_without_capabilities_it_refuses_and_names_cap_net_admin(
 def test_cap_net_raw_alone_cannot_run_the_fwmark_variant(world_readable: Path) -> None:
     """CAP_NET_RAW, which the unit used to grant as well, is not enough: the fwmark
     variant's self-check cannot read the firewall rules, and says CAP_NET_ADMIN is needed."""
-    net = make_net("mark")
-    try:
+    with made_net("mark") as net:
         proc = Unprivileged(net, loopback_config(world_readable, net), ["net_raw"])
         try:
             proc.refused()
@@ -227,9 +226,6 @@ def test_cap_net_raw_alone_cannot_run_the_fwmark_variant(world_readable: Path) -
             proc.wait_for(re.escape(CAPS_FIX))
         finally:
             proc.stop()
-    finally:
-        net.gw.delete()
-        net.peer.delete()
 
 
 @pytest.mark.skipif(not kernel_at_least(5, 17), reason="SO_MARK needs CAP_NET_ADMIN before 5.17")

@@ -24,9 +24,8 @@ from mmproxy.netns import NetNS
 from mmproxy.proxy_protocol import encode_v1, encode_v2
 from tests.support import UdpEcho, prefixed
 
-from .conftest import CLIENT4, CLIENT6, GW4, GW6, PEER4, Mmproxy, Net
+from .conftest import CLIENT4, CLIENT6, GW4, GW6, PEER4, Mmproxy, Net, StartMmproxy
 
-StartMmproxy = Callable[..., Mmproxy]
 PORT = 5300  # mmproxy's UDP listener in the gateway namespace
 
 

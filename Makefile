@@ -55,12 +55,12 @@ demo: venv
 	$(PY) -m mmproxy.demo etc/mmproxy/example.yaml
 
 lint: venv
-	$(VENV)/bin/ruff check mmproxy tests
-	$(VENV)/bin/ruff format --check mmproxy tests
+	$(VENV)/bin/ruff check mmproxy tests bench
+	$(VENV)/bin/ruff format --check mmproxy tests bench
 	$(VENV)/bin/lint-imports  # the import rules: pyproject.toml, [tool.importlinter]
 
 typecheck: venv
-	$(VENV)/bin/mypy mmproxy
+	$(VENV)/bin/mypy mmproxy tests bench
 
 unit: venv
 	$(VENV)/bin/pytest -q -m "not integration and not system"

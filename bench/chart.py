@@ -32,10 +32,10 @@ COLUMNS = 3
 
 
 def draw(summary: dict[str, dict[str, Any]], order: list[str], path: Path, title: str) -> None:
-    import matplotlib  # type: ignore[import-untyped]
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # type: ignore[import-untyped]
+    import matplotlib.pyplot as plt
 
     rows = -(-len(PANELS) // COLUMNS)
     fig, axes = plt.subplots(rows, COLUMNS, figsize=(12, 3 * rows))

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import socket
 import subprocess
@@ -22,6 +21,7 @@ from mmproxy.config import (
 )
 from mmproxy.networks import AllowedNetworks
 from tests.readable import copy_for_others
+from tests.support import needs_root
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "mmproxy" / "example.yaml"
 
@@ -818,7 +818,7 @@ def test_same_endpoint_on_tcp_and_udp_is_not_a_duplicate(tmp_path: Path) -> None
         'listen: ["0.0.0.0:53", "udp://0.0.0.0:53"]\nipv4: "127.0.0.1:53"\n'
         'allowed_networks: ["192.0.2.0/24"]\n'
     )
-    config = load_config(path)
+    config = load_config(str(path))
     assert [a.transport for a in config.listen] == ["tcp", "udp"]
 
 
@@ -933,7 +933,7 @@ _LISTS = {"listen", "allowed_networks", "allowed_destination_ports"}  # a list i
 
 
 def _matrix() -> list[object]:
-    cases = []
+    cases: list[object] = []
     for key in KEYS:
         wrong = _WRONG_TYPE + ([] if key.name in _LISTS else _WRONG_FOR_SCALARS)
         wrong = wrong + _BY_KIND.get(_KIND.get(key.name, ""), [])
@@ -963,8 +963,7 @@ def test_the_matrix_knows_every_key() -> None:
 def test_a_file_that_cannot_be_read_for_lack_of_permission(where: str) -> None:
     """Unreadable (mode 000) as an ordinary user: root reads anything, so the load runs in a
     child process that drops to nobody; skipped when not root."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to switch to another user")
+    needs_root("reading as another user needs root (to switch to that user)")
     # Somewhere nobody can reach (pytest's tmp_path is under a directory only root enters).
     with tempfile.TemporaryDirectory(prefix="mmproxy-perm-") as name:
         directory = Path(name)

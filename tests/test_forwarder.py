@@ -27,33 +27,10 @@ LOCAL = encode_v2("LOCAL", "UNSPEC")  # relayed unspoofed: no privileges needed
 
 
 @pytest.fixture
-def echo() -> Iterator[socket.socket]:
-    server = socket.create_server(("127.0.0.1", 0))
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            threading.Thread(target=_echo, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
-    yield server
-    server.close()
-
-
-def _echo(conn: socket.socket) -> None:
-    with conn:
-        while data := conn.recv(65536):
-            conn.sendall(data)
-
-
-@pytest.fixture
-def forwarder(echo: socket.socket) -> Iterator[tuple[Forwarder, tuple[str, int]]]:
+def forwarder(tcp_echo: socket.socket) -> Iterator[tuple[Forwarder, tuple[str, int]]]:
     listener = socket.create_server(("127.0.0.1", 0))
     config = Config(
-        ipv4=Address(*echo.getsockname()),
+        ipv4=Address(*tcp_echo.getsockname()),
         allowed_networks=(parse_network("127.0.0.0/8"),),
         tcp_keepalive=False,
     )
@@ -113,14 +90,14 @@ def test_bad_starts_are_rejected(
 
 
 def test_an_unexpected_accept_error_is_counted_and_accepting_goes_on(
-    echo: socket.socket,
+    tcp_echo: socket.socket,
 ) -> None:
     """A listener shut down under the loop makes accept() fail with EINVAL, an errno
     nothing expects: the loop logs, counts, pauses that accept a while and carries on
     serving the other listener."""
     broken, working = socket.create_server(("127.0.0.1", 0)), socket.create_server(("127.0.0.1", 0))
     config = Config(
-        ipv4=Address(*echo.getsockname()),
+        ipv4=Address(*tcp_echo.getsockname()),
         allowed_networks=(parse_network("127.0.0.0/8"),),
         tcp_keepalive=False,
     )
@@ -160,9 +137,9 @@ def wait_idle(fwd: Forwarder, total: int) -> None:
 
 @pytest.mark.parametrize("mode", ["all", "rejected", "none"])
 def test_log_connections_chooses_which_connections_leave_a_record(
-    echo: socket.socket, caplog: pytest.LogCaptureFixture, mode: str
+    tcp_echo: socket.socket, caplog: pytest.LogCaptureFixture, mode: str
 ) -> None:
-    config = load_text(f"log_connections: {mode}\n", echo)
+    config = load_text(f"log_connections: {mode}\n", tcp_echo)
     assert config.log_connections == mode
     listener = socket.create_server(("127.0.0.1", 0))
     fwd = Forwarder(config, [listener])
@@ -194,9 +171,9 @@ def load_text(text: str, echo: socket.socket) -> Config:
     return load_config(str(path))
 
 
-def test_a_bad_log_connections_value_names_the_key(echo: socket.socket) -> None:
+def test_a_bad_log_connections_value_names_the_key(tcp_echo: socket.socket) -> None:
     with pytest.raises(ConfigError, match=r"mmproxy\.yaml:5: log_connections: expected one of"):
-        load_text("log_connections: some\n", echo)
+        load_text("log_connections: some\n", tcp_echo)
 
 
 def test_records_of_udp_flows_follow_log_connections(caplog: pytest.LogCaptureFixture) -> None:
@@ -219,7 +196,7 @@ def test_records_of_udp_flows_follow_log_connections(caplog: pytest.LogCaptureFi
     ]
 
 
-def test_the_relay_never_waits_on_a_log_that_does_not_drain(echo: socket.socket) -> None:
+def test_the_relay_never_waits_on_a_log_that_does_not_drain(tcp_echo: socket.socket) -> None:
     """The log's reader (journald past its limits; here a pipe nobody reads) stops
     taking records: connections go on being relayed, the records that find the queue
     full are dropped and counted, and a warning says so once the log drains again."""
@@ -232,7 +209,7 @@ def test_the_relay_never_waits_on_a_log_that_does_not_drain(echo: socket.socket)
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    config = load_text("", echo)
+    config = load_text("", tcp_echo)
     listener = socket.create_server(("127.0.0.1", 0))
     fwd = Forwarder(config, [listener])
     fwd.start()

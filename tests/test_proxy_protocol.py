@@ -8,6 +8,7 @@ import pickle
 import re
 import socket
 import struct
+from typing import Literal
 
 import pytest
 from hypothesis import given, settings
@@ -876,7 +877,8 @@ def test_v1_tcp4_fast_path_agrees_with_the_full_check(data: bytes) -> None:
     assert outcome(parse, data) == outcome(pp._parse_v1_checked, data)
 
 
-ENDPOINTS = st.sampled_from([4, 6]).flatmap(
+VERSIONS: list[Literal[4, 6]] = [4, 6]
+ENDPOINTS = st.sampled_from(VERSIONS).flatmap(
     lambda v: st.tuples(st.just(f"TCP{v}"), st.ip_addresses(v=v), st.ip_addresses(v=v))
 )
 

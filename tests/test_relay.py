@@ -23,6 +23,9 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
     return a, b
 
 
+Running = tuple[Relay, list[tuple[Connection, str]]]  # the relay, the connections it closed
+
+
 class Harness:
     """client <-> [relay: client_side, upstream_side] <-> application"""
 
@@ -47,7 +50,7 @@ class Harness:
 
 
 @pytest.fixture
-def relay() -> Iterator[tuple[Relay, list[tuple[Connection, str]]]]:
+def relay() -> Iterator[Running]:
     closed: list[tuple[Connection, str]] = []
     r = Relay(lambda conn, reason: closed.append((conn, reason)), pipe_size=65536)
     r.start()
@@ -65,7 +68,7 @@ def recv_exactly(sock: socket.socket, n: int) -> bytes:
     return data
 
 
-def test_bytes_pass_both_ways_and_are_counted(relay: tuple[Relay, list]) -> None:
+def test_bytes_pass_both_ways_and_are_counted(relay: Running) -> None:
     h = Harness(*relay)
     up, down = os.urandom(300_000), os.urandom(200_000)
     threading.Thread(target=h.client.sendall, args=(up,)).start()
@@ -80,7 +83,7 @@ def test_bytes_pass_both_ways_and_are_counted(relay: tuple[Relay, list]) -> None
     assert (h.conn.bytes_in, h.conn.bytes_out) == (len(up), len(down))
 
 
-def test_application_closing_first_is_reported(relay: tuple[Relay, list]) -> None:
+def test_application_closing_first_is_reported(relay: Running) -> None:
     h = Harness(*relay)
     h.app.sendall(b"bye")
     h.app.shutdown(socket.SHUT_WR)
@@ -91,7 +94,7 @@ def test_application_closing_first_is_reported(relay: tuple[Relay, list]) -> Non
     assert h.wait_closed() == "target closed first"
 
 
-def test_a_reset_is_passed_on(relay: tuple[Relay, list]) -> None:
+def test_a_reset_is_passed_on(relay: Running) -> None:
     h = Harness(*relay)
     h.app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     h.app.close()  # RST
@@ -101,7 +104,7 @@ def test_a_reset_is_passed_on(relay: tuple[Relay, list]) -> None:
         h.client.recv(1)
 
 
-def test_idle_connections_hold_no_pipe(relay: tuple[Relay, list]) -> None:
+def test_idle_connections_hold_no_pipe(relay: Running) -> None:
     r, _ = relay
     h = Harness(*relay)
     h.client.sendall(b"x" * 1000)
@@ -110,7 +113,7 @@ def test_idle_connections_hold_no_pipe(relay: tuple[Relay, list]) -> None:
     assert r.pipes()[0] == 0
 
 
-def test_close_all_ends_every_connection(relay: tuple[Relay, list]) -> None:
+def test_close_all_ends_every_connection(relay: Running) -> None:
     r, closed = relay
     harnesses = [Harness(r, closed) for _ in range(5)]
     deadline = time.monotonic() + 5
@@ -163,7 +166,7 @@ def timed_relay() -> Iterator[tuple[Relay, list[tuple[Connection, str]]]]:
     r.stop()
 
 
-def test_an_idle_connection_is_closed_after_idle_timeout(timed_relay: tuple[Relay, list]) -> None:
+def test_an_idle_connection_is_closed_after_idle_timeout(timed_relay: Running) -> None:
     h = Harness(*timed_relay)
     h.client.sendall(b"hi")
     assert recv_exactly(h.app, 2) == b"hi"
@@ -171,7 +174,7 @@ def test_an_idle_connection_is_closed_after_idle_timeout(timed_relay: tuple[Rela
 
 
 def test_a_half_closed_connection_is_closed_after_its_timeout(
-    timed_relay: tuple[Relay, list],
+    timed_relay: Running,
 ) -> None:
     r, _ = timed_relay
     r.idle_timeout = 0  # only the half-close timeout applies
@@ -200,7 +203,7 @@ def wait_for(fired: list[str], timeout: float = 5.0) -> list[str]:
     return fired
 
 
-def test_a_watched_socket_is_reported_once_when_ready(relay: tuple[Relay, list]) -> None:
+def test_a_watched_socket_is_reported_once_when_ready(relay: Running) -> None:
     r, _ = relay
     a, b = tcp_pair()
     fired = watch_on_loop(r, b.fileno(), select.EPOLLIN, 5.0)
@@ -215,7 +218,7 @@ def test_a_watched_socket_is_reported_once_when_ready(relay: tuple[Relay, list])
     b.close()
 
 
-def test_a_watched_socket_expires_at_its_deadline(relay: tuple[Relay, list]) -> None:
+def test_a_watched_socket_expires_at_its_deadline(relay: Running) -> None:
     r, _ = relay
     a, b = tcp_pair()
     started = time.monotonic()
@@ -228,7 +231,7 @@ def test_a_watched_socket_expires_at_its_deadline(relay: tuple[Relay, list]) -> 
 
 
 def test_adding_from_another_thread_a_connection_that_resets_at_once(
-    relay: tuple[Relay, list],
+    relay: Running,
 ) -> None:
     """A hand-shake worker hands over a connection whose client has already reset: the
     relay may finish it (closing both sockets) as soon as the first one is registered,
@@ -269,7 +272,7 @@ def test_adding_from_another_thread_a_connection_that_resets_at_once(
 
 
 def test_a_watch_that_cannot_be_registered_leaves_nothing_behind(
-    relay: tuple[Relay, list], tmp_path: Path
+    relay: Running, tmp_path: Path
 ) -> None:
     """epoll refuses a regular file (EPERM): the watch must not stay in the tables, where
     its deadline would later run on_expire, which closes an fd number that may by then
@@ -296,7 +299,7 @@ def test_a_watch_that_cannot_be_registered_leaves_nothing_behind(
 
 
 def test_an_exception_in_a_listener_is_counted_and_the_loop_carries_on(
-    relay: tuple[Relay, list],
+    relay: Running,
 ) -> None:
     r, _ = relay
     calls: list[int] = []
@@ -322,7 +325,7 @@ def test_an_exception_in_a_listener_is_counted_and_the_loop_carries_on(
 
 
 def test_listeners_are_removed_on_the_loop_thread_between_two_calls(
-    relay: tuple[Relay, list],
+    relay: Running,
 ) -> None:
     """stop_accepting() runs on the main thread while the loop may be inside a listener:
     the removal waits for the loop (which alone changes its tables), so the loop never
@@ -379,9 +382,7 @@ def send_with_urgent(sock: socket.socket, parts: list[bytes]) -> bytes:
 
 
 @pytest.mark.parametrize("direction", ["client to application", "application to client"])
-def test_urgent_data_is_relayed_and_the_stream_goes_on(
-    relay: tuple[Relay, list], direction: str
-) -> None:
+def test_urgent_data_is_relayed_and_the_stream_goes_on(relay: Running, direction: str) -> None:
     """splice() stops at the urgent mark and says EAGAIN there for ever: without the
     relay's recv()/send() past it, everything after the first urgent byte was stuck."""
     h = Harness(*relay)
@@ -402,7 +403,7 @@ def test_urgent_data_is_relayed_and_the_stream_goes_on(
     assert sorted((h.conn.bytes_in, h.conn.bytes_out)) == [4, total]
 
 
-def test_urgent_data_just_before_a_close_is_not_lost(relay: tuple[Relay, list]) -> None:
+def test_urgent_data_just_before_a_close_is_not_lost(relay: Running) -> None:
     """With a FIN behind the mark, splice() says 0 there, as at the end of the stream."""
     h = Harness(*relay)
     inline(h.app)
@@ -412,7 +413,7 @@ def test_urgent_data_just_before_a_close_is_not_lost(relay: tuple[Relay, list]) 
     assert h.app.recv(1) == b""  # and then the half-close
 
 
-def test_urgent_data_stays_urgent(relay: tuple[Relay, list]) -> None:
+def test_urgent_data_stays_urgent(relay: Running) -> None:
     """The application (without SO_OOBINLINE) finds the byte where the client put it:
     out of band, at the mark."""
     h = Harness(*relay)
@@ -433,7 +434,7 @@ def test_urgent_data_stays_urgent(relay: tuple[Relay, list]) -> None:
     assert recv_exactly(h.app, 3) == b"def"
 
 
-def test_urgent_bytes_while_the_application_side_is_full(relay: tuple[Relay, list]) -> None:
+def test_urgent_bytes_while_the_application_side_is_full(relay: Running) -> None:
     """The relay meets urgent marks while the application's side cannot take a byte (it
     then goes on in line through the pipe, keeping its place: measured, about one mark in
     seven here); every byte arrives in order, whatever the timing."""

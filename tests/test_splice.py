@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from mmproxy import _splice
+from tests.support import needs_root
 
 
 @pytest.fixture
@@ -90,10 +91,7 @@ def test_connect_sets_the_options_asked_for(listener: socket.socket) -> None:
 
 
 def test_connect_from_a_source_address_keeps_or_drops_its_port(listener: socket.socket) -> None:
-    if os.geteuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("this test needs root; CI runs as root")
-        pytest.skip("NOT RUN: IP_TRANSPARENT needs root; run the tests as root")
+    needs_root("IP_TRANSPARENT needs root")
     # 127.0.0.2 is on lo: the kernel accepts the bind and the reply needs no routing.
     host, port = listener.getsockname()
     kept = _splice.CONNECT_KEEP_PORT

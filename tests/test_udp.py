@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import socket
 import struct
-import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -19,24 +17,6 @@ from mmproxy.proxy_protocol import PP2_TYPE_UNIQUE_ID, encode_v2
 from mmproxy.udp import IP_PKTINFO, IPV6_PKTINFO, UdpForwarder, _reply_ancillary
 
 LOCAL_HEADER = encode_v2("LOCAL", "UNSPEC")
-
-
-@pytest.fixture
-def echo() -> Iterator[socket.socket]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-
-    def serve() -> None:
-        while True:
-            try:
-                data, peer = sock.recvfrom(65535)
-            except OSError:
-                return
-            sock.sendto(b"echo " + data, peer)
-
-    threading.Thread(target=serve, daemon=True).start()
-    yield sock
-    sock.close()
 
 
 def forwarder(echo: socket.socket, **keys: object) -> tuple[UdpForwarder, socket.socket]:
@@ -74,8 +54,8 @@ def nothing_arrives(sock: socket.socket) -> None:
     sock.settimeout(5)
 
 
-def test_local_datagrams_are_relayed_and_answered(echo: socket.socket) -> None:
-    udp, listener = forwarder(echo)
+def test_local_datagrams_are_relayed_and_answered(udp_echo: socket.socket) -> None:
+    udp, listener = forwarder(udp_echo)
     try:
         with balancer(listener) as lb:
             for payload in (b"one", b"two", b"x" * 60000):
@@ -90,8 +70,8 @@ def test_local_datagrams_are_relayed_and_answered(echo: socket.socket) -> None:
     assert udp.stats.flows == 0
 
 
-def test_a_changed_header_is_checked_again_and_keeps_its_flow(echo: socket.socket) -> None:
-    udp, listener = forwarder(echo)
+def test_a_changed_header_is_checked_again_and_keeps_its_flow(udp_echo: socket.socket) -> None:
+    udp, listener = forwarder(udp_echo)
     try:
         with balancer(listener) as lb:
             for unique_id in (b"a", b"b", b"a"):
@@ -108,8 +88,8 @@ def test_a_changed_header_is_checked_again_and_keeps_its_flow(echo: socket.socke
         listener.close()
 
 
-def test_each_balancer_port_is_its_own_flow(echo: socket.socket) -> None:
-    udp, listener = forwarder(echo)
+def test_each_balancer_port_is_its_own_flow(udp_echo: socket.socket) -> None:
+    udp, listener = forwarder(udp_echo)
     try:
         with balancer(listener) as a, balancer(listener) as b:
             a.send(LOCAL_HEADER + b"a")
@@ -121,8 +101,8 @@ def test_each_balancer_port_is_its_own_flow(echo: socket.socket) -> None:
         listener.close()
 
 
-def test_idle_flow_is_closed(echo: socket.socket) -> None:
-    udp, listener = forwarder(echo, udp_idle_timeout=1.0)
+def test_idle_flow_is_closed(udp_echo: socket.socket) -> None:
+    udp, listener = forwarder(udp_echo, udp_idle_timeout=1.0)
     try:
         with balancer(listener) as lb:
             lb.send(LOCAL_HEADER + b"x")
@@ -136,8 +116,8 @@ def test_idle_flow_is_closed(echo: socket.socket) -> None:
         listener.close()
 
 
-def test_untrusted_and_invalid_are_counted(echo: socket.socket) -> None:
-    udp, listener = forwarder(echo, allowed_networks=(parse_network("192.0.2.0/24"),))
+def test_untrusted_and_invalid_are_counted(udp_echo: socket.socket) -> None:
+    udp, listener = forwarder(udp_echo, allowed_networks=(parse_network("192.0.2.0/24"),))
     try:
         with balancer(listener) as lb:
             lb.send(LOCAL_HEADER + b"x")
@@ -152,10 +132,10 @@ def test_untrusted_and_invalid_are_counted(echo: socket.socket) -> None:
 
 
 def test_a_header_alone_opens_the_flow_and_later_datagrams_need_none(
-    echo: socket.socket,
+    udp_echo: socket.socket,
 ) -> None:
     """Spectrum's v2 framing: the header on the first datagram only, often alone."""
-    udp, listener = forwarder(echo)
+    udp, listener = forwarder(udp_echo)
     try:
         with balancer(listener) as lb:
             lb.send(LOCAL_HEADER)
@@ -173,8 +153,8 @@ def test_a_header_alone_opens_the_flow_and_later_datagrams_need_none(
         listener.close()
 
 
-def test_a_datagram_without_header_or_flow_is_dropped(echo: socket.socket) -> None:
-    udp, listener = forwarder(echo)
+def test_a_datagram_without_header_or_flow_is_dropped(udp_echo: socket.socket) -> None:
+    udp, listener = forwarder(udp_echo)
     try:
         with balancer(listener) as lb, balancer(listener) as other:
             lb.send(LOCAL_HEADER)
@@ -189,10 +169,10 @@ def test_a_datagram_without_header_or_flow_is_dropped(echo: socket.socket) -> No
         listener.close()
 
 
-def test_the_least_recently_used_flow_makes_room(echo: socket.socket) -> None:
+def test_the_least_recently_used_flow_makes_room(udp_echo: socket.socket) -> None:
     """Issue 11: a full table used to refuse every new flow (`flow-limit`), so whoever
     filled it first kept it; now the flow quiet for longest is closed instead."""
-    udp, listener = forwarder(echo, udp_max_flows=2)
+    udp, listener = forwarder(udp_echo, udp_max_flows=2)
     try:
         with balancer(listener) as a, balancer(listener) as b, balancer(listener) as c:
             for lb in (a, b, a, c):
@@ -210,10 +190,10 @@ def test_the_least_recently_used_flow_makes_room(echo: socket.socket) -> None:
         listener.close()
 
 
-def test_a_balancer_address_evicts_within_its_share(echo: socket.socket) -> None:
+def test_a_balancer_address_evicts_within_its_share(udp_echo: socket.socket) -> None:
     """Issue 11: one (spoofed) balancer address must not evict the others' flows while
     it holds its share of the table."""
-    udp, listener = forwarder(echo, udp_max_flows=4, udp_max_flows_per_balancer=2)
+    udp, listener = forwarder(udp_echo, udp_max_flows=4, udp_max_flows_per_balancer=2)
     try:
         with balancer(listener, "127.0.0.2") as other:
             other.send(LOCAL_HEADER + b"first")
@@ -234,8 +214,8 @@ def test_a_balancer_address_evicts_within_its_share(echo: socket.socket) -> None
         listener.close()
 
 
-def test_idle_flows_close_in_order_of_last_use(echo: socket.socket) -> None:
-    udp, listener = forwarder(echo, udp_idle_timeout=1.0)
+def test_idle_flows_close_in_order_of_last_use(udp_echo: socket.socket) -> None:
+    udp, listener = forwarder(udp_echo, udp_idle_timeout=1.0)
     try:
         with balancer(listener) as a, balancer(listener) as b:
             a.send(LOCAL_HEADER + b"x")
@@ -252,10 +232,10 @@ def test_idle_flows_close_in_order_of_last_use(echo: socket.socket) -> None:
         listener.close()
 
 
-def test_a_reload_that_changes_the_framing_closes_every_flow(echo: socket.socket) -> None:
+def test_a_reload_that_changes_the_framing_closes_every_flow(udp_echo: socket.socket) -> None:
     """A flow's replies are framed for the balancer that opened it (SPP puts a header on
     each): after `udp_header` changes, no flow may carry on with the old framing."""
-    udp, listener = forwarder(echo)
+    udp, listener = forwarder(udp_echo)
     try:
         with balancer(listener) as lb:
             lb.send(LOCAL_HEADER + b"x")

@@ -3,7 +3,7 @@ made for each test (../shared/notes/testbed.md has the recipes)."""
 
 from __future__ import annotations
 
-import os
+import contextlib
 import re
 import socket
 import subprocess
@@ -11,14 +11,16 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from mmproxy.netns import NetNS, apply, link
 from mmproxy.routing import lo_commands, mark_commands
+from tests.support import Backend, Handler, needs_root, tell_peer
 
 MARK, TABLE = 123, 100
 # The gateway namespace's end of the veth, and the balancer/client namespace's end.
@@ -37,10 +39,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(autouse=True)
 def _needs_root() -> None:
-    if os.geteuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("integration tests need root; CI runs as root")
-        pytest.skip("NOT RUN: integration tests need root (network namespaces); run as root")
+    needs_root("integration tests need root (network namespaces)")
 
 
 @dataclass
@@ -75,83 +74,33 @@ def make_net(variant: str) -> Net:
     return Net(gw, peer, variant)
 
 
+@contextlib.contextmanager
+def made_net(variant: str) -> Iterator[Net]:
+    """make_net(variant), its namespaces deleted afterwards."""
+    n = make_net(variant)
+    try:
+        yield n
+    finally:
+        n.gw.delete()
+        n.peer.delete()
+
+
 @pytest.fixture(params=["lo", "mark"])
 def net(request: pytest.FixtureRequest) -> Iterator[Net]:
-    n = make_net(request.param)
-    yield n
-    n.gw.delete()
-    n.peer.delete()
+    with made_net(request.param) as n:
+        yield n
 
 
 @pytest.fixture
 def lo_net() -> Iterator[Net]:
-    n = make_net("lo")
-    yield n
-    n.gw.delete()
-    n.peer.delete()
+    with made_net("lo") as n:
+        yield n
 
 
-@dataclass
-class Seen:
-    peer: tuple[str, int]
-    received: bytes = b""
-
-
-Handler = Callable[[socket.socket, Seen], None]
-
-
-def echo(conn: socket.socket, seen: Seen) -> None:
-    """Echo until EOF, then close: the default application."""
-    while True:
-        data = conn.recv(65536)
-        if not data:
-            return
-        seen.received += data
-        conn.sendall(data)
-
-
-def tell_peer(conn: socket.socket, seen: Seen) -> None:
-    """Say who we think the peer is, then echo."""
-    host, port = seen.peer[:2]
-    conn.sendall(f"{host} {port}\n".encode())
-    echo(conn, seen)
-
-
-@dataclass
-class Backend:
-    """The application: accepts in the gateway namespace, records who connected."""
-
-    listener: socket.socket
-    handler: Handler
-    seen: list[Seen] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def address(self) -> str:
-        host, port = self.listener.getsockname()[:2]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, peer = self.listener.accept()
-            except OSError:
-                return
-            seen = Seen(peer[:2])
-            self.seen.append(seen)
-            threading.Thread(target=self._serve, args=(conn, seen), daemon=True).start()
-
-    def _serve(self, conn: socket.socket, seen: Seen) -> None:
-        with conn:
-            try:
-                self.handler(conn, seen)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.listener.close()
+@pytest.fixture
+def mark_net() -> Iterator[Net]:
+    with made_net("mark") as n:
+        yield n
 
 
 BACKENDS: list[Backend] = []
@@ -185,9 +134,14 @@ class Mmproxy:
     """The real `python -m mmproxy` process in the gateway namespace."""
 
     def __init__(self, ns: NetNS, config_path: Path, *extra: str) -> None:
-        self.ns = ns
         cmd = ns.exec_args(sys.executable, "-m", "mmproxy", "-c", str(config_path), *extra)
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        self._spawn(ns, config_path, cmd)
+
+    def _spawn(self, ns: NetNS, config_path: Path, cmd: list[str], **popen: Any) -> None:
+        """Run `cmd` (mmproxy, however started) and collect its log lines."""
+        self.ns = ns
+        self.config_path = config_path
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, **popen)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -219,8 +173,11 @@ class Mmproxy:
                 self.proc.wait()
 
 
+StartMmproxy = Callable[..., Mmproxy]  # the run_mmproxy fixture
+
+
 @pytest.fixture
-def run_mmproxy(tmp_path: Path) -> Iterator[Callable[..., Mmproxy]]:
+def run_mmproxy(tmp_path: Path) -> Iterator[StartMmproxy]:
     """start(net, **config keys) -> a running mmproxy in net.gw, on 127.0.0.1:2222 and
     [::1]:2222 by default."""
     started: list[Mmproxy] = []

@@ -10,9 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ import yaml
 
 from mmproxy.netns import NetNS
 from mmproxy.proxy_protocol import encode_v1
-from mmproxy.udp import IP_PKTINFO
+from tests.support import UdpEcho, prefixed
 
 from .conftest import (
     CLIENT4,
@@ -30,16 +28,14 @@ from .conftest import (
     TABLE,
     Mmproxy,
     Net,
-    make_net,
+    StartMmproxy,
     recv_all,
     start_backend,
 )
 from .test_haproxy import HAPROXY_CONFIG
 from .test_privileges import Unprivileged, world_readable  # noqa: F401 (a fixture)
 from .test_routing import bare  # noqa: F401 (a fixture)
-from .test_udp import PORT, UdpEcho, balancer, datagram
-
-StartMmproxy = Callable[..., Mmproxy]
+from .test_udp import PORT, balancer, datagram
 
 
 def doctor(
@@ -50,11 +46,6 @@ def doctor(
         net.gw.exec_args(sys.executable, "-m", "mmproxy", *args),
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-
-
-def config_of(proc: Mmproxy) -> Path:
-    args = list(proc.proc.args)  # type: ignore[arg-type]
-    return Path(args[args.index("-c") + 1])
 
 
 def save_log(proc: Mmproxy, path: Path) -> Path:
@@ -105,7 +96,7 @@ def test_many_refused_peers_mean_clients_reach_the_port_directly(
         closed_at_once(lo_net.peer.connect((GW4, 2222), source=host))
     for host in clients:
         proc.wait_for(rf"rejected {host}:\d+: peer is not in allowed_networks")
-    out = doctor(lo_net, config_of(proc), save_log(proc, tmp_path / "log"))
+    out = doctor(lo_net, proc.config_path, save_log(proc, tmp_path / "log"))
     assert out.returncode == 1, out.stdout
     assert diagnoses(out.stdout) == ["direct-clients"], out.stdout
     assert "5 connections from 5 different addresses" in out.stdout
@@ -120,7 +111,7 @@ def test_one_refused_peer_is_named_as_a_balancer_to_allow(
     proc = run_mmproxy(lo_net, listen=["0.0.0.0:2222"], ipv4=app.address)
     closed_at_once(lo_net.peer.connect((GW4, 2222)))
     proc.wait_for(rf"rejected {PEER4}:\d+")
-    out = doctor(lo_net, config_of(proc), save_log(proc, tmp_path / "log"))
+    out = doctor(lo_net, proc.config_path, save_log(proc, tmp_path / "log"))
     assert diagnoses(out.stdout) == ["unknown-balancer"], out.stdout
     assert f"- {PEER4}/32" in out.stdout
 
@@ -149,7 +140,7 @@ def test_a_balancer_without_send_proxy_is_told_to_send_the_header(
         lb.terminate()
         lb.wait(10)
     proc.wait_for(r"rejected 127\.0\.0\.1:\d+: invalid PROXY header: .*looks like HTTP")
-    out = doctor(lo_net, config_of(proc), save_log(proc, tmp_path / "log"))
+    out = doctor(lo_net, proc.config_path, save_log(proc, tmp_path / "log"))
     assert diagnoses(out.stdout) == ["no-proxy-header"], out.stdout
     assert "2 connections from the allowed balancer(s) 127.0.0.1" in out.stdout
     assert "looks like HTTP" in out.stdout and "no complete PROXY header" in out.stdout
@@ -180,7 +171,7 @@ def test_ipv4_balancer_on_a_dual_stack_listener_is_named_mapped(
     )
     closed_at_once(lo_net.peer.connect((GW4, 2222)))
     proc.wait_for(rf"rejected {PEER4}:\d+")
-    out = doctor(lo_net, config_of(proc), save_log(proc, tmp_path / "log"))
+    out = doctor(lo_net, proc.config_path, save_log(proc, tmp_path / "log"))
     assert diagnoses(out.stdout) == ["ipv4-mapped-balancer"], out.stdout
     assert "dual-stack listener [::]:2222" in out.stdout
     assert f"- {PEER4}/32" in out.stdout
@@ -216,14 +207,6 @@ def test_a_rule_with_a_lower_priority_shadows_mmproxys(lo_net: Net, tmp_path: Pa
     after = doctor(lo_net, config)
     assert after.returncode == 0, after.stdout
     assert "answers a spoofed connection from 192.0.2.1" in after.stdout
-
-
-@pytest.fixture
-def mark_net() -> Iterator[Net]:
-    net = make_net("mark")
-    yield net
-    net.gw.delete()
-    net.peer.delete()
 
 
 def test_route_localnet_off_blocks_the_fwmark_variant(mark_net: Net, tmp_path: Path) -> None:
@@ -289,7 +272,7 @@ def test_a_target_behind_docker_proxy_is_named(
             sock.sendall(encode_v1("TCP4", (CLIENT4, 40000), (GW4, 2222)))
             seen = sock.makefile("rb").readline().decode()
         assert not seen.startswith(CLIENT4)  # the failure: the client's address is lost
-        out = doctor(lo_net, config_of(proc), save_log(proc, tmp_path / "log"))
+        out = doctor(lo_net, proc.config_path, save_log(proc, tmp_path / "log"))
     finally:
         docker.kill()
         docker.wait()
@@ -315,7 +298,7 @@ def test_a_udp_application_bound_to_every_address_loses_its_replies(
             with pytest.raises(TimeoutError):
                 lb.recv(65535)  # the failure: the reply never comes back
         assert echo.peers  # the application did get the datagram
-        out = doctor(lo_net, config_of(proc), save_log(proc, tmp_path / "log"))
+        out = doctor(lo_net, proc.config_path, save_log(proc, tmp_path / "log"))
     finally:
         sock.close()
     assert diagnoses(out.stdout) == ["udp-reply-source"], out.stdout
@@ -330,17 +313,7 @@ def test_a_udp_application_that_answers_from_the_address_asked_is_not_blamed(
     dnsmasq and unbound do: its replies come back, and doctor sees the option set."""
     sock = lo_net.gw.open_socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("0.0.0.0", 0))
-    sock.setsockopt(socket.SOL_IP, IP_PKTINFO, 1)
-
-    def serve() -> None:
-        while True:
-            try:
-                data, ancillary, _flags, peer = sock.recvmsg(65535, 64)
-                sock.sendmsg([b"re: " + data], ancillary, 0, peer)
-            except OSError:
-                return
-
-    threading.Thread(target=serve, daemon=True).start()
+    UdpEcho(sock, prefixed(b"re: "), pktinfo=True)
     try:
         port = sock.getsockname()[1]
         proc = run_mmproxy(
@@ -350,7 +323,7 @@ def test_a_udp_application_that_answers_from_the_address_asked_is_not_blamed(
         with balancer(lo_net) as lb:
             lb.send(datagram((CLIENT4, 40004), b"ping"))
             assert lb.recv(65535) == b"re: ping"
-        out = doctor(lo_net, config_of(proc), save_log(proc, tmp_path / "log"))
+        out = doctor(lo_net, proc.config_path, save_log(proc, tmp_path / "log"))
     finally:
         sock.close()
     assert out.returncode == 0, out.stdout

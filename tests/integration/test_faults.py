@@ -9,14 +9,14 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from mmproxy.proxy_protocol import encode_v1
+from tests.support import Seen
 
-from .conftest import CLIENT4, Mmproxy, Net, Seen, process_tree, start_backend
+from .conftest import CLIENT4, Net, StartMmproxy, process_tree, start_backend
 
 CONNECTIONS = 10_000
 
@@ -46,7 +46,7 @@ def reset_at_once(conn: socket.socket, seen: Seen) -> None:
 
 @pytest.mark.parametrize("fault", ["target-down", "target-resets"])
 def test_faulty_targets_close_clients_and_leak_nothing(
-    lo_net: Net, run_mmproxy: Callable[..., Mmproxy], fault: str
+    lo_net: Net, run_mmproxy: StartMmproxy, fault: str
 ) -> None:
     if fault == "target-down":
         target = "127.0.0.1:9"  # nothing listens there

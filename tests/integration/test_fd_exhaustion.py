@@ -7,16 +7,15 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
-from collections.abc import Callable
 
 from mmproxy.proxy_protocol import encode_v1
 
-from .conftest import CLIENT4, Mmproxy, Net, process_tree, start_backend
+from .conftest import CLIENT4, Net, StartMmproxy, process_tree, start_backend
 
 FD_LIMIT = 64  # mmproxy needs ~10 of its own; each connection takes 2
 
 
-def test_emfile_backs_off_and_recovers(lo_net: Net, run_mmproxy: Callable[..., Mmproxy]) -> None:
+def test_emfile_backs_off_and_recovers(lo_net: Net, run_mmproxy: StartMmproxy) -> None:
     app = start_backend(lo_net.gw, "127.0.0.1")
     proc = run_mmproxy(lo_net, ipv4=app.address)
     for pid in process_tree(proc.proc.pid):  # the supervisor and its worker processes

@@ -12,11 +12,11 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
 
 from mmproxy.proxy_protocol import encode_v1, encode_v2
+from tests.support import Seen
 
 from .conftest import (
     CLIENT4,
@@ -24,14 +24,11 @@ from .conftest import (
     GW4,
     GW6,
     PEER4,
-    Mmproxy,
     Net,
-    Seen,
+    StartMmproxy,
     recv_all,
     start_backend,
 )
-
-StartMmproxy = Callable[..., Mmproxy]
 
 
 def header(version: int, family: str, source: tuple[str, int]) -> bytes:
@@ -208,7 +205,12 @@ def test_one_mib_each_way_arrives_byte_exact(net: Net, run_mmproxy: StartMmproxy
     run_mmproxy(net, ipv4=app.address)
     with connect(net) as sock:
         sock.sendall(header(2, "TCP4", (CLIENT4, 40008)))
-        sender = threading.Thread(target=lambda: (sock.sendall(upload), sock.shutdown(1)))
+
+        def send() -> None:
+            sock.sendall(upload)
+            sock.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send)
         sender.start()
         received = recv_all(sock)
         sender.join()
@@ -346,7 +348,8 @@ SIOCATMARK = 0x8905  # <linux/sockios.h>: the next byte to read is the urgent on
 
 
 def at_mark(sock: socket.socket) -> bool:
-    return struct.unpack("i", fcntl.ioctl(sock, SIOCATMARK, b"\0" * 4))[0] != 0
+    (marked,) = struct.unpack("i", fcntl.ioctl(sock, SIOCATMARK, b"\0" * 4))
+    return bool(marked)
 
 
 def read_marked(sock: socket.socket, length: int) -> list[tuple[bytes, bool]]:

@@ -6,12 +6,11 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from .conftest import GW4, PEER4, Mmproxy, Net, start_backend
+from .conftest import GW4, PEER4, Net, StartMmproxy, start_backend
 
 HAPROXY_CONFIG = """\
 global
@@ -31,7 +30,7 @@ backend gateway
 
 @pytest.mark.parametrize("send_proxy", ["send-proxy", "send-proxy-v2"])
 def test_haproxy_in_front(
-    lo_net: Net, run_mmproxy: Callable[..., Mmproxy], tmp_path: Path, send_proxy: str
+    lo_net: Net, run_mmproxy: StartMmproxy, tmp_path: Path, send_proxy: str
 ) -> None:
     haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
     app = start_backend(lo_net.gw, "127.0.0.1")

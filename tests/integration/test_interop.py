@@ -17,7 +17,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +32,9 @@ from mmproxy.proxy_protocol import (
     encode_v1,
     encode_v2,
 )
+from tests.support import Backend, tell_peer
 
-from .conftest import CLIENT4, CLIENT6, GW4, GW6, PEER4, PEER6, Backend, Mmproxy, Net, tell_peer
+from .conftest import CLIENT4, CLIENT6, GW4, GW6, PEER4, PEER6, Mmproxy, Net, StartMmproxy
 
 CLIENT_NET4 = "192.0.2.7", "192.0.2.1"  # the client, the balancer's address facing it
 APP_PORT = 8080
@@ -132,7 +133,7 @@ class Bed:
 
 
 @pytest.fixture
-def bed(lo_net: Net, run_mmproxy: Callable[..., Mmproxy], tmp_path: Path) -> Iterator[Bed]:
+def bed(lo_net: Net, run_mmproxy: StartMmproxy, tmp_path: Path) -> Iterator[Bed]:
     client = NetNS("mmp-client")
     link(client, lo_net.peer, [f"{CLIENT_NET4[0]}/24"], [f"{CLIENT_NET4[1]}/24"])
     app = start_nginx(lo_net.gw, tmp_path / "app", app_config(tmp_path / "app"))
@@ -348,7 +349,7 @@ backend gateway
 
 @pytest.mark.parametrize("follow", [True, False], ids=["follow_destination_port", "one-target"])
 def test_listen_port_range_through_haproxy(
-    lo_net: Net, run_mmproxy: Callable[..., Mmproxy], tmp_path: Path, follow: bool
+    lo_net: Net, run_mmproxy: StartMmproxy, tmp_path: Path, follow: bool
 ) -> None:
     client = NetNS("mmp-client")
     link(client, lo_net.peer, [f"{CLIENT_NET4[0]}/24"], [f"{CLIENT_NET4[1]}/24"])
@@ -395,9 +396,7 @@ def test_listen_port_range_through_haproxy(
         client.delete()
 
 
-def test_wider_span_redirected_to_one_listener(
-    lo_net: Net, run_mmproxy: Callable[..., Mmproxy]
-) -> None:
+def test_wider_span_redirected_to_one_listener(lo_net: Net, run_mmproxy: StartMmproxy) -> None:
     # The set-up the docs give past the 1,024-port cap: the firewall steers the whole
     # span to one listener; the header still names the port the client asked for.
     rules = (
@@ -429,7 +428,7 @@ def test_wider_span_redirected_to_one_listener(
 
 
 def test_a_full_1024_port_range_serves_its_last_port(
-    lo_net: Net, run_mmproxy: Callable[..., Mmproxy]
+    lo_net: Net, run_mmproxy: StartMmproxy
 ) -> None:
     backend = Backend(lo_net.gw.listen(("127.0.0.1", 0)), tell_peer)
     try:
@@ -452,9 +451,7 @@ def test_a_full_1024_port_range_serves_its_last_port(
         backend.close()
 
 
-def test_udp_range_follows_the_destination_port(
-    lo_net: Net, run_mmproxy: Callable[..., Mmproxy]
-) -> None:
+def test_udp_range_follows_the_destination_port(lo_net: Net, run_mmproxy: StartMmproxy) -> None:
     apps = []
     for port in (7000, 7001, 7002):
         sock = lo_net.gw.open_socket(socket.AF_INET6, socket.SOCK_DGRAM)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import socket
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,9 +12,7 @@ import yaml
 
 from mmproxy.proxy_protocol import encode_v1
 
-from .conftest import CLIENT4, Mmproxy, Net, recv_all, start_backend
-
-StartMmproxy = Callable[..., Mmproxy]
+from .conftest import CLIENT4, Mmproxy, Net, StartMmproxy, recv_all, start_backend
 
 
 def hello(net: Net, port: int = 40100) -> socket.socket:
@@ -50,7 +47,7 @@ def test_sighup_reloads_and_a_bad_reload_keeps_the_running_config(
     proc = run_mmproxy(lo_net, ipv4=app.address, allowed_networks=["192.0.2.0/24"])
     with hello(lo_net) as sock:
         assert recv_all(sock) == b""  # 127.0.0.1 is not an allowed balancer yet
-    config_path = Path(proc.proc.args[-2])  # type: ignore[index]
+    config_path = proc.config_path
     config = yaml.safe_load(config_path.read_text())
     config["allowed_networks"] = ["127.0.0.0/8"]
     config_path.write_text(yaml.safe_dump(config))
@@ -106,7 +103,7 @@ def test_every_kind_of_bad_reload_keeps_the_running_config(
     refused naming the file, line and key, and the running configuration goes on."""
     app = start_backend(lo_net.gw, "127.0.0.1")
     proc = run_mmproxy(lo_net, ipv4=app.address)
-    config_path = Path(proc.proc.args[-2])  # type: ignore[index]
+    config_path = proc.config_path
     good = config_path.read_text()
     lines = len(good.splitlines())
     broken = {

@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import threading
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,12 +40,8 @@ class Installed(Mmproxy):
     """The virtualenv's `mmproxy` command, in the gateway namespace."""
 
     def __init__(self, net: Net, command: Path, config_path: Path) -> None:
-        self.ns = net.gw
         cmd = net.gw.exec_args(str(command), "-c", str(config_path), "-v")
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd="/")
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        self._spawn(net.gw, config_path, cmd, cwd="/")
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +53,7 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     shutil.copytree(REPO, tree, ignore=shutil.ignore_patterns(*NOT_SOURCE))
     env = work / "venv"
     run(os.path.realpath(sys.executable), "-m", "venv", env)  # the interpreter, not .venv's
-    pip = [env / "bin/python", "-m", "pip", "--disable-pip-version-check", "-q"]
+    pip: list[str | Path] = [env / "bin/python", "-m", "pip", "--disable-pip-version-check", "-q"]
     run(*pip, "install", "build")
     run(env / "bin/python", "-m", "build", "--sdist", "--outdir", work / "sdist", tree)
     (sdist,) = (work / "sdist").glob("mmproxy-*.tar.gz")

@@ -20,9 +20,7 @@ import contextlib
 import os
 import re
 import socket
-import subprocess
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,9 +29,10 @@ import yaml
 
 from mmproxy.proxy_protocol import encode_v1, encode_v2
 from tests.readable import Runnable, copy_for_others
+from tests.support import UdpEcho
 
-from .conftest import CLIENT4, CLIENT6, MARK, TABLE, Mmproxy, Net, make_net, start_backend
-from .test_udp import PORT, UdpEcho, balancer, datagram, targets
+from .conftest import CLIENT4, CLIENT6, MARK, TABLE, Mmproxy, Net, made_net, start_backend
+from .test_udp import PORT, balancer, datagram, targets
 
 NOBODY = 65534
 CAP_NET_BIND_SERVICE, CAP_NET_ADMIN, CAP_NET_RAW = 10, 12, 13  # bits of /proc/PID/status Cap*
@@ -60,19 +59,13 @@ class Unprivileged(Mmproxy):
     def __init__(
         self, net: Net, config_path: Path, caps: list[str], code: Runnable | None = None
     ) -> None:
-        self.ns = net.gw
         # nobody runs a readable copy of the code (the checkout may be under /root).
         self._copy = contextlib.ExitStack()
         if code is None:
             code = self._copy.enter_context(copy_for_others())
         cmd = net.gw.exec_args(*setpriv(caps), code.python, "-m", "mmproxy", "-c",
                                str(config_path))  # fmt: skip
-        self.proc = subprocess.Popen(
-            cmd, stderr=subprocess.PIPE, text=True, cwd=code.path, env=code.env()
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        self._spawn(net.gw, config_path, cmd, cwd=code.path, env=code.env())
 
     def refused(self) -> None:
         """It exited without serving, saying why."""
@@ -222,8 +215,7 @@ def test_without_capabilities_it_refuses_and_names_cap_net_admin(
 def test_cap_net_raw_alone_cannot_run_the_fwmark_variant(world_readable: Path) -> None:
     """CAP_NET_RAW, which the unit used to grant as well, is not enough: the fwmark
     variant's self-check cannot read the firewall rules, and says CAP_NET_ADMIN is needed."""
-    net = make_net("mark")
-    try:
+    with made_net("mark") as net:
         proc = Unprivileged(net, loopback_config(world_readable, net), ["net_raw"])
         try:
             proc.refused()
@@ -234,9 +226,6 @@ def test_cap_net_raw_alone_cannot_run_the_fwmark_variant(world_readable: Path) -
             proc.wait_for(re.escape(CAPS_FIX))
         finally:
             proc.stop()
-    finally:
-        net.gw.delete()
-        net.peer.delete()
 
 
 @pytest.mark.skipif(not kernel_at_least(5, 17), reason="SO_MARK needs CAP_NET_ADMIN before 5.17")

@@ -8,11 +8,10 @@ import re
 import signal
 import statistics
 import time
-from collections.abc import Callable
 
 from mmproxy.proxy_protocol import encode_v1
 
-from .conftest import CLIENT4, Mmproxy, Net, start_backend
+from .conftest import CLIENT4, Net, StartMmproxy, start_backend
 
 STALLED = 2000
 
@@ -26,9 +25,7 @@ def good_client_latency(net: Net, port: int) -> float:
     return time.monotonic() - started
 
 
-def test_stalled_headers_do_not_delay_a_good_client(
-    lo_net: Net, run_mmproxy: Callable[..., Mmproxy]
-) -> None:
+def test_stalled_headers_do_not_delay_a_good_client(lo_net: Net, run_mmproxy: StartMmproxy) -> None:
     app = start_backend(lo_net.gw, "127.0.0.1")
     proc = run_mmproxy(lo_net, ipv4=app.address, header_timeout=3)
     before = [good_client_latency(lo_net, 42000 + i) for i in range(20)]

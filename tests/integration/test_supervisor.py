@@ -8,7 +8,7 @@ import re
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,9 +16,7 @@ import pytest
 
 from mmproxy.proxy_protocol import encode_v1
 
-from .conftest import CLIENT4, Mmproxy, Net, start_backend
-
-StartMmproxy = Callable[..., Mmproxy]
+from .conftest import CLIENT4, Mmproxy, Net, StartMmproxy, start_backend
 
 
 def workers_of(pid: int) -> list[int]:

@@ -15,45 +15,18 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import pytest
 import yaml
 
 from mmproxy.netns import NetNS
 from mmproxy.proxy_protocol import encode_v1, encode_v2
-from mmproxy.udp import IP_PKTINFO
+from tests.support import UdpEcho, prefixed
 
-from .conftest import CLIENT4, CLIENT6, GW4, GW6, PEER4, Mmproxy, Net
+from .conftest import CLIENT4, CLIENT6, GW4, GW6, PEER4, Mmproxy, Net, StartMmproxy
 
-StartMmproxy = Callable[..., Mmproxy]
 PORT = 5300  # mmproxy's UDP listener in the gateway namespace
-
-
-@dataclass
-class UdpEcho:
-    """The application: answers each datagram with "<peer host> <peer port> " + payload."""
-
-    sock: socket.socket
-    peers: list[tuple[str, int]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    @property
-    def address(self) -> str:
-        host, port = self.sock.getsockname()[:2]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                data, peer = self.sock.recvfrom(65535)
-                self.peers.append(peer[:2])
-                self.sock.sendto(f"{peer[0]} {peer[1]} ".encode() + data, peer)
-            except OSError:
-                return
 
 
 @pytest.fixture
@@ -353,7 +326,7 @@ def test_ipv6_client_through_ipv4_balancer_socket(world: UdpWorld) -> None:
 def test_reload_applies_to_new_datagrams_and_a_bad_one_keeps_the_config(world: UdpWorld) -> None:
     lo_net = world.net
     proc = world.start()
-    config_path = Path(str(proc.proc.args[-2]))  # type: ignore[index]
+    config_path = proc.config_path
     with balancer(lo_net) as lb:
         lb.send(datagram((CLIENT4, 46000), b"before"))
         assert lb.recv(65535) == f"{CLIENT4} 46000 before".encode()
@@ -406,18 +379,8 @@ def test_an_application_on_every_address_must_answer_from_the_address_asked(
     dnsmasq, unbound and BIND do, with IP_PKTINFO) is reached; the self-check says so."""
     sock = lo_net.gw.open_socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("0.0.0.0", 0))
-    sock.setsockopt(socket.SOL_IP, IP_PKTINFO, 1)
+    UdpEcho(sock, prefixed(b"from the address asked: "), pktinfo=True)
     port = sock.getsockname()[1]
-
-    def serve() -> None:
-        while True:
-            try:
-                data, ancillary, _flags, peer = sock.recvmsg(65535, 64)
-                sock.sendmsg([b"from the address asked: " + data], ancillary, 0, peer)
-            except OSError:
-                return
-
-    threading.Thread(target=serve, daemon=True).start()
     try:
         proc = run_mmproxy(
             lo_net,
@@ -550,7 +513,7 @@ def test_reload_checks_the_balancer_of_a_first_datagram_flow(world: UdpWorld) ->
     """Its datagrams carry no header to check again: a balancer that lost its trust
     loses its flows' later datagrams too."""
     proc = world.start()
-    config_path = Path(str(proc.proc.args[-2]))  # type: ignore[index]
+    config_path = proc.config_path
     flow = SpectrumFlow(world.net, "v2", (CLIENT4, 42001))
     try:
         flow.send(b"before")

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
@@ -12,18 +11,14 @@ from pathlib import Path
 import pytest
 
 from mmproxy.netns import NetNS, link
+from tests.support import needs_root
 from tests.system.harness import Container, ContainerError, base_rootfs
 
 HERE = Path(__file__).parent
-NOT_RUN = "NOT RUN: system tests need root (they boot systemd in systemd-nspawn containers)"
 
 # The container's end of the veth (net fixture), and the peer's (a client, a balancer).
 SERVER4, PEER4 = "192.0.2.10", "192.0.2.20"
 SERVER6, PEER6 = "2001:db8:7::10", "2001:db8:7::20"
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -34,18 +29,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def _needs_root() -> None:
-    if os.geteuid() != 0:
-        if _in_ci():
-            pytest.fail(f"{NOT_RUN}; CI runs as root, so this is an error")
-        pytest.skip(NOT_RUN)
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    skipped = [
-        rep for rep in terminalreporter.stats.get("skipped", []) if NOT_RUN in str(rep.longrepr)
-    ]
-    if skipped:
-        terminalreporter.write_sep("!", f"{len(skipped)} system tests {NOT_RUN}", red=True)
+    needs_root("system tests need root (they boot systemd in systemd-nspawn containers)")
 
 
 @pytest.fixture(scope="session")

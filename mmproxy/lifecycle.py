@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from mmproxy.address import Address
 from mmproxy.checks import run_checks
 from mmproxy.config import Config, ConfigError
+from mmproxy.observe import ObserveError, Observer, Source
 from mmproxy.systemd import Notifier, listen_sockets
 
 log = logging.getLogger("mmproxy")
@@ -150,3 +151,14 @@ def reread(
 def _sockname(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return str(Address(host, port, "udp" if sock.type == socket.SOCK_DGRAM else "tcp"))
+
+
+def observe(config: Config, name: str | None, source: Source) -> Observer:
+    """Start the metrics listener and the status socket (mmproxy.observe)."""
+    observer = Observer(config, name, source)
+    try:
+        observer.start()
+    except ObserveError as exc:
+        observer.stop()
+        raise StartError(str(exc)) from exc
+    return observer

@@ -128,7 +128,8 @@ class Observer:
         if self._path is not None:
             try:
                 self._path.unlink()
-            except FileNotFoundError:
+                self._path.parent.rmdir()  # if empty, and ours to remove (not systemd's)
+            except OSError:
                 pass
 
     def metrics_page(self) -> bytes:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -17,6 +18,7 @@ import pytest
 from mmproxy.proxy_protocol import encode_v1
 
 from .conftest import CLIENT4, Mmproxy, Net, recv_all, start_backend
+from .test_metrics import METRICS, scrape
 
 StartMmproxy = Callable[..., Mmproxy]
 NAME = "web"
@@ -86,11 +88,10 @@ def test_status_shows_an_open_connection_and_a_rejection(
     assert reader.read(5) == b"again"
     sock.close()
 
-    socket_path = runtime / NAME / "status.sock"
-    assert socket_path.stat().st_mode & 0o777 == 0o600
     denied = status(NAME, user="nobody")
     assert denied.returncode == 1
     assert "root only (or the group in status_group:)" in denied.stderr
+    assert (runtime / NAME / "status.sock").stat().st_mode & 0o777 == 0o600
 
 
 def test_status_group_lets_its_members_read(
@@ -108,3 +109,26 @@ def test_status_group_lets_its_members_read(
     assert not socket_path.exists()  # removed at the stop
     gone = status(NAME)
     assert gone.returncode == 1 and f"instance {NAME} is not running" in gone.stderr
+
+
+def test_one_process_shows_its_drain(lo_net: Net, run_mmproxy: StartMmproxy, runtime: Path) -> None:
+    """workers: 1 (the single-process runner): status and /metrics while it drains."""
+    app = start_backend(lo_net.gw, "127.0.0.1")
+    metrics = f"{METRICS[0]}:{METRICS[1]}"
+    proc = run_mmproxy(
+        lo_net, "--instance", NAME, ipv4=app.address, workers=1, drain_timeout=20,
+        metrics_listen=metrics,
+    )  # fmt: skip
+    assert scrape(lo_net)["mmproxy_draining"] == 0
+    with lo_net.gw.connect(("127.0.0.1", 2222), timeout=10) as sock:
+        sock.sendall(encode_v1("TCP4", (CLIENT4, 42425), ("198.51.100.1", 2222)))
+        assert sock.makefile("rb").readline() == f"{CLIENT4} 42425\n".encode()
+        proc.proc.send_signal(signal.SIGTERM)
+        proc.wait_for("stopping: ")
+        doc = json.loads(status(NAME, "--json").stdout)
+        assert (doc["draining"], doc["workers"]) == (True, 1)
+        assert [c["client"] for c in doc["connections"]] == [f"{CLIENT4}:42425"]
+        page = scrape(lo_net)
+        assert (page["mmproxy_draining"], page["mmproxy_connections_active"]) == (1, 1)
+    assert proc.proc.wait(10) == 0
+    assert not (runtime / NAME).exists()

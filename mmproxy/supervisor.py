@@ -111,6 +111,9 @@ class Supervisor:
         self._activated = False
         self.workers: dict[int, Worker] = {}
         self._retired = Totals()  # counters of workers that ended (totals only)
+        # Held while a worker's counters move to _retired, and while the observer's
+        # threads add them up: a scrape never sees them twice, or not at all.
+        self._counting = threading.Lock()
         self._respawn_at: dict[int, float] = {}
         self._stop = False
         self._reload = False
@@ -243,9 +246,10 @@ class Supervisor:
 
     def _totals(self) -> Totals:
         totals = Totals()
-        totals.merge(self._retired)
-        for worker in list(self.workers.values()):  # a copy: observer threads call this too
-            totals.add(worker.stats)
+        with self._counting:
+            totals.merge(self._retired)
+            for worker in list(self.workers.values()):  # a copy: observer threads call this
+                totals.add(worker.stats)
         return totals
 
     # --- what operators see (on the observer's threads) --------------------------------
@@ -383,10 +387,11 @@ class Supervisor:
         return died
 
     def _forget(self, worker: Worker) -> None:
-        self._retired.add(worker.stats.ended())  # its connections and flows ended with it
+        with self._counting:
+            self._retired.add(worker.stats.ended())  # its connections and flows ended with it
+            del self.workers[worker.slot]
         worker.orders.close()
         worker.reports.close()
-        del self.workers[worker.slot]
 
     def _respawn_due(self, now: float) -> None:
         for slot, when in list(self._respawn_at.items()):

@@ -131,6 +131,9 @@ def reload(
     new = reread(reload_config, notifier, status)
     if new is not None and new.listen != current.listen:
         log.warning("listen addresses changed: they take effect at the next restart")
+    for key in ("metrics_listen", "status_group"):
+        if new is not None and getattr(new, key) != getattr(current, key):
+            log.warning("%s changed: it takes effect at the next restart", key)
     return new
 
 

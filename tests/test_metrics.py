@@ -228,3 +228,15 @@ def test_a_second_instance_of_the_same_name_leaves_the_socket_alone(
     second.stop()
     assert observe.status_path("unit").exists()  # still the first one's
     assert observe.read_status("unit")["pid"] == os.getpid()
+
+
+def test_a_reload_says_the_metrics_address_waits_for_a_restart(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from mmproxy import lifecycle
+    from mmproxy.systemd import Notifier
+
+    old = Config()
+    new = dataclasses.replace(old, metrics_listen=Address("127.0.0.1", 9877))
+    assert lifecycle.reload(old, lambda: new, Notifier(), lambda: "") is new
+    assert "metrics_listen changed: it takes effect at the next restart" in caplog.text

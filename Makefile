@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := python3-venv python3-dev gcc python3-systemd python3-yaml python3-sdnotify \
 	iproute2 iptables nftables haproxy procps dnsmasq-base nginx libnginx-mod-stream curl \
-	bind9-dnsutils libsystemd-dev pkg-config
+	bind9-dnsutils libsystemd-dev pkg-config python3-prometheus-client
 
 PREFIX ?= /usr
 DESTDIR ?=

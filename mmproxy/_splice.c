@@ -630,6 +630,31 @@ static PyObject *Core_pipes(Core *c, PyObject *Py_UNUSED(ignored))
     return Py_BuildValue("(ii)", held, c->npool);
 }
 
+PyDoc_STRVAR(connections_doc, "connections()\n--\n\n"
+                                "Every open connection as (handle, bytes_in, bytes_out) so far.");
+
+static PyObject *Core_connections(Core *c, PyObject *Py_UNUSED(ignored))
+{
+    int fd;
+    PyObject *list = PyList_New(0);
+    if (list == NULL)
+        return NULL;
+    for (fd = 0; fd < c->cap; fd++) {
+        Conn *conn = c->by_fd[fd];
+        if (conn != NULL && fd == conn->flow[INBOUND].src) {
+            PyObject *t = Py_BuildValue("(OLL)", conn->handle, conn->flow[INBOUND].nbytes,
+                                        conn->flow[OUTBOUND].nbytes);
+            if (t == NULL || PyList_Append(list, t) < 0) {
+                Py_XDECREF(t);
+                Py_DECREF(list);
+                return NULL;
+            }
+            Py_DECREF(t);
+        }
+    }
+    return list;
+}
+
 PyDoc_STRVAR(close_doc, "close()\n--\n\nClose the pooled pipes (the relay is stopping).");
 
 static PyObject *Core_close(Core *c, PyObject *Py_UNUSED(ignored))
@@ -649,6 +674,7 @@ static PyMethodDef Core_methods[] = {
     {"sweep", (PyCFunction)Core_sweep, METH_VARARGS, sweep_doc},
     {"close_all", (PyCFunction)Core_close_all, METH_NOARGS, close_all_doc},
     {"pipes", (PyCFunction)Core_pipes, METH_NOARGS, pipes_doc},
+    {"connections", (PyCFunction)Core_connections, METH_NOARGS, connections_doc},
     {"close", (PyCFunction)Core_close, METH_NOARGS, close_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -5,6 +5,8 @@
     mmproxy doctor [options]         the self-checks, then known problems in plain words
     mmproxy routing up|down [options] --instance NAME
                                      apply / remove the routing (systemd runs these)
+    mmproxy status NAME [--json]     a running instance's counters, open connections
+                                     and last rejections (root, or status_group:)
 
 The original mmproxy's flags work verbatim:
     mmproxy --allowed-networks FILE -l 0.0.0.0:2222 -4 127.0.0.1:22 -6 [::1]:22
@@ -30,7 +32,7 @@ from mmproxy.routing import RoutingError, RoutingState, runtime_dir
 NATIVE = "mmproxy._splice"
 
 EX_CONFIG = 78  # sysexits.h: systemd shows it as "status=78/CONFIG"
-COMMANDS = ("run", "check", "routing", "doctor")
+COMMANDS = ("run", "check", "routing", "doctor", "status")
 
 log = logging.getLogger("mmproxy")
 
@@ -40,7 +42,8 @@ def build_parser(command: str = "run") -> argparse.ArgumentParser:
         prog="mmproxy" if command == "run" else f"mmproxy {command}",
         description="Accept PROXY-protocol connections from a load balancer and connect to "
         "the application with the real client's address as the source. "
-        "Other commands: `mmproxy check`, `mmproxy doctor`, `mmproxy routing up|down`.",
+        "Other commands: `mmproxy check`, `mmproxy doctor`, `mmproxy routing up|down`, "
+        "`mmproxy status NAME`.",
         epilog="Example: mmproxy --allowed-networks networks.txt -l 0.0.0.0:2222 "
         "-4 127.0.0.1:22 -6 [::1]:22   (flags override the --config file)",
     )
@@ -114,6 +117,8 @@ def instance_name(args: argparse.Namespace) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
+    if command == "status":
+        return status(argv)
     args = build_parser(command).parse_args(argv)
     if command == "routing" and args.action == "down":
         return routing_down(args)
@@ -134,6 +139,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "routing":
         return routing_up(config, args)
     return run(config, args)
+
+
+def status(argv: list[str]) -> int:
+    """`mmproxy status NAME`: reads the running instance's status socket; changes nothing."""
+    from mmproxy import observe
+
+    parser = argparse.ArgumentParser(
+        prog="mmproxy status",
+        description="Show a running instance's counters, open connections and last "
+        "rejections, read from its status socket (root only, or status_group:).",
+    )
+    parser.add_argument("name", metavar="NAME", help="the instance (as in --instance), e.g. ssh")
+    parser.add_argument("--json", action="store_true", help="print the answer as JSON")
+    args = parser.parse_args(argv)
+    return observe.main(args.name, args.json)
 
 
 def native_missing() -> str | None:
@@ -179,7 +199,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
 
     runner = Supervisor if workers > 1 else Runner
     try:
-        return runner(config, reload_config, notifier).run()
+        return runner(config, reload_config, notifier, instance_name(args)).run()
     except lifecycle.StartError as exc:
         log.error("%s", exc)
         return 1

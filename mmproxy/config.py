@@ -23,10 +23,12 @@ from mmproxy.config_values import (
     parse_bool,
     parse_connect_timeout,
     parse_duration,
+    parse_group,
     parse_header_timeout,
     parse_listen_value,
     parse_log_level,
     parse_mark,
+    parse_metrics_listen,
     parse_networks,
     parse_networks_file,
     parse_ports,
@@ -174,6 +176,12 @@ class Config:
         "UDP flows one balancer address may hold; default: udp_max_flows",
     )
     udp_header: str = _setting("v2", choice("v2", "spp"), "UDP framing: PROXY v2 or Spectrum's SPP")
+    metrics_listen: Address | None = _setting(
+        None, parse_metrics_listen, "serve Prometheus metrics at http://ADDR/metrics; off"
+    )
+    status_group: str | None = _setting(
+        None, parse_group, "group that may read `mmproxy status` besides root"
+    )
 
     def allowed(self) -> AllowedNetworks:
         return AllowedNetworks(self.allowed_networks)

@@ -289,6 +289,21 @@ def parse_listen_value(value: Value) -> tuple[Address, ...]:
     return tuple(seen)
 
 
+def parse_metrics_listen(value: Value) -> Address | None:
+    if value.kind == "scalar" and value.data is None:
+        return None  # off
+    return _address_value(value)
+
+
+def parse_group(value: Value) -> str | None:
+    if value.kind == "scalar" and value.data is None:
+        return None
+    text = _expect_str(value, 'a group name like "adm"')
+    if not text or any(c.isspace() or c in ":/" for c in text):
+        fail(value, f"{text!r} is not a group name")
+    return text
+
+
 def backend(version: int) -> Parser[Address | None]:
     other = 6 if version == 4 else 4
     example = "127.0.0.1:22" if version == 4 else "[::1]:22"

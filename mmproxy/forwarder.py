@@ -18,6 +18,7 @@ import os
 import select
 import socket
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -36,7 +37,7 @@ from mmproxy.proxy_protocol import (
 )
 from mmproxy.ratelimit import RateLimitedLog
 from mmproxy.relay import Connection, Relay
-from mmproxy.stats import TcpStats
+from mmproxy.stats import Details, OpenConnection, Rejection, TcpStats, close_label
 from mmproxy.transparent import (
     UpstreamError,
     connect_failure,
@@ -52,6 +53,7 @@ _ACCEPT_BACKOFF_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOME
 _ACCEPT_BACKOFF = 0.1
 _RECV_SIZE = 4096
 _ACCEPT_BATCH = 64
+RECENT_REJECTIONS = 20  # how many `mmproxy status` shows
 
 
 class Step(enum.Enum):
@@ -90,6 +92,10 @@ class Forwarder:
         self._listeners = list(listeners)
         self._local = LocalAddresses()
         self._rejections = RateLimitedLog()
+        # (time, balancer, client, reason, detail) of the last rejections, for the status
+        self._recent: deque[tuple[float, tuple[str, int], Address | None, str, str]] = deque(
+            maxlen=RECENT_REJECTIONS
+        )
         self._relay = Relay(self._on_close, errors=self.stats.errors)
         self._apply_timeouts(config)
         self._stopping = False
@@ -205,6 +211,7 @@ class Forwarder:
         self._resume_at = time.monotonic() + _ACCEPT_BACKOFF
 
     def _admit(self, client: int, balancer: tuple[str, int]) -> None:
+        self.stats.accepted += 1
         if balancer[0] not in self.allowed:
             os.close(client)  # before reading a byte: an untrusted peer may not send a header
             self._reject(
@@ -338,7 +345,9 @@ class Forwarder:
         else:
             timeout = self.config.connect_timeout
             reason = _unavailable(
-                UpstreamError(f"target {_target(hs)} did not answer within {timeout:g} s")
+                UpstreamError(
+                    f"target {_target(hs)} did not answer within {timeout:g} s", code="ETIMEDOUT"
+                )
             )
         try:
             self._fail(hs, reason)
@@ -351,6 +360,7 @@ class Forwarder:
 
     def _start_upstream(self, hs: Handshake, header: ProxyHeader) -> int:
         config = self.config
+        self.stats.headers[header.version, header.command] += 1
         hs.client, hs.target = route(header, config, self._local, hs.balancer)
         hs.health_check = header.command == "LOCAL" or header.family == "UNKNOWN"
         if header.version == 2:
@@ -390,7 +400,12 @@ class Forwarder:
                 self._relay.listening(True)
 
     def _reject(self, info: Handshake, exc: Rejected) -> None:
-        self.stats.rejected[exc.reason] += 1
+        stats = self.stats
+        stats.rejected[exc.reason] += 1
+        if exc.code:
+            stats.connect_errors[exc.code] += 1
+        if exc.reason != "probe":  # a balancer's health checks would crowd the others out
+            self._recent.append((time.time(), info.balancer, info.client, exc.reason, str(exc)))
         if self.config.log_connections == "none":
             return  # counted: the status line and `mmproxy` stats still show it
         if exc.reason == "probe":
@@ -402,6 +417,20 @@ class Forwarder:
         fields["CLOSE_REASON"] = exc.reason
         self._rejections.warning(exc.reason, f"rejected {who}: {exc}", fields)
 
+    # --- for `mmproxy status` (any thread but the relay's) ------------------------------
+
+    def details(self, limit: int) -> Details:
+        """The `limit` oldest open connections (their bytes so far, asked of the relay
+        loop) and the last rejections."""
+        conns = self._relay.connections()
+        conns.sort(key=lambda c: c[0].started)
+        listed = tuple(_open_connection(conn, nin, nout) for conn, nin, nout in conns[:limit])
+        rejections = tuple(
+            Rejection(at, _format_peer(lb), str(client or ""), reason, detail)
+            for at, lb, client, reason, detail in list(self._recent)  # a C-level copy
+        )
+        return Details(listed, rejections, max(0, len(conns) - limit))
+
     # --- end of a connection (relay thread) ------------------------------------------
 
     def _on_close(self, conn: Connection, reason: str) -> None:
@@ -410,6 +439,7 @@ class Forwarder:
         stats.active -= 1
         stats.bytes_in += nin
         stats.bytes_out += nout
+        stats.closed[close_label(reason)] += 1
         if self._paused:
             self._released()
         if self.config.log_connections != "all" or not log.isEnabledFor(logging.INFO):
@@ -438,7 +468,7 @@ def _invalid_header(exc: InvalidHeader) -> Rejected:
 
 
 def _unavailable(exc: UpstreamError) -> Rejected:
-    return Rejected("target-unavailable", str(exc))
+    return Rejected("target-unavailable", str(exc), exc.code)
 
 
 # What sending on a socket whose connect failed says (the error the connect met).
@@ -475,6 +505,15 @@ def _closed_before_header(data: bytes) -> Rejected:
 def _target(info: Handshake) -> Address:
     assert info.target is not None  # set by _start_upstream before any connect
     return info.target
+
+
+def _open_connection(conn: Connection, nin: int, nout: int) -> OpenConnection:
+    info = conn.info
+    assert isinstance(info, Handshake)
+    client = "health check" if info.health_check else str(info.client or "this host")
+    return OpenConnection(
+        client, _format_peer(info.balancer), str(info.target), nin, nout, conn.started
+    )
 
 
 def _format_peer(peer: tuple[str, int]) -> str:

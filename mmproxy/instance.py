@@ -11,7 +11,7 @@ from mmproxy.config import Config
 from mmproxy.forwarder import Forwarder
 from mmproxy.log import reconfigure as reconfigure_logging
 from mmproxy.log import set_connection_logging
-from mmproxy.stats import Snapshot, total
+from mmproxy.stats import Details, Snapshot, total
 from mmproxy.udp import UdpForwarder
 
 
@@ -65,6 +65,11 @@ class Instance:
         tcp = self.forwarder.stats.snapshot() if self.forwarder and self._stream else None
         udp = self.udp.stats.snapshot() if self.udp is not None else None
         return Snapshot(tcp, udp)
+
+    def details(self, limit: int) -> Details:
+        """The oldest open connections (at most `limit`) and the last rejections; from
+        any thread but the relay's (it asks the relay loop)."""
+        return self.forwarder.details(limit) if self.forwarder is not None else Details()
 
     def summary(self) -> str:
         return total(self.snapshot()).summary()

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from mmproxy.address import Address
 from mmproxy.checks import run_checks
 from mmproxy.config import Config, ConfigError
+from mmproxy.observe import ObserveError, Observer, Source
 from mmproxy.systemd import Notifier, listen_sockets
 
 log = logging.getLogger("mmproxy")
@@ -130,6 +131,9 @@ def reload(
     new = reread(reload_config, notifier, status)
     if new is not None and new.listen != current.listen:
         log.warning("listen addresses changed: they take effect at the next restart")
+    for key in ("metrics_listen", "status_group"):
+        if new is not None and getattr(new, key) != getattr(current, key):
+            log.warning("%s changed: it takes effect at the next restart", key)
     return new
 
 
@@ -150,3 +154,14 @@ def reread(
 def _sockname(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return str(Address(host, port, "udp" if sock.type == socket.SOCK_DGRAM else "tcp"))
+
+
+def observe(config: Config, name: str | None, source: Source) -> Observer:
+    """Start the metrics listener and the status socket (mmproxy.observe)."""
+    observer = Observer(config, name, source)
+    try:
+        observer.start()
+    except ObserveError as exc:
+        observer.stop()
+        raise StartError(str(exc)) from exc
+    return observer

@@ -18,11 +18,13 @@ UDP_FAMILIES = ("UDP4", "UDP6")
 
 class Rejected(Exception):
     """A connection or datagram is refused; `reason` is a short key for counters and the
-    journal's CLOSE_REASON, str() the detail."""
+    journal's CLOSE_REASON, str() the detail; `code` the errno name of a failed connect
+    to the target (for its counter), else ""."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, code: str = "") -> None:
         super().__init__(detail)
         self.reason = reason
+        self.code = code
 
 
 def route(

@@ -203,6 +203,13 @@ class Relay:
         """(pipes held by connections now, pipes kept for reuse)."""
         return self._core.pipes()
 
+    def connections(self) -> list[tuple[Connection, int, int]]:
+        """Every established connection with its bytes so far (in, out): asked of the
+        loop, which alone reads the core; from any thread but the loop's."""
+        found: list[tuple[Connection, int, int]] = []
+        self._on_loop(lambda: found.extend(self._core.connections()))
+        return found
+
     def close_all(self, reason: str) -> None:
         """End every connection now (from any thread): used when a drain time runs out."""
 

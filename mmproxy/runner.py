@@ -11,11 +11,14 @@ from collections.abc import Callable
 from mmproxy import lifecycle
 from mmproxy.config import Config
 from mmproxy.instance import Instance
+from mmproxy.metrics import State
+from mmproxy.observe import Source
 from mmproxy.systemd import Notifier
 
 log = logging.getLogger("mmproxy")
 
 STATUS_INTERVAL = 2.0
+LISTED_CONNECTIONS = 1000  # open connections `mmproxy status` lists at most
 
 
 class Runner:
@@ -28,8 +31,10 @@ class Runner:
         config: Config,
         reload_config: Callable[[], Config] | None = None,
         notifier: Notifier | None = None,
+        name: str | None = None,
     ) -> None:
         self.config = config
+        self.name = name  # the instance's, for its status socket
         self._reload_config = reload_config
         self.notifier = notifier or Notifier()
         self._wake = threading.Event()
@@ -54,6 +59,16 @@ class Runner:
             self.config, listeners, self.notifier.watchdog, self.notifier.watchdog_interval
         )
         instance.start()
+        source = Source(
+            instance.snapshot,
+            lambda: State(self._stop_requested, 1),
+            lambda: instance.details(LISTED_CONNECTIONS),
+        )
+        try:
+            observer = lifecycle.observe(self.config, self.name, source)
+        except lifecycle.StartError:
+            instance.stop(0)
+            raise
         lifecycle.announce(listeners, activated)
         self.notifier.ready(instance.summary())
         while True:
@@ -72,6 +87,7 @@ class Runner:
             self.config.drain_timeout,
         )
         instance.stop(self.config.drain_timeout)
+        observer.stop()
         for sock in listeners:
             sock.close()
         return 0

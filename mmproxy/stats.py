@@ -30,6 +30,10 @@ class TcpStats:
     rejected: Counter[str] = field(default_factory=Counter)
     # Exceptions the relay loop (or the accept loop) caught and carried on from, by where.
     errors: Counter[str] = field(default_factory=Counter)
+    accepted: int = 0  # every accepted socket, trusted or not
+    headers: Counter[tuple[int, str]] = field(default_factory=Counter)  # (version, command)
+    connect_errors: Counter[str] = field(default_factory=Counter)  # by errno name
+    closed: Counter[str] = field(default_factory=Counter)  # relayed ones, by close_label()
 
     def snapshot(self) -> TcpSnapshot:
         return TcpSnapshot(
@@ -39,6 +43,10 @@ class TcpStats:
             self.bytes_out,
             dict(self.rejected),  # one C-level copy: atomic under the GIL
             dict(self.errors),
+            self.accepted,
+            dict(self.headers),
+            dict(self.connect_errors),
+            dict(self.closed),
         )
 
     def add(self, other: TcpSnapshot) -> None:
@@ -46,8 +54,12 @@ class TcpStats:
         self.total += other.total
         self.bytes_in += other.bytes_in
         self.bytes_out += other.bytes_out
+        self.accepted += other.accepted
         self.rejected.update(other.rejected)
         self.errors.update(other.errors)
+        self.headers.update(other.headers)
+        self.connect_errors.update(other.connect_errors)
+        self.closed.update(other.closed)
 
     def summary(self) -> str:
         line = (
@@ -68,6 +80,10 @@ class TcpSnapshot:
     bytes_out: int = 0
     rejected: Counts = field(default_factory=dict)
     errors: Counts = field(default_factory=dict)
+    accepted: int = 0
+    headers: dict[tuple[int, str], int] = field(default_factory=dict)
+    connect_errors: Counts = field(default_factory=dict)
+    closed: Counts = field(default_factory=dict)
 
 
 @dataclass
@@ -83,6 +99,7 @@ class UdpStats:
     bytes_out: int = 0
     evicted: int = 0  # flows closed to make room for a new one
     dropped: Counter[str] = field(default_factory=Counter)
+    framing: str = "v2"  # udp_header: "v2" or "spp"
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def drop(self, reason: str) -> None:
@@ -101,11 +118,13 @@ class UdpStats:
             self.bytes_out,
             self.evicted,
             dropped,
+            self.framing,
         )
 
     def add(self, other: UdpSnapshot) -> None:
         for name in _UDP_NUMBERS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.framing = other.framing  # one process serves UDP: one framing
         with self.lock:
             self.dropped.update(other.dropped)
 
@@ -130,9 +149,10 @@ class UdpSnapshot:
     bytes_out: int = 0
     evicted: int = 0
     dropped: Counts = field(default_factory=dict)
+    framing: str = "v2"
 
 
-_UDP_NUMBERS = tuple(f.name for f in fields(UdpSnapshot) if f.name != "dropped")
+_UDP_NUMBERS = tuple(f.name for f in fields(UdpSnapshot) if f.name not in ("dropped", "framing"))
 
 
 @dataclass(frozen=True)
@@ -185,3 +205,73 @@ def total(*snapshots: Snapshot) -> Totals:
     for snapshot in snapshots:
         totals.add(snapshot)
     return totals
+
+
+# --- what `mmproxy status` shows besides the counters ----------------------------------
+
+# A relayed connection's close reason (the relay's words) as a metric label: the first
+# words that say who and why; the details (an errno's text, a timeout) stay in the log.
+_CLOSE_LABELS = (
+    ("client closed first", "client-closed"),
+    ("target closed first", "target-closed"),
+    ("client reset", "client-reset"),
+    ("target reset", "target-reset"),
+    ("client timed out", "client-keepalive"),
+    ("target timed out", "target-keepalive"),
+    ("read from", "read-error"),
+    ("write to", "write-error"),
+    ("client closed while", "write-error"),
+    ("target closed while", "write-error"),
+    ("idle for", "idle-timeout"),
+    ("half-closed", "half-close-timeout"),
+    ("mmproxy is stopping", "drain-timeout"),
+    ("relay error", "relay-error"),
+)
+_close_labels: dict[str, str] = {}  # reason -> label, filled as reasons are met
+
+
+def close_label(reason: str) -> str:
+    label = _close_labels.get(reason)
+    if label is None:
+        label = next((lb for start, lb in _CLOSE_LABELS if reason.startswith(start)), "other")
+        if len(_close_labels) < 1000:  # the reasons are few; a bound all the same
+            _close_labels[reason] = label
+    return label
+
+
+@dataclass(frozen=True)
+class OpenConnection:
+    """An established connection as `mmproxy status` lists it."""
+
+    client: str  # the source the application sees
+    balancer: str
+    target: str
+    bytes_in: int
+    bytes_out: int
+    started: float  # time.monotonic(): one clock for every process of the host
+
+
+@dataclass(frozen=True)
+class Rejection:
+    at: float  # time.time()
+    balancer: str
+    client: str  # "" when the header named none (or was not read)
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Details:
+    """One instance's open connections (the oldest, at most a bound) and last rejections."""
+
+    connections: tuple[OpenConnection, ...] = ()
+    rejections: tuple[Rejection, ...] = ()
+    more: int = 0  # open connections left out of the list
+
+
+def join_details(parts: list[Details], limit: int) -> Details:
+    """Several workers' details as one: the oldest connections, the latest rejections."""
+    conns = sorted((c for p in parts for c in p.connections), key=lambda c: c.started)
+    rejections = sorted((r for p in parts for r in p.rejections), key=lambda r: r.at)
+    more = sum(p.more for p in parts) + max(0, len(conns) - limit)
+    return Details(tuple(conns[:limit]), tuple(rejections[-limit:]), more)

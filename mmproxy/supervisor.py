@@ -11,8 +11,10 @@ counters added up, WATCHDOG while every worker's loop still beats), passes SIGHU
 as the reloaded configuration, stops them all on SIGTERM, and replaces a worker that
 dies.
 
-Each worker talks to the supervisor over two pipes: orders come in ("config", "stop"),
-reports go out ("ready", "stats", "stopping", "exit"), each with its counters.
+Each worker talks to the supervisor over two pipes: orders come in ("config", "stop",
+"details"), reports go out ("ready", "stats", "stopping", "exit", "details"), each with
+its counters. The supervisor serves /metrics and the status socket (mmproxy.observe)
+from the counters it has; `mmproxy status` asks the workers for their open connections.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +36,9 @@ from mmproxy import lifecycle
 from mmproxy.config import Config
 from mmproxy.instance import Instance
 from mmproxy.log import reconfigure as reconfigure_logging
-from mmproxy.stats import Snapshot, Totals
+from mmproxy.metrics import State
+from mmproxy.observe import Observer, Source
+from mmproxy.stats import Details, Snapshot, Totals, join_details
 from mmproxy.systemd import Notifier
 
 log = logging.getLogger("mmproxy")
@@ -45,6 +50,8 @@ START_TIMEOUT = 15.0  # every worker must be ready within this, or the start fai
 RESPAWN_DELAY = 1.0  # a worker that died is replaced after this (no busy crash loop)
 STOP_REPORT_TIMEOUT = 2.0  # wait this long for the workers' counters at a stop
 KILL_MARGIN = 5.0  # beyond the drain time, then a worker still running is killed
+DETAILS_TIMEOUT = 2.0  # how long `mmproxy status` waits for the workers' connections
+LISTED_CONNECTIONS = 1000  # open connections `mmproxy status` lists at most
 
 
 def worker_count(config: Config) -> int:
@@ -81,6 +88,8 @@ class Worker:
     stats: Snapshot = field(default_factory=Snapshot)
     reported_at: float = 0.0
     beat_age: float = 0.0  # how long ago its relay loop last beat, at its last report
+    details: Details = field(default_factory=Details)
+    details_round: int = 0  # the status request its details answer
 
 
 class Supervisor:
@@ -91,8 +100,10 @@ class Supervisor:
         config: Config,
         reload_config: Callable[[], Config] | None = None,
         notifier: Notifier | None = None,
+        name: str | None = None,
     ) -> None:
         self.config = config
+        self.name = name  # the instance's, for its status socket
         self.count = worker_count(self.config)
         self.notifier = notifier or Notifier()
         self._reload_config = reload_config
@@ -100,10 +111,18 @@ class Supervisor:
         self._activated = False
         self.workers: dict[int, Worker] = {}
         self._retired = Totals()  # counters of workers that ended (totals only)
+        # Held while a worker's counters move to _retired, and while the observer's
+        # threads add them up: a scrape never sees them twice, or not at all.
+        self._counting = threading.Lock()
         self._respawn_at: dict[int, float] = {}
         self._stop = False
         self._reload = False
         self._signalled = (-1, -1)  # a pipe the signal handlers wake the wait with
+        self.observer: Observer | None = None
+        # Status requests (on the observer's threads) and the workers' answers.
+        self._details = threading.Condition()
+        self._details_asked = 0
+        self._details_sent = 0
 
     # --- signals ---------------------------------------------------------------------
 
@@ -131,6 +150,12 @@ class Supervisor:
             self._stop_workers()
             self._close_listeners()
             return 1
+        try:
+            self.observer = lifecycle.observe(self.config, self.name, self._source())
+        except lifecycle.StartError:
+            self._stop_workers()
+            self._close_listeners()
+            raise
         log.info("%d worker processes accept and relay connections", self.count)
         self.notifier.ready(self.status())
         next_status = time.monotonic() + STATUS_INTERVAL
@@ -153,6 +178,8 @@ class Supervisor:
                 self.notifier.watchdog()
         self._stop_workers()
         self._close_listeners()
+        if self.observer is not None:
+            self.observer.stop()
         return 0
 
     def _close_listeners(self) -> None:
@@ -215,11 +242,49 @@ class Supervisor:
         self.notifier.ready(self.status())
 
     def status(self) -> str:
+        return self._totals().summary()
+
+    def _totals(self) -> Totals:
         totals = Totals()
-        totals.merge(self._retired)
-        for worker in self.workers.values():
-            totals.add(worker.stats)
-        return totals.summary()
+        with self._counting:
+            totals.merge(self._retired)
+            for worker in list(self.workers.values()):  # a copy: observer threads call this
+                totals.add(worker.stats)
+        return totals
+
+    # --- what operators see (on the observer's threads) --------------------------------
+
+    def _source(self) -> Source:
+        return Source(
+            lambda: self._totals().snapshot(),
+            lambda: State(self._stop, self.count),
+            self.details,
+        )
+
+    def details(self) -> Details:
+        """Every worker's open connections and last rejections: asked of them through
+        the main loop, waited for up to DETAILS_TIMEOUT (a stopped worker is left out)."""
+        with self._details:
+            self._details_asked += 1
+            asked = self._details_asked
+            try:
+                os.write(self._signalled[1], b"d")  # wakes the main loop's wait
+            except OSError:
+                pass  # full: it is awake already
+            self._details.wait_for(
+                lambda: all(w.details_round >= asked for w in list(self.workers.values())),
+                DETAILS_TIMEOUT,
+            )
+            parts = [w.details for w in list(self.workers.values()) if w.details_round >= asked]
+        return join_details(parts, LISTED_CONNECTIONS)
+
+    def _ask_details(self) -> None:
+        """On the main loop: pass a status request on to the workers."""
+        asked = self._details_asked
+        if asked > self._details_sent:
+            self._details_sent = asked
+            for worker in self.workers.values():
+                _send(worker.orders, ("details", asked))
 
     # --- workers ---------------------------------------------------------------------
 
@@ -233,6 +298,8 @@ class Supervisor:
         if pid == 0:  # the worker
             status = 1
             try:
+                if self.observer is not None:
+                    self.observer.close_copies()  # the supervisor's, not this process's
                 orders_out.close()
                 reports_in.close()
                 for other in self.workers.values():  # so that each sees its own EOFs
@@ -259,6 +326,7 @@ class Supervisor:
     def _poll(self, timeout: float, respawn: bool = True) -> bool:
         """Read the workers' reports for up to `timeout` s, then reap the dead ones
         (replaced later unless stopping). True if one died."""
+        self._ask_details()
         by_conn = {w.reports: w for w in self.workers.values()}
         for ready in wait([*by_conn, self._signalled[0]], timeout):
             if isinstance(ready, Connection):
@@ -270,11 +338,15 @@ class Supervisor:
     def _read_reports(self, worker: Worker) -> None:
         try:
             while worker.reports.poll():
-                kind, stats, beat_age = worker.reports.recv()
+                kind, stats, beat_age, extra = worker.reports.recv()
                 worker.stats = stats
                 worker.reported_at = time.monotonic()
                 worker.beat_age = beat_age
-                if kind == "ready":
+                if kind == "details":
+                    with self._details:
+                        worker.details_round, worker.details = extra
+                        self._details.notify_all()
+                elif kind == "ready":
                     worker.ready = True
                 elif kind == "stopping":
                     worker.stopping = True
@@ -315,10 +387,11 @@ class Supervisor:
         return died
 
     def _forget(self, worker: Worker) -> None:
-        self._retired.add(worker.stats.ended())  # its connections and flows ended with it
+        with self._counting:
+            self._retired.add(worker.stats.ended())  # its connections and flows ended with it
+            del self.workers[worker.slot]
         worker.orders.close()
         worker.reports.close()
-        del self.workers[worker.slot]
 
     def _respawn_due(self, now: float) -> None:
         for slot, when in list(self._respawn_at.items()):
@@ -380,9 +453,9 @@ def _worker_main(
     instance = Instance(config, listeners, notifier.watchdog, beat)
     instance.start()
 
-    def report(kind: str) -> None:
+    def report(kind: str, extra: object = None) -> None:
         beat_age = time.monotonic() - notifier.last_beat
-        _send(reports, (kind, instance.snapshot(), beat_age))
+        _send(reports, (kind, instance.snapshot(), beat_age, extra))
 
     signalled = _signal_pipe()[0]
     # Under a watchdog, reports come often enough for the supervisor to ping in time.
@@ -406,6 +479,8 @@ def _worker_main(
             assert isinstance(payload, Config)
             instance.reconfigure(payload)
             report("ready")
+        elif kind == "details":
+            report("details", (payload, instance.details(LISTED_CONNECTIONS)))
         else:
             report("stats")
     report("stopping")

@@ -26,11 +26,17 @@ SO_MARK = getattr(socket, "SO_MARK", 36)
 
 class UpstreamError(Exception):
     """The connection to the application could not be opened; the message says why.
-    `denied`: the kernel refused for want of a privilege (CAP_NET_ADMIN)."""
+    `denied`: the kernel refused for want of a privilege (CAP_NET_ADMIN); `code`: the
+    errno's name (ETIMEDOUT for a target that did not answer in time), or ""."""
 
-    def __init__(self, message: str, denied: bool = False) -> None:
+    def __init__(self, message: str, denied: bool = False, code: str = "") -> None:
         super().__init__(message)
         self.denied = denied
+        self.code = code
+
+
+def errno_name(error: int) -> str:
+    return errno.errorcode.get(error, f"errno-{error}")
 
 
 # Keepalive: a peer that vanished (power loss, a dropped NAT entry) is found after
@@ -97,7 +103,8 @@ def start_upstream(
             fd, step, error = _splice.connect(family, source.host, 0, host, port, mark, options)
     if fd < 0:
         denied = step in ("transparent", "mark") and error in _NO_PRIVILEGE
-        raise UpstreamError(_describe_failure(target, source, mark, step, error), denied)
+        message = _describe_failure(target, source, mark, step, error)
+        raise UpstreamError(message, denied, errno_name(error))
     return fd
 
 
@@ -144,10 +151,11 @@ def finish_upstream(fd: int, target: Address, timeout: float) -> bool:
     if not poller.poll(timeout * 1000):
         if timeout == 0:
             return False
-        raise UpstreamError(f"target {target} did not answer within {timeout:g} s")
+        message = f"target {target} did not answer within {timeout:g} s"
+        raise UpstreamError(message, code="ETIMEDOUT")
     error = _splice.socket_error(fd)
     if error:
-        raise UpstreamError(_describe_connect_error(target, error))
+        raise UpstreamError(_describe_connect_error(target, error), code=errno_name(error))
     return True
 
 
@@ -206,7 +214,7 @@ def _make_transparent(sock: socket.socket, family: int, mark: int) -> None:
 
 def connect_failure(target: Address, error: int) -> UpstreamError:
     """The UpstreamError for a connect that failed with errno `error`."""
-    return UpstreamError(_describe_connect_error(target, error))
+    return UpstreamError(_describe_connect_error(target, error), code=errno_name(error))
 
 
 _warned_privileged_port = False

@@ -115,7 +115,7 @@ class UdpForwarder:
 
     def __init__(self, config: Config, listeners: Sequence[socket.socket]) -> None:
         self.config = config
-        self.stats = UdpStats()
+        self.stats = UdpStats(framing=config.udp_header)
         self._allowed = config.allowed()
         self._spp = config.udp_header == "spp"
         self._local = LocalAddresses()
@@ -153,6 +153,7 @@ class UdpForwarder:
         self._allowed = config.allowed()
         self.config = config
         self._forget_known = True
+        self.stats.framing = config.udp_header
 
     def alive(self, within: float = 5.0) -> bool:
         """Whether the loop went round in the last `within` seconds (it does every 1 s)."""

@@ -905,6 +905,8 @@ _BY_KIND: dict[str, list[tuple[str, str]]] = {
                  (".nan", "got .nan"), ("true", "got true"), ("5 sec", "got '5 sec'")],
     "choice": [("maybe", "expected one of"), ("1", "expected one of"), ("true", "one of")],
     "count": [("0", "got 0"), ("1000001", "got 1000001"), ("many", "got 'many'")],
+    "address": [("9877", "got 9877"), ("localhost:9877", "not resolved")],
+    "group": [('"a b"', "not a group name"), ("12", "got 12")],
 }  # fmt: skip
 _KIND = {
     "follow_destination_port": "bool",
@@ -928,6 +930,8 @@ _KIND = {
     "udp_max_flows_per_balancer": "count",
     "udp_header": "choice",
     "workers": "count",  # or "auto"
+    "metrics_listen": "address",
+    "status_group": "group",
 }
 _LISTS = {"listen", "allowed_networks", "allowed_destination_ports"}  # a list is right here
 

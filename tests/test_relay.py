@@ -475,3 +475,18 @@ def test_urgent_bytes_while_the_application_side_is_full(relay: Running) -> None
     assert got == sent
     client.close()
     app.close()
+
+
+def test_open_connections_are_listed_with_their_bytes_so_far(relay: tuple[Relay, list]) -> None:
+    """What `mmproxy status` shows: asked of the loop from another thread, while open."""
+    h, other = Harness(*relay), Harness(*relay)
+    h.client.sendall(b"12345")
+    assert recv_exactly(h.app, 5) == b"12345"
+    h.app.sendall(b"abc")
+    assert recv_exactly(h.client, 3) == b"abc"
+    listed = {id(conn): (nin, nout) for conn, nin, nout in relay[0].connections()}
+    assert listed == {id(h.conn): (5, 3), id(other.conn): (0, 0)}
+    other.client.close()
+    other.app.close()
+    other.wait_closed()
+    assert [conn for conn, _, _ in relay[0].connections()] == [h.conn]

@@ -374,3 +374,35 @@ def test_watchdog_pings_while_idle_and_restarts_a_wedged_instance(world: World) 
     assert main_pid() not in (pid, "0")
     assert "Watchdog timeout" in world.box.journal("mmproxy@ssh")
     assert world.ask(client_port=40031) == f"{CLIENT4} 40031"
+
+
+def test_mmproxy_status_and_metrics_under_the_unit(world: World) -> None:
+    """`mmproxy status ssh` reads the sandboxed service (DynamicUser, its RuntimeDirectory)
+    as root, not as another user; /metrics answers from inside the sandbox too."""
+    metrics = '"127.0.0.1:9877"'
+    world.box.write("/etc/mmproxy/ssh.yaml", instance_yaml(2222, 9000, metrics_listen=metrics))
+    world.enable("ssh")
+    header = encode_v2("PROXY", "TCP4", (CLIENT4, 40040), (GW4, 2222))
+    with world.peer.connect((GW4, 2222), timeout=10) as sock:
+        sock.sendall(header + b"hello")
+        reader = sock.makefile("rb")
+        assert reader.readline().decode().strip() == f"{CLIENT4} 40040"
+        assert reader.read(5) == b"hello"
+        shown = world.box.sh("mmproxy", "status", "ssh").stdout
+        print(shown)  # shown with `pytest -s`: what an admin sees
+        row = next(line.split() for line in shown.splitlines() if f"{CLIENT4}:40040" in line)
+        out = str(len(f"{CLIENT4} 40040\n") + 5)  # the line, then the echo
+        assert row[1].startswith(PEER4) and row[2:5] == ["127.0.0.1:9000", "5", out]
+        denied = world.box.sh(
+            "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+            "mmproxy", "status", "ssh", check=False,
+        )  # fmt: skip
+        assert denied.returncode == 1 and "root only" in denied.stderr, denied
+        page = world.box.sh(
+            "python3", "-c",
+            "import urllib.request; print(urllib.request.urlopen("
+            "'http://127.0.0.1:9877/metrics').read().decode())",
+        ).stdout  # fmt: skip
+        assert "mmproxy_connections_active 1" in page, page
+    world.box.systemctl("stop", "mmproxy@ssh.service", "mmproxy@ssh.socket")
+    assert world.box.sh("test", "-e", "/run/mmproxy/ssh", check=False).returncode != 0

@@ -477,7 +477,7 @@ def test_urgent_bytes_while_the_application_side_is_full(relay: Running) -> None
     app.close()
 
 
-def test_open_connections_are_listed_with_their_bytes_so_far(relay: tuple[Relay, list]) -> None:
+def test_open_connections_are_listed_with_their_bytes_so_far(relay: Running) -> None:
     """What `mmproxy status` shows: asked of the loop from another thread, while open."""
     h, other = Harness(*relay), Harness(*relay)
     h.client.sendall(b"12345")

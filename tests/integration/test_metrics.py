@@ -4,6 +4,7 @@ records mmproxy logged for the same connections."""
 
 from __future__ import annotations
 
+import functools
 import re
 import socket
 import threading
@@ -124,8 +125,8 @@ def test_metrics_under_load_agree_with_the_journal(lo_net: Net, run_mmproxy: Sta
 
     good = RELAYED + LOCAL
     bad = INVALID + UNTRUSTED + REFUSED + PROBES
-    jobs: list[Callable[[], None]] = [lambda n=n: relayed(lo_net, n) for n in range(good)]
-    jobs += [lambda n=n: rejected(lo_net, n) for n in range(bad)]
+    jobs: list[Callable[[], None]] = [functools.partial(relayed, lo_net, n) for n in range(good)]
+    jobs += [functools.partial(rejected, lo_net, n) for n in range(bad)]
     scrapes: list[dict[str, int]] = []
     stop = threading.Event()
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from mmproxy.proxy_protocol import encode_v1
+from tests.readable import copy_for_others
 
 from .conftest import CLIENT4, Mmproxy, Net, recv_all, start_backend
 from .test_metrics import METRICS, scrape
@@ -36,11 +37,17 @@ def runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 
 def status(*args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "mmproxy", "status", *args]
-    if user is not None:
-        cmd = ["setpriv", f"--reuid={user}", "--regid=nogroup", "--clear-groups", *cmd]
-    root = Path(__file__).parents[2]  # the checkout, for `-m mmproxy`
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=root)
+    if user is None:
+        cmd = [sys.executable, "-m", "mmproxy", "status", *args]
+        root = Path(__file__).parents[2]  # the checkout, for `-m mmproxy`
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=root)
+    # Another user may not reach the checkout (a clone under /root): it runs a readable copy.
+    with copy_for_others() as code:
+        cmd = ["setpriv", f"--reuid={user}", "--regid=nogroup", "--clear-groups",
+               code.python, "-m", "mmproxy", "status", *args]  # fmt: skip
+        return subprocess.run(
+            cmd, capture_output=True, text=True, timeout=30, cwd=code.path, env=code.env()
+        )
 
 
 def test_status_shows_an_open_connection_and_a_rejection(

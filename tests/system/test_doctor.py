@@ -15,6 +15,7 @@ def test_doctor_reads_the_instances_journal(world: World) -> None:  # noqa: F811
         assert sock.recv(100) == b""
     world.box.wait_journal("mmproxy@ssh", "peer is not in allowed_networks")
     out = world.box.sh("mmproxy", "doctor", "-c", "/etc/mmproxy/ssh.yaml", check=False)
+    print(f"\n$ mmproxy doctor -c /etc/mmproxy/ssh.yaml\n{out.stdout}")  # shown with -s
     assert "(journal of mmproxy@ssh.service: 1 refusal)" in out.stdout, out.stdout + out.stderr
     assert f"DIAGNOSIS unknown-balancer: 1 connection from {PEER4} refused" in out.stdout
     assert "0 failed, 1 diagnoses" in out.stdout

@@ -10,8 +10,10 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from dataclasses import dataclass, field, fields, replace
+from typing import Any, TypeVar
 
 Counts = dict[str, int]
+S = TypeVar("S", "TcpSnapshot", "UdpSnapshot")
 
 
 def _join(counts: Counter[str]) -> str:
@@ -36,30 +38,10 @@ class TcpStats:
     closed: Counter[str] = field(default_factory=Counter)  # relayed ones, by close_label()
 
     def snapshot(self) -> TcpSnapshot:
-        return TcpSnapshot(
-            self.active,
-            self.total,
-            self.bytes_in,
-            self.bytes_out,
-            dict(self.rejected),  # one C-level copy: atomic under the GIL
-            dict(self.errors),
-            self.accepted,
-            dict(self.headers),
-            dict(self.connect_errors),
-            dict(self.closed),
-        )
+        return _snapshot(self, TcpSnapshot)
 
     def add(self, other: TcpSnapshot) -> None:
-        self.active += other.active
-        self.total += other.total
-        self.bytes_in += other.bytes_in
-        self.bytes_out += other.bytes_out
-        self.accepted += other.accepted
-        self.rejected.update(other.rejected)
-        self.errors.update(other.errors)
-        self.headers.update(other.headers)
-        self.connect_errors.update(other.connect_errors)
-        self.closed.update(other.closed)
+        _add(self, other)
 
     def summary(self) -> str:
         line = (
@@ -108,25 +90,11 @@ class UdpStats:
 
     def snapshot(self) -> UdpSnapshot:
         with self.lock:
-            dropped = dict(self.dropped)
-        return UdpSnapshot(
-            self.flows,
-            self.total,
-            self.packets_in,
-            self.packets_out,
-            self.bytes_in,
-            self.bytes_out,
-            self.evicted,
-            dropped,
-            self.framing,
-        )
+            return _snapshot(self, UdpSnapshot)
 
     def add(self, other: UdpSnapshot) -> None:
-        for name in _UDP_NUMBERS:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.framing = other.framing  # one process serves UDP: one framing
         with self.lock:
-            self.dropped.update(other.dropped)
+            _add(self, other)  # the framing is the last one's: one process serves UDP
 
     def summary(self) -> str:
         with self.lock:
@@ -152,7 +120,26 @@ class UdpSnapshot:
     framing: str = "v2"
 
 
-_UDP_NUMBERS = tuple(f.name for f in fields(UdpSnapshot) if f.name not in ("dropped", "framing"))
+def _snapshot(stats: object, kind: type[S]) -> S:
+    """The snapshot type's fields, read from the live counters (a Counter becomes a dict:
+    one C-level copy, atomic under the GIL)."""
+    values: dict[str, Any] = {}
+    for f in fields(kind):
+        value = getattr(stats, f.name)
+        values[f.name] = dict(value) if isinstance(value, Counter) else value
+    return kind(**values)
+
+
+def _add(stats: object, snapshot: TcpSnapshot | UdpSnapshot) -> None:
+    """Add a snapshot to live counters: numbers add up, Counters merge, others are taken."""
+    for f in fields(snapshot):
+        value, mine = getattr(snapshot, f.name), getattr(stats, f.name)
+        if isinstance(mine, Counter):
+            mine.update(value)
+        elif isinstance(mine, int) and not isinstance(mine, bool):
+            setattr(stats, f.name, mine + value)
+        else:
+            setattr(stats, f.name, value)
 
 
 @dataclass(frozen=True)

@@ -297,17 +297,27 @@ def _proc_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ipaddress.ip_address(packed)
 
 
-def host_checks(config: Config, instance: str | None = None) -> list[Result]:
+def host_checks(
+    config: Config, instance: str | None = None, routing: list[Result] | None = None
+) -> list[Result]:
     """The checks that read the host's routing and firewall (netlink): under systemd the
-    root helper (`mmproxy routing up`) runs them, so the daemon needs no netlink socket."""
-    return check_routing(config, instance) + [_routes_locally(t) for t in config.targets()]
+    root helper (`mmproxy routing up`) runs them, so the daemon needs no netlink socket.
+    `routing`: check_routing's results when the caller has them already."""
+    if routing is None:
+        routing = check_routing(config, instance)
+    return routing + [_routes_locally(t) for t in config.targets()]
 
 
-def run_checks(config: Config, instance: str | None = None, host: bool = True) -> list[Result]:
+def run_checks(
+    config: Config,
+    instance: str | None = None,
+    host: bool = True,
+    routing: list[Result] | None = None,
+) -> list[Result]:
     """Every self-check; `host=False` leaves out host_checks (already run as root)."""
     results = check_capabilities(config, host)
     if host:
-        results += host_checks(config, instance)
+        results += host_checks(config, instance, routing)
     transports = {address.transport for address in config.listen}
     for target in config.targets():
         if "tcp" in transports:

@@ -604,10 +604,14 @@ def _reply(target: Address, config: Config) -> tuple[int, str, int]:
     return family, target.host, mark
 
 
-def routing_rules(config: Config, instance: str | None = None) -> list[Finding]:
+def routing_rules(
+    config: Config, instance: str | None = None, checked: list[Result] | None = None
+) -> list[Finding]:
     """The reply rules are missing, or a rule with a lower priority number catches the
-    replies first and sends them elsewhere."""
-    missing = [r for r in check_routing(config, instance) if not r.ok]
+    replies first and sends them elsewhere. `checked`: check_routing's results, if run."""
+    if checked is None:
+        checked = check_routing(config, instance)
+    missing = [r for r in checked if not r.ok]
     if missing:
         return [
             Finding(
@@ -851,14 +855,19 @@ def own_privileges() -> list[Finding]:
 # --- all together ----------------------------------------------------------------------
 
 
-def diagnose(config: Config, instance: str | None, rejections: list[Rejection]) -> list[Finding]:
+def diagnose(
+    config: Config,
+    instance: str | None,
+    rejections: list[Rejection],
+    routing: list[Result] | None = None,
+) -> list[Finding]:
     return [
         *own_privileges(),
         *untrusted_peers(config, rejections),
         *mapped_balancers(config, rejections),
         *missing_header(config, rejections),
         *capabilities(config, instance, rejections),
-        *routing_rules(config, instance),
+        *routing_rules(config, instance, routing),
         *fwmark_sysctls(config),
         *docker_proxy(config),
         *udp_wildcard(config),
@@ -889,7 +898,8 @@ def _rejections(args: argparse.Namespace, instance: str | None) -> tuple[list[Re
 
 def main(config: Config, args: argparse.Namespace, instance: str | None) -> int:
     """Print the self-checks, then the diagnoses; 0 only when nothing is wrong."""
-    results = run_checks(config, instance)
+    routing = check_routing(config, instance)  # once: the diagnoses read it too
+    results = run_checks(config, instance, routing=routing)
     print("self-checks:")
     print(report(results))
     try:
@@ -899,7 +909,7 @@ def main(config: Config, args: argparse.Namespace, instance: str | None) -> int:
         return 2
     refused = sum(r.count for r in rejections)
     print(f"diagnoses ({source}: {refused} refusal{'' if refused == 1 else 's'}):")
-    findings = diagnose(config, instance, rejections)
+    findings = diagnose(config, instance, rejections, routing)
     for finding in findings:
         print(finding.text())
     if not findings:

@@ -128,27 +128,17 @@ def reload(
     one stays, and the journal and systemd's status say why)."""
     if reload_config is None:
         return None
-    new = reread(reload_config, notifier, status)
-    if new is not None and new.listen != current.listen:
-        log.warning("listen addresses changed: they take effect at the next restart")
-    for key in ("metrics_listen", "status_group"):
-        if new is not None and getattr(new, key) != getattr(current, key):
-            log.warning("%s changed: it takes effect at the next restart", key)
-    return new
-
-
-def reread(
-    reload_config: Callable[[], Config], notifier: Notifier, status: Callable[[], str]
-) -> Config | None:
-    """The reloaded configuration, or None when it is bad: then the running one stays,
-    and the journal and systemd's status say why."""
     notifier.reloading()
     try:
-        return reload_config()
+        new = reload_config()
     except ConfigError as exc:
         log.error("reload failed, keeping the running configuration: %s", exc)
         notifier.ready(f"reload failed: {exc}; {status()}")
         return None
+    for key in ("listen", "metrics_listen", "status_group"):  # bound once, at the start
+        if getattr(new, key) != getattr(current, key):
+            log.warning("%s changed: it takes effect at the next restart", key)
+    return new
 
 
 def _sockname(sock: socket.socket) -> str:

@@ -29,6 +29,7 @@ from typing import Any
 
 from mmproxy import __version__, metrics
 from mmproxy.config import Config
+from mmproxy.routing import runtime_base
 from mmproxy.stats import Details, Snapshot
 
 log = logging.getLogger("mmproxy")
@@ -49,12 +50,8 @@ class Source:
     details: Callable[[], Details]  # may wait a moment for the workers
 
 
-def runtime_dir() -> Path:
-    return Path(os.environ.get("MMPROXY_RUNTIME_DIR", "/run/mmproxy"))
-
-
 def status_path(name: str) -> Path:
-    return runtime_dir() / name / "status.sock"
+    return runtime_base() / name / "status.sock"
 
 
 # --- the server side ----------------------------------------------------------------------

@@ -358,5 +358,10 @@ def _read_plan(path: Path) -> Plan | None:
     return plan
 
 
+def runtime_base() -> Path:
+    """mmproxy's runtime directory (/run/mmproxy; tests point it elsewhere)."""
+    return Path(os.environ.get("MMPROXY_RUNTIME_DIR", "/run/mmproxy"))
+
+
 def runtime_dir() -> Path:
-    return Path(os.environ.get("MMPROXY_RUNTIME_DIR", "/run/mmproxy")) / "routing"
+    return runtime_base() / "routing"

@@ -41,6 +41,7 @@ from mmproxy.stats import Details, OpenConnection, Rejection, TcpStats, close_la
 from mmproxy.transparent import (
     UpstreamError,
     connect_failure,
+    errno_name,
     finish_upstream,
     set_keepalive,
     start_upstream,
@@ -199,7 +200,7 @@ class Forwarder:
     def _accept_failed(self, exc: OSError) -> None:
         """Out of fds or memory, or an error nothing expects (EINVAL from a listener shut
         down under us): say so, pause accepting a while, and carry on."""
-        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        name = errno_name(exc.errno or 0)
         if exc.errno not in _ACCEPT_BACKOFF_ERRNOS:
             self.stats.errors["accept-" + name] += 1
         self._rejections.warning(

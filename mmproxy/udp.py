@@ -291,9 +291,7 @@ class UdpForwarder:
                 self._claim_port(flow, (listener.fd, peer))
             if size >= len(data):  # a header alone (Spectrum's first datagram): no payload
                 flow.owns_port = True
-                flow.last_seen = now
-                if now - flow.moved >= _REORDER:
-                    self._reorder(flow, now)
+                self._touch(flow, now)
                 return
         self._forward(flow, memoryview(data)[size:], now)
 
@@ -306,12 +304,16 @@ class UdpForwarder:
         flow.owns_port = True
         self._forward(flow, data, now)
 
-    def _forward(self, flow: Flow, payload: bytes | memoryview, now: float) -> None:
-        """A flow's payload to the application, counted; the flow marked as used."""
-        self._send_upstream(flow, payload)
+    def _touch(self, flow: Flow, now: float) -> None:
+        """The flow was used now (its place in the LRU order moves, at most every _REORDER)."""
         flow.last_seen = now
         if now - flow.moved >= _REORDER:
             self._reorder(flow, now)
+
+    def _forward(self, flow: Flow, payload: bytes | memoryview, now: float) -> None:
+        """A flow's payload to the application, counted; the flow marked as used."""
+        self._send_upstream(flow, payload)
+        self._touch(flow, now)
         flow.packets_in += 1
         flow.bytes_in += len(payload)
         self.stats.packets_in += 1
@@ -495,9 +497,7 @@ class UdpForwarder:
         except OSError as exc:
             self._close(flow, f"receive error: {exc.strerror}")
             return
-        flow.last_seen = now
-        if now - flow.moved >= _REORDER:
-            self._reorder(flow, now)
+        self._touch(flow, now)
         try:
             if flow.reply_prefix:  # SPP: the balancer strips 38 bytes from every reply
                 flow.listener.sock.sendmsg(

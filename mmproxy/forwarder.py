@@ -386,12 +386,9 @@ class Forwarder:
         if hs.upstream_fd is not None:
             os.close(hs.upstream_fd)
             hs.upstream_fd = None
-        self._handshake_failed(hs, reason)
-
-    def _handshake_failed(self, hs: Handshake, exc: Rejected) -> None:
         self.stats.active -= 1
         self._released()
-        self._reject(hs, exc)
+        self._reject(hs, reason)
 
     def _released(self) -> None:
         """A connection ended: accept again if that was the limit."""

@@ -184,8 +184,3 @@ def set_connection_logging(connections: str) -> None:
         logger.removeFilter(_CONNECTION_RECORDS)
     else:
         logger.addFilter(_CONNECTION_RECORDS)
-
-
-def dropped_records() -> int:
-    """Log records dropped so far because the logging thread did not keep up."""
-    return _log_thread.dropped if _log_thread is not None else 0

@@ -319,7 +319,10 @@ class Relay:
         """Tell the owner about connections that ended (records from the core)."""
         for conn, kind, side, err, nin, nout in ended:
             conn.bytes_in, conn.bytes_out = nin, nout
-            self._guarded("record", self._on_close, conn, reason or self._why(kind, side, err))
+            try:  # inline, not _guarded(): this runs once per connection
+                self._on_close(conn, reason or self._why(kind, side, err))
+            except Exception:
+                self._failed("record")
 
     def _why(self, kind: int, side: int, err: int) -> str:
         who = SIDES[side]

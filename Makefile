@@ -137,7 +137,8 @@ lintian: deb
 		--no-install-recommends lintian >/dev/null
 	lintian --fail-on error,warning --info $(DEB_DIST)/mmproxy_*.changes
 
-# Coverage-guided fuzzing (atheris) of the codecs (PROXY, SPP) and the config loader,
+# Coverage-guided fuzzing (atheris) of the codecs (PROXY, SPP), the config loader and the C
+# header pre-parser (against the codec),
 # 1,000,000 runs each; new interesting inputs are added to tests/fuzz/corpus/. `make test`
 # runs a short version (tests/test_fuzz.py).
 FUZZ_RUNS ?= 1000000
@@ -148,6 +149,8 @@ fuzz: venv
 		tests/fuzz/corpus/config
 	$(PY) tests/fuzz/fuzz_spp.py -runs=$(FUZZ_RUNS) -max_len=1024 -print_final_stats=1 \
 		tests/fuzz/corpus/spp
+	$(PY) tests/fuzz/fuzz_header_c.py -runs=$(FUZZ_RUNS) -max_len=1024 -print_final_stats=1 \
+		tests/fuzz/corpus/proxy_protocol
 
 # Soak (tests/integration/test_soak.py): 100,000 connections with random sizes and close
 # orders through one mmproxy, every byte checked; `make test` runs 3,000 of them.
@@ -159,7 +162,7 @@ soak: venv
 # connect, faults, workers, EMFILE); any report fails the run. replace_str=0: iproute2's
 # `ip` (run by the self-checks) trips ASan's strncpy check. Not the soak: its RSS bound
 # cannot hold with ASan's quarantine (256 MiB of freed memory kept).
-SANITIZE_TESTS := tests/test_relay.py tests/test_splice.py tests/integration/test_forwarder.py \
+SANITIZE_TESTS := tests/test_relay.py tests/test_splice.py tests/test_splice_header.py tests/integration/test_forwarder.py \
 	tests/integration/test_faults.py tests/integration/test_supervisor.py \
 	tests/integration/test_fd_exhaustion.py
 sanitize: venv

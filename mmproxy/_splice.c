@@ -754,6 +754,234 @@ static PyObject *splice_accept(PyObject *Py_UNUSED(module), PyObject *arg)
     return Py_BuildValue("(isi)", fd, host, port);
 }
 
+/* --- PROXY header pre-parser ---------------------------------------------------------
+ * The common, valid headers only: a v1 TCP4 or TCP6 line, a v2 PROXY TCP4/TCP6 header
+ * without TLVs, a v2 LOCAL header. It answers None for anything else (incomplete,
+ * invalid, TLVs, other families), and mmproxy.proxy_protocol, the codec, decides and
+ * words the error: this only spares the common case the interpreter's cost. For every
+ * input it accepts, its answer equals the codec's (tests/test_splice_header.py, and the
+ * differential fuzz target tests/fuzz/fuzz_header_c.py). */
+
+#define V1_MAX_LENGTH 107
+static const char V2_SIG[12] = "\r\n\r\n\0\r\nQUIT\n";
+
+typedef struct {
+    int version, proxy, family; /* family: AF_INET, AF_INET6 or AF_UNSPEC (LOCAL) */
+    char src[INET6_ADDRSTRLEN], dst[INET6_ADDRSTRLEN];
+    int sport, dport;
+    size_t length;
+} Header;
+
+/* A decimal port with no sign and no leading zero, 0..65535, ending at `stop`. */
+static const char *v1_port(const char *p, const char *end, char stop, int *port)
+{
+    int value = 0, digits = 0;
+    while (p < end && *p >= '0' && *p <= '9') {
+        if (digits == 1 && value == 0)
+            return NULL; /* a leading zero */
+        value = value * 10 + (*p++ - '0');
+        if (++digits > 5 || value > 65535)
+            return NULL;
+    }
+    if (digits == 0 || p >= end || *p != stop)
+        return NULL;
+    *port = value;
+    return p + 1;
+}
+
+/* A dotted quad with no leading zeros and numbers up to 255, ending at a space. The text
+ * is copied as it is: those rules leave one spelling per address. */
+static const char *v1_ipv4(const char *p, const char *end, char *out)
+{
+    const char *start = p;
+    for (int part = 0; part < 4; part++) {
+        int value = 0, digits = 0;
+        while (p < end && *p >= '0' && *p <= '9') {
+            if (digits == 1 && value == 0)
+                return NULL;
+            value = value * 10 + (*p++ - '0');
+            if (++digits > 3 || value > 255)
+                return NULL;
+        }
+        if (digits == 0 || p >= end || *p != (part < 3 ? '.' : ' '))
+            return NULL;
+        p++;
+    }
+    memcpy(out, start, (size_t)(p - 1 - start));
+    out[p - 1 - start] = '\0';
+    return p;
+}
+
+/* Hex groups of 1 to 4 digits and colons, at most one "::", no dotted tail, not starting
+ * with a lone ':', up to 39 characters, ending at a space; given in inet_ntop's spelling,
+ * as the codec does. */
+static const char *v1_ipv6(const char *p, const char *end, char *out)
+{
+    char text[40];
+    struct in6_addr addr;
+    const char *start = p;
+    int group = 0, doubles = 0;
+    size_t n;
+    while (p < end && *p != ' ') {
+        char ch = *p;
+        if (ch == ':') {
+            if (p > start && p[-1] == ':') {
+                if (++doubles > 1 || (p - start >= 2 && p[-2] == ':'))
+                    return NULL;
+            }
+            group = 0;
+        } else if ((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f') ||
+                   (ch >= 'A' && ch <= 'F')) {
+            if (++group > 4)
+                return NULL;
+        } else {
+            return NULL;
+        }
+        p++;
+    }
+    n = (size_t)(p - start);
+    if (p >= end || n == 0 || n > 39 || (start[0] == ':' && (n < 2 || start[1] != ':')))
+        return NULL;
+    memcpy(text, start, n);
+    text[n] = '\0';
+    if (inet_pton(AF_INET6, text, &addr) != 1 ||
+        inet_ntop(AF_INET6, &addr, out, INET6_ADDRSTRLEN) == NULL)
+        return NULL;
+    return p + 1;
+}
+
+static int parse_v1(const char *buf, size_t size, Header *h)
+{
+    const char *end = buf + (size < V1_MAX_LENGTH ? size : V1_MAX_LENGTH), *p = buf + 11;
+    const char *(*address)(const char *, const char *, char *);
+    if (size < 11 || memcmp(buf, "PROXY TCP", 9) != 0 || buf[10] != ' ')
+        return 0;
+    if (buf[9] == '4') {
+        address = v1_ipv4;
+        h->family = AF_INET;
+    } else if (buf[9] == '6') {
+        address = v1_ipv6;
+        h->family = AF_INET6;
+    } else {
+        return 0;
+    }
+    if ((p = address(p, end, h->src)) == NULL || (p = address(p, end, h->dst)) == NULL ||
+        (p = v1_port(p, end, ' ', &h->sport)) == NULL ||
+        (p = v1_port(p, end, '\r', &h->dport)) == NULL || p >= end || *p != '\n')
+        return 0;
+    h->version = 1;
+    h->proxy = 1;
+    h->length = (size_t)(p + 1 - buf);
+    return 1;
+}
+
+static int parse_v2(const unsigned char *buf, size_t size, Header *h)
+{
+    size_t length, block;
+    if (size < 16 || memcmp(buf, V2_SIG, 12) != 0)
+        return 0;
+    length = 16 + ((size_t)buf[14] << 8 | buf[15]);
+    if (size < length)
+        return 0;
+    h->version = 2;
+    h->length = length;
+    if (buf[12] == 0x20) { /* LOCAL: the block is ignored, whatever it holds */
+        h->proxy = 0;
+        h->family = AF_UNSPEC;
+        return 1;
+    }
+    if (buf[12] != 0x21)
+        return 0;
+    h->proxy = 1;
+    if (buf[13] == 0x11) {
+        h->family = AF_INET;
+        block = 12;
+    } else if (buf[13] == 0x21) {
+        h->family = AF_INET6;
+        block = 36;
+    } else {
+        return 0;
+    }
+    if (length != 16 + block) /* TLVs (or a short block): the codec checks them */
+        return 0;
+    const unsigned char *src = buf + 16, *dst = src + (block - 4) / 2;
+    const unsigned char *ports = buf + 16 + block - 4;
+    if (inet_ntop(h->family, src, h->src, sizeof h->src) == NULL ||
+        inet_ntop(h->family, dst, h->dst, sizeof h->dst) == NULL)
+        return 0;
+    h->sport = ports[0] << 8 | ports[1];
+    h->dport = ports[2] << 8 | ports[3];
+    return 1;
+}
+
+/* (version, command, family, source, destination, length), as ProxyHeader's first
+ * fields, or None. */
+static PyObject *header_value(const char *buf, size_t size)
+{
+    Header h;
+    int ok = size > 0 && buf[0] == 'P' ? parse_v1(buf, size, &h)
+                                        : parse_v2((const unsigned char *)buf, size, &h);
+    if (!ok)
+        Py_RETURN_NONE;
+    if (!h.proxy)
+        return Py_BuildValue("(issOOn)", 2, "LOCAL", "UNSPEC", Py_None, Py_None,
+                             (Py_ssize_t)h.length);
+    return Py_BuildValue("(iss(si)(si)n)", h.version, "PROXY",
+                         h.family == AF_INET ? "TCP4" : "TCP6", h.src, h.sport, h.dst, h.dport,
+                         (Py_ssize_t)h.length);
+}
+
+PyDoc_STRVAR(parse_header_doc,
+             "parse_header(data)\n--\n\n"
+             "The PROXY header at the start of data as (version, command, family, source, "
+             "destination, length), for the common valid forms only; None for anything "
+             "else, which mmproxy.proxy_protocol.parse then decides.");
+
+static PyObject *splice_parse_header(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    Py_buffer view;
+    PyObject *result;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    result = header_value(view.buf, (size_t)view.len);
+    PyBuffer_Release(&view);
+    return result;
+}
+
+PyDoc_STRVAR(read_header_doc,
+             "read_header(fd, size)\n--\n\n"
+             "Read up to size bytes (as os.read) and pre-parse them: (data, header), header "
+             "as parse_header gives it.");
+
+static PyObject *splice_read_header(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    char buf[8192];
+    int fd, size;
+    ssize_t n;
+    PyObject *data, *header, *result;
+    if (!PyArg_ParseTuple(args, "ii", &fd, &size))
+        return NULL;
+    if (size < 0 || size > (int)sizeof buf) {
+        PyErr_SetString(PyExc_ValueError, "size out of range");
+        return NULL;
+    }
+    n = read(fd, buf, (size_t)size);
+    if (n < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    data = PyBytes_FromStringAndSize(buf, n);
+    if (data == NULL)
+        return NULL;
+    header = header_value(buf, (size_t)n);
+    if (header == NULL) {
+        Py_DECREF(data);
+        return NULL;
+    }
+    result = PyTuple_Pack(2, data, header);
+    Py_DECREF(data);
+    Py_DECREF(header);
+    return result;
+}
+
 /* --- connect ---------------------------------------------------------------------- */
 
 /* Options of connect(); the kernel's numbers where Debian 12's headers lack a name. */
@@ -902,6 +1130,8 @@ static PyMethodDef splice_functions[] = {
     {"accept", splice_accept, METH_O, accept_doc},
     {"connect", splice_connect, METH_VARARGS, connect_doc},
     {"socket_error", splice_socket_error, METH_O, socket_error_doc},
+    {"parse_header", splice_parse_header, METH_O, parse_header_doc},
+    {"read_header", splice_read_header, METH_VARARGS, read_header_doc},
     {NULL, NULL, 0, NULL},
 };
 

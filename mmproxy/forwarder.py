@@ -27,12 +27,11 @@ from mmproxy.address import Address
 from mmproxy.config import Config
 from mmproxy.localaddr import LocalAddresses
 from mmproxy.networks import AllowedNetworks
-from mmproxy.policy import Rejected, route
+from mmproxy.policy import Rejected, route_claim
 from mmproxy.proxy_protocol import (
     PP2_TYPE_UNIQUE_ID,
     IncompleteHeader,
     InvalidHeader,
-    ProxyHeader,
     parse,
 )
 from mmproxy.ratelimit import RateLimitedLog
@@ -238,9 +237,10 @@ class Forwarder:
     # connection's Handshake and nothing else.
 
     def _read_header(self, hs: Handshake) -> None:
-        """Read what the client sent so far."""
+        """Read what the client sent so far. The C pre-parser takes the usual header (whole
+        in the first read, no TLVs) at once; anything else goes through the codec."""
         try:
-            chunk = os.read(hs.client_fd, _RECV_SIZE)
+            chunk, fast = _splice.read_header(hs.client_fd, _RECV_SIZE)
         except BlockingIOError:
             self._wait(hs, Step.HEADER)
             return
@@ -249,6 +249,12 @@ class Forwarder:
             return
         if not chunk:
             self._fail(hs, _closed_before_header(hs.pending))
+            return
+        if fast is not None and not hs.pending:
+            version, command, family, source, destination, length = fast
+            hs.pending = chunk[length:]
+            hs.early = len(hs.pending)
+            self._connect(hs, version, command, family, source, destination, None)
             return
         data = hs.pending + chunk
         try:
@@ -262,14 +268,40 @@ class Forwarder:
             return
         hs.pending = data[header.length :]
         hs.early = len(hs.pending)
-        self._connect(hs, header)
+        unique_id = header.tlv(PP2_TYPE_UNIQUE_ID) if header.tlvs else None
+        self._connect(
+            hs, header.version, header.command, header.family, header.source,
+            header.destination, unique_id,
+        )  # fmt: skip
 
-    def _connect(self, hs: Handshake, header: ProxyHeader) -> None:
+    def _connect(
+        self,
+        hs: Handshake,
+        version: int,
+        command: str,
+        family: str,
+        source: tuple[str, int] | None,
+        destination: tuple[str, int] | None,
+        unique_id: bytes | None,
+    ) -> None:
+        """Route the header's claim (mmproxy.policy) and start the connect to the target."""
         hs.deadline = 0.0  # the connect timeout starts now
+        config = self.config
+        self.stats.headers[version, command] += 1
+        hs.unique_id = unique_id
+        hs.health_check = command == "LOCAL" or family == "UNKNOWN"
         try:
-            hs.upstream_fd = self._start_upstream(hs, header)
+            hs.client, hs.target = route_claim(
+                command, family, source, destination, config, self._local, hs.balancer
+            )
+            hs.upstream_fd = start_upstream(
+                hs.target, hs.client, config.mark, config.tcp_keepalive, bool(hs.pending)
+            )
         except Rejected as exc:
             self._fail(hs, exc)
+            return
+        except UpstreamError as exc:
+            self._fail(hs, _unavailable(exc))
             return
         if hs.pending:
             self._send_early(hs)
@@ -358,20 +390,6 @@ class Forwarder:
     def _internal_error(self, hs: Handshake, exc: Exception) -> None:
         log.exception("unexpected error during a hand-shake")
         self._fail(hs, Rejected("internal-error", repr(exc)))
-
-    def _start_upstream(self, hs: Handshake, header: ProxyHeader) -> int:
-        config = self.config
-        self.stats.headers[header.version, header.command] += 1
-        hs.client, hs.target = route(header, config, self._local, hs.balancer)
-        hs.health_check = header.command == "LOCAL" or header.family == "UNKNOWN"
-        if header.version == 2:
-            hs.unique_id = header.tlv(PP2_TYPE_UNIQUE_ID)
-        try:
-            return start_upstream(
-                hs.target, hs.client, config.mark, config.tcp_keepalive, bool(hs.pending)
-            )
-        except UpstreamError as exc:
-            raise _unavailable(exc) from exc
 
     def _established(self, hs: Handshake) -> None:
         assert hs.upstream_fd is not None

@@ -40,16 +40,33 @@ def route(
     this transport forwards (TCP4/TCP6 or UDP4/UDP6). None as the source means a plain
     connection from this host.
     """
-    if header.command == "LOCAL" or header.family == "UNKNOWN":
+    return route_claim(
+        header.command, header.family, header.source, header.destination,
+        config, local, balancer, families,
+    )  # fmt: skip
+
+
+def route_claim(
+    command: str,
+    family: str,
+    claimed: tuple[str, int] | None,
+    destination: tuple[str, int] | None,
+    config: Config,
+    local: LocalAddresses,
+    balancer: tuple[str, int],
+    families: tuple[str, str] = TCP_FAMILIES,
+) -> tuple[Address | None, Address]:
+    """route() from a header's fields, for the forwarder's pre-parsed headers."""
+    if command == "LOCAL" or family == "UNKNOWN":
         return balancer_route(config, local, balancer)
-    if header.family not in families or header.source is None:
+    if family not in families or claimed is None:
         over = "UDP" if families == UDP_FAMILIES else "TCP"
         raise Rejected(
             "unsupported-family",
-            f"header family {header.family} cannot be forwarded over {over}",
+            f"header family {family} cannot be forwarded over {over}",
         )
-    host = unmap(header.source[0])
-    source = Address(host, header.source[1])
+    host = unmap(claimed[0])
+    source = Address(host, claimed[1])
     target = config.ipv6 if ":" in host else config.ipv4
     if target is None:
         version = "ipv6" if ":" in host else "ipv4"
@@ -65,8 +82,8 @@ def route(
                 f"header claims source {source}, which is {why} "
                 "(set allow_local_sources: true to permit)",
             )
-    if config.follow_destination_port and header.destination is not None:
-        port = header.destination[1]
+    if config.follow_destination_port and destination is not None:
+        port = destination[1]
         if not config.destination_port_allowed(port):
             raise Rejected(
                 "destination-port",

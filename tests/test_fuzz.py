@@ -13,11 +13,17 @@ FUZZ = Path(__file__).parent / "fuzz"
 
 
 @pytest.mark.parametrize(
-    ("target", "runs"), [("proxy_protocol", 30000), ("config", 2000), ("spp", 20000)]
+    ("target", "runs", "seeds"),
+    [
+        ("proxy_protocol", 30000, "proxy_protocol"),
+        ("config", 2000, "config"),
+        ("spp", 20000, "spp"),
+        ("header_c", 30000, "proxy_protocol"),  # the C pre-parser, against the codec
+    ],
 )
-def test_fuzzer_finds_no_crash(tmp_path: Path, target: str, runs: int) -> None:
+def test_fuzzer_finds_no_crash(tmp_path: Path, target: str, runs: int, seeds: str) -> None:
     corpus = tmp_path / "corpus"
-    shutil.copytree(FUZZ / "corpus" / target, corpus)  # the short run must not grow the tree
+    shutil.copytree(FUZZ / "corpus" / seeds, corpus)  # the short run must not grow the tree
     proc = subprocess.run(
         [sys.executable, str(FUZZ / f"fuzz_{target}.py"), f"-runs={runs}", "-max_len=1024",
          str(corpus)],

@@ -186,11 +186,7 @@ def assemble(
     runs: list[dict[str, Any]], settings: Settings, rounds: int, order: list[str]
 ) -> dict[str, Any]:
     summary = report.summarize(runs)
-    floors = {
-        key: report.evaluate(summary, key, settings.hold_count)
-        for key in ("mmproxy", "mmproxy-pinned")
-        if key in summary
-    }
+    floors = report.all_floors(summary, settings.__dict__)
     return {
         "machine": machine.describe(),
         "settings": settings.__dict__,
@@ -204,6 +200,8 @@ def assemble(
 
 def write_outputs(results: dict[str, Any], out: Path, docs_path: Path | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    # The floors again from the medians: a results.json of an older run gets today's.
+    results["floors"] = report.all_floors(results["summary"], results["settings"])
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     title = f"mmproxy benchmark, {results['machine']['date']} (medians of {results['rounds']})"
     chart.draw(results["summary"], results["order"], out / "chart.png", title)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.procstat import Footprint, footprint
+from bench.report import rate_metric
 from bench.targets import Gateway, Target, gateway_cpu
 from bench.testbed import FAMILIES, IPV4, SOURCES, Family, Testbed
 from bench.tools import FAKE_ADDRS, FAKE_PORTS, Backend, Tools
@@ -185,13 +186,6 @@ def _transfer(ctx: Context, target: Target, run: Running, direction: str) -> Res
 
 
 # --- 2. connection rate --------------------------------------------------------------
-
-
-def rate_metric(name: str, proxy: str, family: str) -> str:
-    """conn_per_s for PROXY v1 over IPv4 (and direct over IPv4), as before the variants;
-    conn_per_s_v2, conn_per_s_ipv6, conn_per_s_v2_ipv6. Direct (no header) shares the
-    v1 names."""
-    return name + ("_v2" if proxy == "v2" else "") + ("_ipv6" if family == "ipv6" else "")
 
 
 def rate_variants(settings: Settings, target: Target) -> list[tuple[str, str]]:

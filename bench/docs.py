@@ -24,7 +24,8 @@ METHOD = """\
 - **Sizes** of `make bench`: 5 interleaved rounds; bulk 2 GiB each way; the rate test
   6 s for each of its four variants (PROXY v1 and v2, over IPv4 and over IPv6), 32
   clients; 9,000 idle connections, then as many as the fd limit allows; UDP 5 s per
-  payload size (64 and 1,400 bytes) and framing. About 25 minutes on this 2-core machine.
+  payload size (64 and 1,400 bytes) and framing. About 25 to 30 minutes on this 2-core
+  machine (the page's run: see "elapsed" in the JSON).
   `make bench-quick`: 2 rounds, 512 MiB, 2 s per rate variant, 2 s per UDP phase.
 - **Network.** A client namespace (the load generator, standing in for the balancer:
   198.51.100.7 plus 32 more source addresses, and 2001:db8:100::7 plus 32 more) and a
@@ -76,7 +77,8 @@ METHOD = """\
   `fs.nr_open` when it may (CAP_SYS_RESOURCE), else the soft limit to the hard one; the
   limits in force are in the JSON (`machine.fd_limits`). The count is then the most every
   process can hold, less 256 fds each for listeners, epoll, pipes and logs, rounded down
-  to a hundred: the application and the load generator hold one fd per connection in one
+  to a hundred, and 60,000 at most (the application's table has 65,536 slots; `fs.nr_open`
+  is often a million): the application and the load generator hold one fd per connection in one
   process each; mmproxy two per connection, in each of its workers (one per CPU; one
   under `taskset -c 1`), which share the connections (its `max_connections` is raised to
   the count: its default, 10,000, would stop it first). All are held, measured as in 3,

@@ -29,6 +29,9 @@ RATE_VARIANTS = ("v1-ipv4", "v2-ipv4", "v1-ipv6", "v2-ipv6")
 # fds a process keeps besides its connections (listeners, epoll, pipes, logs): the
 # fd-limit hold leaves them free in every process.
 FD_RESERVE = 256
+# Where the fd-limit hold stops even if the limits allow more (fs.nr_open is often a
+# million): the application's table has 65,536 slots, and setup time and memory grow.
+HOLD_MAX_CAP = 60_000
 MMPROXY_KEYS = ("mmproxy", "mmproxy-pinned")
 
 
@@ -330,9 +333,9 @@ def fd_limit_count(target: Target, fd_limit: int, cpus: int) -> int:
     hundred: the application holds one fd per connection and the load generator one,
     each in one process; mmproxy two per connection in each of its workers (one per CPU
     by default, one under taskset -c 1), which share the connections. Each process keeps
-    FD_RESERVE fds for the rest."""
+    FD_RESERVE fds for the rest; HOLD_MAX_CAP at most."""
     per_process = fd_limit - FD_RESERVE
-    count = per_process  # the application's and the load generator's bound
+    count = min(per_process, HOLD_MAX_CAP)  # the application's and the load generator's
     if target.key in MMPROXY_KEYS:
         workers = 1 if target.key == "mmproxy-pinned" else cpus
         count = min(count, workers * (per_process // 2))

@@ -25,7 +25,7 @@ METHOD = """\
   6 s for each of its four variants (PROXY v1 and v2, over IPv4 and over IPv6), 32
   clients; 9,000 idle connections, then as many as the fd limit allows; UDP 5 s per
   payload size (64 and 1,400 bytes) and framing. About 25 to 30 minutes on this 2-core
-  machine (the page's run: see "elapsed" in the JSON).
+  machine (the line "Latest run" above says how long the page's run took).
   `make bench-quick`: 2 rounds, 512 MiB, 2 s per rate variant, 2 s per UDP phase.
 - **Network.** A client namespace (the load generator, standing in for the balancer:
   198.51.100.7 plus 32 more source addresses, and 2001:db8:100::7 plus 32 more) and a
@@ -186,6 +186,11 @@ def machine_line(m: dict[str, Any]) -> str:
     )
 
 
+def _took(results: Results) -> str:
+    elapsed = results.get("elapsed_s")
+    return f"; the run took {elapsed / 60:.0f} minutes" if elapsed else ""
+
+
 def _all_tables(results: Results) -> list[str]:
     """TCP's three tables, and UDP's when it ran."""
     udp = udp_table(results["summary"], results["order"], results["settings"])
@@ -214,7 +219,7 @@ def performance_page(results: Results) -> str:
         "# Performance",
         HOW,
         f"**Latest run**: {machine_line(results['machine'])}. "
-        f"Medians of {results['rounds']} interleaved rounds.",
+        f"Medians of {results['rounds']} interleaved rounds{_took(results)}.",
         "## Results",
         *_all_tables(results),
         "![mmproxy beside go-mmproxy and HAProxy](../bench/results/chart.png)",

@@ -204,7 +204,7 @@ def _hold_rows(ours: dict[str, Any], hold_count: int) -> list[Result]:
     measured = held is not None
     return [
         _absolute(f"idle: {hold_count:,} connections held, none lost",
-                  f"{_fmt(held)} held, {_fmt(alive)} alive" if measured else None,
+                  f"{_fmt(held, 0)} held, {_fmt(alive, 0)} alive" if measured else None,
                   held == hold_count and alive == held if measured else None),
         _absolute(f"idle at {hold_count:,}: two fds per connection", fds,
                   (_number(fds) and fds <= FDS_PER_CONN_MAX) if measured else None),
@@ -219,7 +219,8 @@ def _hold_max_rows(ours: dict[str, Any]) -> list[Result]:
     measured = count is not None and held is not None
     return [
         _absolute("idle at the fd limit: all held and alive",
-                  f"{_fmt(held)} of {_fmt(count)} held, {_fmt(alive)} alive" if measured else None,
+                  f"{_fmt(held, 0)} of {_fmt(count, 0)} held, {_fmt(alive, 0)} alive"
+                  if measured else None,
                   held == count and alive == held if measured else None),
         _absolute("idle at the fd limit: two fds per connection", fds,
                   (_number(fds) and fds <= FDS_PER_CONN_MAX) if measured else None),

@@ -20,7 +20,7 @@ from typing import Any
 
 from bench import chart, docs, machine, report, udp, workloads
 from bench.targets import TARGETS, Target
-from bench.testbed import GW4, Testbed
+from bench.testbed import GW4, GW6, Testbed
 from bench.tools import build, check_headers
 from bench.workloads import Context, Settings
 
@@ -29,8 +29,10 @@ WORKLOADS: dict[str, Callable[[Context, Target], dict[str, Any]]] = {
     "bulk": workloads.bulk,
     "rate": workloads.rate,
     "hold": workloads.hold,
+    "holdmax": workloads.hold_max,
     "udp": udp.workload,
 }
+VARIANTS = dict.fromkeys(workloads.RATE_VARIANTS)
 SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
@@ -50,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="reduced sizes and two rounds (the defaults below change), for development",
     )
     p.add_argument("--bulk-size", type=parse_size, help="bytes each way (2GiB; quick 512MiB)")
-    p.add_argument("--rate-seconds", type=float, help="rate test, seconds (10; quick 3)")
+    p.add_argument("--rate-seconds", type=float,
+                   help="rate test, seconds per variant (6; quick 2)")  # fmt: skip
+    p.add_argument("--rate-variants", default=",".join(workloads.RATE_VARIANTS),
+                   help="the rate test's PROXY versions and families "
+                        f"({','.join(workloads.RATE_VARIANTS)})")  # fmt: skip
     p.add_argument("--rate-procs", type=int, default=2, help="load-generator processes (2)")
     p.add_argument("--rate-conc", type=int, default=32, help="concurrent clients in all (32)")
     p.add_argument("--hold-count", type=int, help="idle connections held (9000)")
@@ -63,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mmproxy's UDP framings: v2 (every datagram), v2first (Spectrum's "
                         "first datagram only), spp (v2,v2first,spp)")  # fmt: skip
     p.add_argument("--rounds", type=int, help="interleaved rounds (5; quick 2)")
-    p.add_argument("--proxy", choices=("v1", "v2"), default="v1", help="PROXY version (v1)")
+    p.add_argument("--proxy", choices=("v1", "v2"), default="v1",
+                   help="PROXY version of bulk and hold (v1)")  # fmt: skip
     p.add_argument(
         "--targets", default=",".join(TARGETS), help=f"comma-separated, from {', '.join(TARGETS)}"
     )
@@ -87,7 +94,7 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, int]:
     quick = args.quick
     settings = Settings(
         bulk_bytes=args.bulk_size or (512 << 20 if quick else 2 << 30),
-        rate_seconds=args.rate_seconds or (3.0 if quick else 10.0),
+        rate_seconds=args.rate_seconds or (2.0 if quick else 6.0),
         rate_procs=args.rate_procs,
         rate_conc=args.rate_conc,
         hold_count=args.hold_count or 9000,
@@ -99,6 +106,7 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, int]:
         udp_window=args.udp_window,
         udp_sizes=tuple(int(n) for n in args.udp_sizes.split(",")),
         udp_framings=tuple(_pick(args.udp_framings, udp.FRAMINGS, "UDP framing")),
+        rate_variants=tuple(_pick(args.rate_variants, VARIANTS, "rate variant")),
     )
     return settings, args.rounds or (2 if quick else 5)
 
@@ -116,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     order = _pick(args.targets, TARGETS, "target")
     names = _pick(args.workloads, WORKLOADS, "workload")
     out = args.out or (HERE / "results" / "quick" if args.quick else HERE / "results")
+    machine.raise_fd_limit()  # before anything starts: every tool inherits it
     tools = build()
-    check_headers(tools, (GW4, TARGETS["mmproxy"].port))
+    check_headers(tools, [(GW4, TARGETS["mmproxy"].port), (GW6, TARGETS["mmproxy"].port)])
     udp.check_header(tools, (GW4, TARGETS["mmproxy"].port))
     started, load_before = time.monotonic(), machine.load_average()
     foreign = machine.ForeignCpu()
@@ -177,11 +186,7 @@ def assemble(
     runs: list[dict[str, Any]], settings: Settings, rounds: int, order: list[str]
 ) -> dict[str, Any]:
     summary = report.summarize(runs)
-    floors = {
-        key: report.evaluate(summary, key, settings.hold_count)
-        for key in ("mmproxy", "mmproxy-pinned")
-        if key in summary
-    }
+    floors = report.all_floors(summary, settings.__dict__)
     return {
         "machine": machine.describe(),
         "settings": settings.__dict__,
@@ -195,6 +200,8 @@ def assemble(
 
 def write_outputs(results: dict[str, Any], out: Path, docs_path: Path | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    # The floors again from the medians: a results.json of an older run gets today's.
+    results["floors"] = report.all_floors(results["summary"], results["settings"])
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     title = f"mmproxy benchmark, {results['machine']['date']} (medians of {results['rounds']})"
     chart.draw(results["summary"], results["order"], out / "chart.png", title)

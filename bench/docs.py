@@ -21,33 +21,50 @@ in tests."""
 METHOD = """\
 ## How it is measured
 
+- **Sizes** of `make bench`: 5 interleaved rounds; bulk 2 GiB each way; the rate test
+  6 s for each of its four variants (PROXY v1 and v2, over IPv4 and over IPv6), 32
+  clients; 9,000 idle connections, then as many as the fd limit allows; UDP 5 s per
+  payload size (64 and 1,400 bytes) and framing. About 25 to 30 minutes on this 2-core
+  machine (the line "Latest run" above says how long the page's run took).
+  `make bench-quick`: 2 rounds, 512 MiB, 2 s per rate variant, 2 s per UDP phase.
 - **Network.** A client namespace (the load generator, standing in for the balancer:
-  198.51.100.7 plus 32 more source addresses) and a gateway namespace (198.51.100.1, the
-  gateway and the application) joined by a veth pair. The gateway namespace has mmproxy's
-  loopback routing (`ip rule add from 127.0.0.1/8 iif lo table 100`,
-  `ip route add local 0.0.0.0/0 dev lo table 100`), which all three gateways use.
+  198.51.100.7 plus 32 more source addresses, and 2001:db8:100::7 plus 32 more) and a
+  gateway namespace (198.51.100.1 and 2001:db8:100::1, the gateway and the application)
+  joined by a veth pair. The gateway namespace has mmproxy's loopback routing for both
+  families (`ip rule add from 127.0.0.1/8 iif lo table 100`,
+  `ip route add local 0.0.0.0/0 dev lo table 100`, `ip -6 rule add from ::1/128 iif lo
+  table 100`, `ip -6 route add local ::/0 dev lo table 100`), which all three gateways use.
 - **Targets**, each started fresh for every run, interleaved (A B C D E A B C D E …):
   - *direct*: the client connects straight to the application, no header — the limit of
     this machine for connections (for one bulk stream, see below);
-  - *mmproxy*: `python -m mmproxy -l 198.51.100.1:8001 -4 127.0.0.1:9000 -a FILE --mark 123 -q`,
+  - *mmproxy*: `python -m mmproxy -l 198.51.100.1:8001 -4 127.0.0.1:9000 -a FILE --mark 123 -q`
+    (over IPv6: `-l [2001:db8:100::1]:8001 -6 [::1]:9000`),
     unpinned, as the CLI runs it (`-q`: no per-connection log line; the peers log none;
     `workers: auto`, its default: one worker process per CPU, two here);
   - *mmproxy (taskset -c 1)*: the same, under `taskset -c 1` (one CPU, so one process);
-  - *go-mmproxy*: Debian's package, `-l … -4 127.0.0.1:9000 -allowed-subnets FILE -mark 123 -v 0`;
+  - *go-mmproxy*: Debian's package, `-l … -4 127.0.0.1:9000 -allowed-subnets FILE -mark 123 -v 0`
+    (over IPv6: `-6 [::1]:9000`);
   - *HAProxy*: Debian's 2.6, `bind … accept-proxy`, `server app 127.0.0.1:9000 source 0.0.0.0
     usesrc clientip`, `option splice-request`, `option splice-response`, `maxconn` above the
-    concurrency test's count, `maxpipes 256` (to stay under the 20,000-fd limit).
+    concurrency test's count, `maxpipes 256` (to stay under the 20,000-fd limit); over IPv6
+    `bind [2001:db8:100::1]:8004` and `server app [::1]:9000 source [::] usesrc clientip`.
+  The allowed-networks file has 198.51.100.0/24 and 2001:db8:100::/64.
 - **Load generator and application** are small C programs in `bench/c/` (epoll,
   `sendfile` from a memfd to send, `recv(MSG_TRUNC)` to discard), so that neither is the
   bottleneck: the *direct* rows show how far above every gateway they go. Every
   connection claims a client address — with a header, a fake one from 203.0.113.0/24 or
-  192.0.2.0/24, never the same 4-tuple twice in a run; direct, its own — and the
-  application answers OK only if it accepted the connection from that address
-  ("verified"). Its PROXY headers are checked byte for byte against mmproxy's encoder.
+  192.0.2.0/24 (over IPv6: from 2001:db8:f00::/64, in a `TCP6` v1 line or an AF_INET6 v2
+  block), never the same 4-tuple twice in a run; direct, its own — and the application
+  (listening on 0.0.0.0:9000 and [::]:9000) answers OK only if it accepted the connection
+  from that address ("verified"). Its PROXY headers, v1 and v2, IPv4 and IPv6, are checked
+  byte for byte against mmproxy's encoder before every run.
 - **1. Bulk**: one connection, the given size each way, upload and download separately.
-- **2. Rate**: closed loop; each client connects, sends the PROXY v1 header and a 64-byte
+- **2. Rate**: closed loop; each client connects, sends the PROXY header and a 64-byte
   request in one write, reads the 64-byte reply, closes, and starts again. Latency is from
-  `connect()` to the last reply byte.
+  `connect()` to the last reply byte. Four variants one after the other, each with a fresh
+  application and gateway: PROXY v1 and v2, with the whole path over IPv4 (balancer to
+  gateway, fake IPv4 client, gateway to 127.0.0.1) and over IPv6 (to [2001:db8:100::1],
+  fake IPv6 client, to [::1]). Direct has no header: one run per family.
 - **3. Concurrency**: the idle connections are opened (at most 200 hand-shakes at a time)
   and held; the gateway's RSS, threads and open fds (of all its processes, added up) are
   read from /proc while all are held, then every connection is pinged through the
@@ -55,6 +72,18 @@ METHOD = """\
   the connections held. The load generator and the application are separate processes,
   because each holds one socket per connection and the gateway holds two, under a limit
   of 20,000 fds per process.
+- **3b. At the fd limit**: the harness first raises its open-file limit (which every
+  process it starts inherits) as far as the machine lets it: the hard limit to
+  `fs.nr_open` when it may (CAP_SYS_RESOURCE), else the soft limit to the hard one; the
+  limits in force are in the JSON (`machine.fd_limits`). The count is then the most every
+  process can hold, less 256 fds each for listeners, epoll, pipes and logs, rounded down
+  to a hundred, and 60,000 at most (the application's table has 65,536 slots; `fs.nr_open`
+  is often a million): the application and the load generator hold one fd per connection in one
+  process each; mmproxy two per connection, in each of its workers (one per CPU; one
+  under `taskset -c 1`), which share the connections (its `max_connections` is raised to
+  the count: its default, 10,000, would stop it first). All are held, measured as in 3,
+  then each pinged. go-mmproxy and HAProxy are one process each with the same per-process
+  limit (HAProxy two fds per connection, go-mmproxy about five), so they are n/a here.
 - **4. Efficiency**: the gateway's own utime+stime from `/proc/PID/stat` (all its
   threads, and its child processes: mmproxy's workers), read just before and after each
   workload: CPU-s per GiB moved (both ways together) and per 1,000 connections of the
@@ -133,6 +162,19 @@ its system calls per datagram.
 """
 
 
+FLOORS_NOTE = (
+    "ratio = mmproxy / the better of go-mmproxy and HAProxy, or / go-mmproxy for UDP, same run"
+)
+FLOORS_TEXT = """\
+Ratio = mmproxy's figure / the better of go-mmproxy's and HAProxy's in the same run (for
+TCP HAProxy's, as a rule), for every rate variant (PROXY v1 and v2, IPv4 and IPv6) and for
+bulk; for UDP, / go-mmproxy's with PROXY v2 in every datagram (all go-mmproxy does; HAProxy
+has no UDP gateway), for each of mmproxy's framings and payload sizes. The idle rows, UDP
+loss and cold start are absolute. The floors apply to mmproxy as the CLI runs it; the
+pinned variant is shown for comparison. The cold-start row is n/a until the cold-start
+measurement runs."""
+
+
 def machine_line(m: dict[str, Any]) -> str:
     return (
         f"{m['date']}: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_gib']} GiB, "
@@ -142,6 +184,11 @@ def machine_line(m: dict[str, Any]) -> str:
         f"{m.get('load_average_before', '?')}, after {m.get('load_average_after', '?')}; "
         f"other processes used {m.get('foreign_cpus', '?')} CPUs on average during it"
     )
+
+
+def _took(results: Results) -> str:
+    elapsed = results.get("elapsed_s")
+    return f"; the run took {elapsed / 60:.0f} minutes" if elapsed else ""
 
 
 def _all_tables(results: Results) -> list[str]:
@@ -160,7 +207,7 @@ def results_markdown(results: Results) -> str:
         f"Taken {machine_line(results['machine'])}. Medians of {results['rounds']} "
         "interleaved rounds.",
         *_all_tables(results),
-        "**Floors of issue 6** (ratio = mmproxy / best of go-mmproxy and HAProxy, same run)",
+        f"**Floors of issue 15** ({FLOORS_NOTE})",
         floors_table(results["floors"]),
         "![chart](chart.png)",
     ]) + "\n"  # fmt: skip
@@ -172,14 +219,12 @@ def performance_page(results: Results) -> str:
         "# Performance",
         HOW,
         f"**Latest run**: {machine_line(results['machine'])}. "
-        f"Medians of {results['rounds']} interleaved rounds.",
+        f"Medians of {results['rounds']} interleaved rounds{_took(results)}.",
         "## Results",
         *_all_tables(results),
         "![mmproxy beside go-mmproxy and HAProxy](../bench/results/chart.png)",
-        "## The floors of issue 6",
-        "Ratio = mmproxy's figure / the better of go-mmproxy's and HAProxy's in the same run. "
-        "The issue's floors apply to mmproxy as the CLI runs it; the pinned variant is shown "
-        "for comparison.",
+        "## The floors of issue 15",
+        FLOORS_TEXT,
         floors_table(results["floors"]),
         METHOD,
     ]) + "\n"  # fmt: skip

@@ -23,6 +23,7 @@ def describe() -> dict[str, object]:
         "cpu_model": _cpu_model(),
         "memory_gib": _memory_gib(),
         "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        "fd_limits": fd_limits(),
         "python": platform.python_version(),
         "mmproxy": mmproxy.__version__,
         "mmproxy_revision": _revision(),
@@ -30,6 +31,36 @@ def describe() -> dict[str, object]:
         "go-mmproxy": _package_version("go-mmproxy"),
         "harness_cpu_affinity": _cpu_list(os.sched_getaffinity(0)),
     }
+
+
+def raise_fd_limit() -> int:
+    """Lift this process's open-file limit (which every tool it starts inherits) as far as
+    the machine allows: to fs.nr_open if the hard limit may be raised, else soft to hard.
+    Returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        ceiling = int(Path("/proc/sys/fs/nr_open").read_text())
+    except (OSError, ValueError):
+        ceiling = hard
+    for wanted in (max(ceiling, hard), hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+            return wanted
+        except (ValueError, OSError):
+            continue  # raising the hard limit needs CAP_SYS_RESOURCE
+    return soft
+
+
+def fd_limits() -> dict[str, int]:
+    """The limits that bound how many connections a process can hold."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    out = {"nofile_soft": soft, "nofile_hard": hard}
+    for key in ("nr_open", "file-max"):
+        try:
+            out[key.replace("-", "_")] = int(Path(f"/proc/sys/fs/{key}").read_text().split()[0])
+        except (OSError, ValueError):
+            pass
+    return out
 
 
 def load_average() -> str:

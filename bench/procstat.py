@@ -100,15 +100,16 @@ def is_listening(pid: int, port: int, protocol: str = "tcp") -> bool:
     """A TCP socket LISTENs on `port` in the network namespace of `pid` (protocol "udp":
     an unconnected UDP socket is bound to it)."""
     state = UDP_UNCONNECTED if protocol == "udp" else TCP_LISTEN
-    try:
-        with open(f"/proc/{pid}/net/{protocol}", encoding="ascii") as f:
-            next(f)
-            for line in f:
-                cols = line.split()
-                if cols[3] == state and int(cols[1].rsplit(":", 1)[1], 16) == port:
-                    return True
-    except OSError:
-        return False
+    for table in (protocol, f"{protocol}6"):  # IPv4's sockets, then IPv6's
+        try:
+            with open(f"/proc/{pid}/net/{table}", encoding="ascii") as f:
+                next(f)
+                for line in f:
+                    cols = line.split()
+                    if cols[3] == state and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                        return True
+        except OSError:
+            continue
     return False
 
 

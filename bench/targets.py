@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.procstat import comm, cpu_seconds, wait_listening
-from bench.testbed import ALLOWED_NETWORK, BACKEND_PORT, GW4, MARK, Testbed
+from bench.testbed import ALLOWED_NETWORKS, BACKEND_PORT, GW4, IPV4, MARK, Family, Testbed
 
 BACKEND = f"127.0.0.1:{BACKEND_PORT}"
 
@@ -31,7 +31,7 @@ frontend gateway
     bind {listen} accept-proxy
     default_backend app
 backend app
-    server app {backend} source 0.0.0.0 usesrc clientip
+    server app {backend} source {any} usesrc clientip
 """
 
 
@@ -49,6 +49,10 @@ class Target:
     def address(self) -> str:
         return f"{GW4}:{self.port}"
 
+    def address_in(self, family: Family) -> str:
+        """Where the load generator connects over this family ([IPv6]:port)."""
+        return family.endpoint(family.gateway, self.port)
+
 
 TARGETS = {
     t.key: t
@@ -63,24 +67,34 @@ TARGETS = {
 PEERS = ("go-mmproxy", "haproxy")
 
 
-def gateway_command(target: Target, workdir: Path, maxconn: int) -> list[str]:
-    """The gateway's own argv (before `ip netns exec`)."""
+def gateway_command(
+    target: Target, workdir: Path, maxconn: int, family: Family = IPV4, config: str = ""
+) -> list[str]:
+    """The gateway's own argv (before `ip netns exec`), listening and connecting over
+    `family`; `config`: a YAML file's text for mmproxy (e.g. max_connections)."""
     allowed = workdir / "allowed-networks.txt"
-    allowed.write_text(ALLOWED_NETWORK + "\n")
+    allowed.write_text("".join(net + "\n" for net in ALLOWED_NETWORKS))
+    listen = target.address_in(family)
+    backend = family.endpoint(family.backend, BACKEND_PORT)
     if target.key in ("mmproxy", "mmproxy-pinned"):
         # As an admin runs it, from the CLI; -q: no per-connection log line (the peers
         # below log nothing per connection either).
-        return [sys.executable, "-m", "mmproxy", "-l", target.address, "-4", BACKEND,
-                "-a", str(allowed), "--mark", str(MARK), "-q"]  # fmt: skip
+        extra: list[str] = []
+        if config:
+            (workdir / "mmproxy.yaml").write_text(config)
+            extra = ["-c", str(workdir / "mmproxy.yaml")]
+        return [sys.executable, "-m", "mmproxy", *extra, "-l", listen, family.target_flag,
+                backend, "-a", str(allowed), "--mark", str(MARK), "-q"]  # fmt: skip
     if target.key == "go-mmproxy":
-        return [_tool("go-mmproxy"), "-l", target.address, "-4", BACKEND,
+        return [_tool("go-mmproxy"), "-l", listen, family.target_flag, backend,
                 "-allowed-subnets", str(allowed), "-mark", str(MARK), "-v", "0"]  # fmt: skip
     if target.key == "haproxy":
-        config = workdir / "haproxy.cfg"
-        config.write_text(
-            HAPROXY_CONFIG.format(maxconn=maxconn, listen=target.address, backend=BACKEND)
-        )
-        return [_tool("haproxy"), "-f", str(config), "-db"]
+        path = workdir / "haproxy.cfg"
+        path.write_text(HAPROXY_CONFIG.format(
+            maxconn=maxconn, listen=listen, backend=backend,
+            any="[::]" if family.key == "ipv6" else "0.0.0.0",
+        ))  # fmt: skip
+        return [_tool("haproxy"), "-f", str(path), "-db"]
     raise ValueError(f"{target.key} is not a gateway")
 
 
@@ -103,9 +117,12 @@ class Gateway:
         maxconn: int,
         command: list[str] | None = None,  # another argv than gateway_command's (UDP)
         protocol: str = "tcp",  # what it listens on
+        family: Family = IPV4,
+        config: str = "",  # mmproxy's YAML (gateway_command)
     ) -> None:
         self.target = target
-        argv = bed.gw.exec_args(*(command or gateway_command(target, workdir, maxconn)))
+        command = command or gateway_command(target, workdir, maxconn, family, config)
+        argv = bed.gw.exec_args(*command)
         if target.key == "mmproxy-pinned":
             argv = ["taskset", "-c", "1", *argv]
         self.log_path = workdir / f"{target.key}.log"
@@ -116,6 +133,9 @@ class Gateway:
         self.pid = self.proc.pid
         try:
             wait_listening(self.pid, target.port, self.alive, protocol=protocol)
+        except RuntimeError as exc:
+            self.stop()
+            raise RuntimeError(f"{exc}: {self.log_tail(5)}") from exc
         except BaseException:
             self.stop()
             raise

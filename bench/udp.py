@@ -26,6 +26,7 @@ from typing import Any
 
 from bench.procstat import wait_listening
 from bench.report import _fmt, _table
+from bench.report import udp_metric as _metric
 from bench.targets import BACKEND, TARGETS, Gateway, Target, _tool, gateway_cpu
 from bench.testbed import ALLOWED_NETWORK, BACKEND_PORT, GW4, MARK, Testbed
 from bench.tools import Tools, fake_client
@@ -191,11 +192,6 @@ def _framings(ctx: Context, target: Target) -> list[str]:
     return [f for f in wanted if f == "v2"] if target.key in ONLY_V2 else wanted
 
 
-def _metric(name: str, framing: str, size: int) -> str:
-    """udp_pps_64 for v2 (and direct), as before the framings; udp_pps_spp_64 etc."""
-    return f"{name}_{size}" if framing in ("v2", "none") else f"{name}_{framing}_{size}"
-
-
 def _phase(
     ctx: Context, target: Target, run: UdpRun, size: int, expected: set[str], framing: str
 ) -> Result:
@@ -325,7 +321,10 @@ def table(summary: dict[str, dict[str, Any]], order: list[str], settings: dict[s
         for size in sizes
         for framing in framings
         for key in keys
-        if framing == "v2" or _metric("udp_pps", framing, size) in summary.get(key, {})
+        # direct (no header) beside every framing, as the path without a gateway
+        if framing == "v2"
+        or key == "direct"
+        or _metric("udp_pps", framing, size) in summary.get(key, {})
     ]
     flows, window = settings["udp_flows"], settings["udp_window"]
     shown = "; ".join(f"{name}: {FRAMINGS[name]}" for name in framings if name in FRAMINGS)
@@ -353,7 +352,7 @@ def _row(summary: dict[str, dict[str, Any]], key: str, size: int, framing: str) 
     shown = "none" if key == "direct" else framing
 
     def metric(name: str) -> Any:
-        return got.get(_metric(name, framing, size))
+        return got.get(_metric(name, shown, size))
 
     def ratio(name: str) -> str:
         return _ratio(metric(name), ref.get(_metric(name, "v2", size)))

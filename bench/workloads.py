@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import array
 import json
+import os
+import resource
 import subprocess
 import threading
 import time
@@ -15,12 +17,22 @@ from pathlib import Path
 from typing import Any
 
 from bench.procstat import Footprint, footprint
+from bench.report import rate_metric
 from bench.targets import Gateway, Target, gateway_cpu
-from bench.testbed import SOURCES, Testbed
+from bench.testbed import FAMILIES, IPV4, SOURCES, Family, Testbed
 from bench.tools import FAKE_ADDRS, FAKE_PORTS, Backend, Tools
 
 GIB = 1 << 30
 Result = dict[str, Any]
+# The rate test's variants: PROXY version and address family ("v1-ipv4" ...).
+RATE_VARIANTS = ("v1-ipv4", "v2-ipv4", "v1-ipv6", "v2-ipv6")
+# fds a process keeps besides its connections (listeners, epoll, pipes, logs): the
+# fd-limit hold leaves them free in every process.
+FD_RESERVE = 256
+# Where the fd-limit hold stops even if the limits allow more (fs.nr_open is often a
+# million): the application's table has 65,536 slots, and setup time and memory grow.
+HOLD_MAX_CAP = 60_000
+MMPROXY_KEYS = ("mmproxy", "mmproxy-pinned")
 
 
 @dataclass(frozen=True)
@@ -31,7 +43,7 @@ class Settings:
     rate_conc: int  # concurrent connections in all, split over rate_procs processes
     hold_count: int
     hold_inflight: int
-    proxy: str  # "v1" or "v2"
+    proxy: str  # "v1" or "v2": bulk and hold (the rate test runs rate_variants)
     # UDP (bench/udp.py): flows in all, split over udp_procs processes; datagrams
     # outstanding per flow; seconds per payload size.
     udp_seconds: float = 5.0
@@ -41,6 +53,7 @@ class Settings:
     udp_sizes: tuple[int, ...] = (64, 1400)
     # mmproxy's framings: v2 on every datagram, v2 on the first only (Spectrum), SPP
     udp_framings: tuple[str, ...] = ("v2", "v2first", "spp")
+    rate_variants: tuple[str, ...] = RATE_VARIANTS
 
 
 @dataclass
@@ -69,12 +82,16 @@ class Running:
 
 
 @contextmanager
-def running(ctx: Context, target: Target) -> Iterator[Running]:
-    """A fresh backend and (unless direct) a fresh gateway, stopped afterwards."""
+def running(
+    ctx: Context, target: Target, family: Family = IPV4, config: str = ""
+) -> Iterator[Running]:
+    """A fresh backend and (unless direct) a fresh gateway, stopped afterwards; the
+    gateway listens and connects over `family`."""
     run = Running(Backend(ctx.bed, ctx.tools), None)
     try:
         if target.is_gateway:
-            run.gateway = Gateway(ctx.bed, target, ctx.workdir, ctx.maxconn)
+            run.gateway = Gateway(ctx.bed, target, ctx.workdir, ctx.maxconn, family=family,
+                                  config=config)  # fmt: skip
         yield run
     finally:
         _shut_down(run)
@@ -98,10 +115,12 @@ def _run_info(run: Running) -> Result:
     }
 
 
-def loadgen_argv(ctx: Context, target: Target, mode: str, *extra: str) -> list[str]:
-    proxy = ctx.settings.proxy if target.is_gateway else "none"
+def loadgen_argv(
+    ctx: Context, target: Target, mode: str, *extra: str, proxy: str = "", family: Family = IPV4
+) -> list[str]:
+    proxy = (proxy or ctx.settings.proxy) if target.is_gateway else "none"
     return ctx.bed.peer.exec_args(
-        str(ctx.tools.loadgen), "--mode", mode, "--target", target.address,
+        str(ctx.tools.loadgen), "--mode", mode, "--target", target.address_in(family),
         "--proxy", proxy, "--tuple-base", str(ctx.next_tuple), *extra,
     )  # fmt: skip
 
@@ -172,13 +191,37 @@ def _transfer(ctx: Context, target: Target, run: Running, direction: str) -> Res
 # --- 2. connection rate --------------------------------------------------------------
 
 
+def rate_variants(settings: Settings, target: Target) -> list[tuple[str, str]]:
+    """(PROXY version, family) pairs to run: direct sends no header, so one per family."""
+    pairs = [v.partition("-")[::2] for v in settings.rate_variants]
+    if target.is_gateway:
+        return pairs
+    return [("none", f) for f in dict.fromkeys(f for _, f in pairs)]
+
+
 def rate(ctx: Context, target: Target) -> Result:
+    """Every variant (PROXY v1/v2 x IPv4/IPv6), each with a fresh backend and gateway."""
+    variants: Result = {}
+    metrics: Result = {}
+    for proxy, family in rate_variants(ctx.settings, target):
+        one = _rate_once(ctx, target, proxy, FAMILIES[family])
+        variants[f"{proxy}-{family}"] = one
+        metrics.update({rate_metric(k, proxy, family): v for k, v in one.pop("metrics").items()})
+    exits = [v["gateway_exit"] for v in variants.values() if v["gateway_exit"] is not None]
+    return {"variants": variants, "gateway_exit": exits[0] if exits else None,
+            "metrics": metrics}  # fmt: skip
+
+
+def _rate_once(ctx: Context, target: Target, proxy: str, family: Family) -> Result:
     s = ctx.settings
     per_proc = max(1, s.rate_conc // s.rate_procs)
     lat_files = [ctx.workdir / f"lat-{i}.bin" for i in range(s.rate_procs)]
-    with running(ctx, target) as run:
+    with running(ctx, target, family) as run:
         before = gateway_cpu(run.gateway)
-        procs = [_start_rate(ctx, target, i, per_proc, lat_files[i]) for i in range(s.rate_procs)]
+        procs = [
+            _start_rate(ctx, target, i, per_proc, lat_files[i], proxy, family)
+            for i in range(s.rate_procs)
+        ]
         outs = [_collect(p, s.rate_seconds + 60) for p in procs]
         after = gateway_cpu(run.gateway)
     ctx.consume_tuples(s.rate_procs * max(o["tuples"] for o in outs))
@@ -186,13 +229,20 @@ def rate(ctx: Context, target: Target) -> Result:
 
 
 def _start_rate(
-    ctx: Context, target: Target, index: int, conc: int, lat_file: Path
+    ctx: Context,
+    target: Target,
+    index: int,
+    conc: int,
+    lat_file: Path,
+    proxy: str = "",
+    family: Family = IPV4,
 ) -> subprocess.Popen[str]:
     s = ctx.settings
     argv = loadgen_argv(
         ctx, target, "rate", "--conc", str(conc), "--duration", str(s.rate_seconds),
-        "--sources", ",".join(SOURCES), "--tuple-step", str(s.rate_procs),
+        "--sources", ",".join(family.sources), "--tuple-step", str(s.rate_procs),
         "--tuple-index", str(index), "--lat-file", str(lat_file),
+        proxy=proxy, family=family,
     )  # fmt: skip
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -275,10 +325,45 @@ class Sampler:
 
 
 def hold(ctx: Context, target: Target) -> Result:
+    return _hold(ctx, target, ctx.settings.hold_count)
+
+
+def fd_limit_count(target: Target, fd_limit: int, cpus: int) -> int:
+    """The most idle connections the fd limit lets this target hold, rounded down to a
+    hundred: the application holds one fd per connection and the load generator one,
+    each in one process; mmproxy two per connection in each of its workers (one per CPU
+    by default, one under taskset -c 1), which share the connections. Each process keeps
+    FD_RESERVE fds for the rest; HOLD_MAX_CAP at most."""
+    per_process = fd_limit - FD_RESERVE
+    count = min(per_process, HOLD_MAX_CAP)  # the application's and the load generator's
+    if target.key in MMPROXY_KEYS:
+        workers = 1 if target.key == "mmproxy-pinned" else cpus
+        count = min(count, workers * (per_process // 2))
+    return count // 100 * 100
+
+
+def hold_max(ctx: Context, target: Target) -> Result:
+    """Idle connections at the fd limit: as many as the machine's limits allow, all held,
+    then all pinged. mmproxy's max_connections is raised to the count (its default,
+    10,000, would stop it first). The peers are one process each with a fixed per-process
+    limit (HAProxy two fds per connection, go-mmproxy about five): n/a."""
+    if target.is_gateway and target.key not in MMPROXY_KEYS:
+        return {"skipped": "one process: its fd limit allows fewer", "metrics": {}}
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    count = fd_limit_count(target, limit, len(os.sched_getaffinity(0)))
+    config = f"max_connections: {count}\n" if target.is_gateway else ""
+    result = _hold(ctx, target, count, config)
+    result["fd_limit"] = limit
+    result["metrics"] = {"max_count": count, **{
+        f"max_{k}": v for k, v in result["metrics"].items() if k != "gateway_exit"}}  # fmt: skip
+    return result
+
+
+def _hold(ctx: Context, target: Target, count: int, config: str = "") -> Result:
     s = ctx.settings
-    argv = loadgen_argv(ctx, target, "hold", "--count", str(s.hold_count),
+    argv = loadgen_argv(ctx, target, "hold", "--count", str(count),
                         "--conc", str(s.hold_inflight), "--sources", ",".join(SOURCES))  # fmt: skip
-    with running(ctx, target) as run:
+    with running(ctx, target, config=config) as run:
         gw = run.gateway
         base = footprint(gw.pid) if gw else None
         sampler = Sampler(gw) if gw else None

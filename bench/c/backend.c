@@ -1,6 +1,6 @@
 /* backend: the application behind the gateway in the mmproxy benchmark.
  *
- *     backend LISTEN_IP:PORT
+ *     backend LISTEN_IP:PORT [[LISTEN_IPV6]:PORT ...]
  *
  * One epoll thread. For every connection it compares the address it accepted the
  * connection from with the address the client claims in its request (see common.h) and
@@ -21,7 +21,7 @@ struct conn {
     uint8_t got;         /* request bytes read so far */
     uint8_t ok;          /* the claimed address is the one seen */
     char req[MSG_LEN];
-    char seen[INET_ADDRSTRLEN];
+    char seen[INET6_ADDRSTRLEN];
     uint16_t seen_port;
     uint64_t remaining;  /* upload bytes still to read, or download bytes to send */
     off_t off;           /* position in the fill memfd */
@@ -50,12 +50,17 @@ static void drop(int fd)
 
 static int listen_on(const char *addr)
 {
-    struct sockaddr_in sa = parse_addr(addr);
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    union sockaddr_inet sa = parse_inet(addr);
+    int fd = socket(sa.sa.sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     int one = 1;
     if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0)
         die("socket");
-    if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0 || listen(fd, 4096) < 0)
+    /* [::] beside 0.0.0.0 on the same port: IPv6 only, so that IPv4 peers keep their
+       own address text (not ::ffff:a.b.c.d) */
+    if (sa.sa.sa_family == AF_INET6 &&
+        setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one) < 0)
+        die("IPV6_V6ONLY");
+    if (bind(fd, &sa.sa, inet_len(&sa)) < 0 || listen(fd, 4096) < 0)
         die("bind/listen");
     return fd;
 }
@@ -63,9 +68,9 @@ static int listen_on(const char *addr)
 static void accept_all(int lfd)
 {
     for (;;) {
-        struct sockaddr_in peer;
+        union sockaddr_inet peer;
         socklen_t len = sizeof peer;
-        int fd = accept4(lfd, (struct sockaddr *)&peer, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        int fd = accept4(lfd, &peer.sa, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0)
             return; /* EAGAIN, or out of fds for now: the backlog keeps them */
         if (fd >= MAX_FD) {
@@ -74,8 +79,7 @@ static void accept_all(int lfd)
         }
         struct conn *c = &conns[fd];
         memset(c, 0, sizeof *c);
-        inet_ntop(AF_INET, &peer.sin_addr, c->seen, sizeof c->seen);
-        c->seen_port = ntohs(peer.sin_port);
+        c->seen_port = inet_text(&peer, c->seen, sizeof c->seen);
         accepted++;
         if (++open_now > open_max)
             open_max = open_now;
@@ -99,10 +103,10 @@ static int sink(int fd, struct conn *c);
 /* Parse the request, verify the claimed address, send the 64-byte answer. */
 static int answer(int fd, struct conn *c)
 {
-    char mode, ip[INET_ADDRSTRLEN + 1];
+    char mode, ip[INET6_ADDRSTRLEN + 1];
     unsigned port;
     unsigned long long size;
-    if (sscanf(c->req, "%c %16s %u %llu", &mode, ip, &port, &size) != 4)
+    if (sscanf(c->req, "%c %46s %u %llu", &mode, ip, &port, &size) != 4)
         return -1;
     c->ok = strcmp(ip, c->seen) == 0;
     c->ok ? verified_ok++ : verified_bad++;
@@ -219,8 +223,8 @@ static void print_stats(void)
 
 int main(int argc, char **argv)
 {
-    if (argc != 2) {
-        fprintf(stderr, "usage: backend LISTEN_IP:PORT\n");
+    if (argc < 2 || argc > 5) {
+        fprintf(stderr, "usage: backend LISTEN_IP:PORT [[LISTEN_IPV6]:PORT ...]\n");
         return 2;
     }
     struct sigaction sa = {.sa_handler = on_signal}; /* no SA_RESTART: epoll_wait returns */
@@ -228,18 +232,23 @@ int main(int argc, char **argv)
     sigaction(SIGINT, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
     fill_fd = make_fill();
-    int lfd = listen_on(argv[1]);
     epfd = epoll_create1(EPOLL_CLOEXEC);
     if (epfd < 0)
         die("epoll_create1");
-    watch(lfd, EPOLLIN, EPOLL_CTL_ADD);
+    int lfds[4], nl = argc - 1;
+    for (int i = 0; i < nl; i++) {
+        lfds[i] = listen_on(argv[i + 1]);
+        watch(lfds[i], EPOLLIN, EPOLL_CTL_ADD);
+    }
     struct epoll_event events[256];
     while (!stopping) {
         int n = epoll_wait(epfd, events, 256, -1);
         for (int i = 0; i < n; i++) {
-            int fd = events[i].data.fd;
-            if (fd == lfd)
-                accept_all(lfd);
+            int fd = events[i].data.fd, listener = 0;
+            for (int j = 0; j < nl; j++)
+                listener |= fd == lfds[j];
+            if (listener)
+                accept_all(fd);
             else
                 on_event(fd);
         }

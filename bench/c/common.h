@@ -61,6 +61,71 @@ static inline struct sockaddr_in parse_addr(const char *text)
     return sa;
 }
 
+/* An IPv4 or IPv6 socket address. */
+union sockaddr_inet {
+    struct sockaddr sa;
+    struct sockaddr_in v4;
+    struct sockaddr_in6 v6;
+};
+
+static inline socklen_t inet_len(const union sockaddr_inet *a)
+{
+    return a->sa.sa_family == AF_INET6 ? sizeof a->v6 : sizeof a->v4;
+}
+
+/* "1.2.3.4" or "2001:db8::1" (no port) -> the address with port 0; 0 when malformed. */
+static inline int parse_host(const char *host, union sockaddr_inet *out)
+{
+    memset(out, 0, sizeof *out);
+    if (inet_pton(AF_INET, host, &out->v4.sin_addr) == 1) {
+        out->v4.sin_family = AF_INET;
+        return 1;
+    }
+    if (inet_pton(AF_INET6, host, &out->v6.sin6_addr) == 1) {
+        out->v6.sin6_family = AF_INET6;
+        return 1;
+    }
+    return 0;
+}
+
+/* "1.2.3.4:80" or "[2001:db8::1]:80" -> the socket address; exits on a malformed one. */
+static inline union sockaddr_inet parse_inet(const char *text)
+{
+    union sockaddr_inet a;
+    char host[64];
+    const char *colon = strrchr(text, ':');
+    const char *start = text[0] == '[' ? text + 1 : text;
+    const char *end = text[0] == '[' ? colon - 1 : colon;
+    if (!colon || end < start || (size_t)(end - start) >= sizeof host ||
+        (text[0] == '[' && *end != ']')) {
+        fprintf(stderr, "bad address %s (want IPv4:port or [IPv6]:port)\n", text);
+        exit(2);
+    }
+    memcpy(host, start, (size_t)(end - start));
+    host[end - start] = '\0';
+    if (!parse_host(host, &a)) {
+        fprintf(stderr, "bad address %s\n", host);
+        exit(2);
+    }
+    uint16_t port = htons((uint16_t)atoi(colon + 1));
+    if (a.sa.sa_family == AF_INET)
+        a.v4.sin_port = port;
+    else
+        a.v6.sin6_port = port;
+    return a;
+}
+
+/* The address as text (no port) and the port of an IPv4 or IPv6 socket address. */
+static inline uint16_t inet_text(const union sockaddr_inet *a, char *out, size_t size)
+{
+    if (a->sa.sa_family == AF_INET6) {
+        inet_ntop(AF_INET6, &a->v6.sin6_addr, out, (socklen_t)size);
+        return ntohs(a->v6.sin6_port);
+    }
+    inet_ntop(AF_INET, &a->v4.sin_addr, out, (socklen_t)size);
+    return ntohs(a->v4.sin_port);
+}
+
 /* Fill `out` (MSG_LEN bytes) with `text` padded with spaces and a final newline. */
 static inline void pad_msg(char *out, const char *text)
 {

@@ -7,8 +7,10 @@
  *
  * Every connection claims a client address: with a PROXY header, a fake one from
  * 203.0.113.0/24 and 192.0.2.0/24 (tuple number t -> address t % 508, port 1024 + t / 508
- * % 64000, so that no 4-tuple is used twice in a run of the benchmark); without one (the
- * direct case), its own. The backend answers OK only if it saw the claimed address.
+ * % 64000, so that no 4-tuple is used twice in a run of the benchmark), or with an IPv6
+ * target from 2001:db8:f00::/64 (address 2001:db8:f00::(t % 508 + 1), the same port);
+ * without one (the direct case), its own. The target's family is the whole run's: the
+ * sources, the header (TCP4 or TCP6) and the fake clients follow it. The backend answers OK only if it saw the claimed address.
  * Results are printed as one JSON object; `hold` prints "held N failed M" first, then
  * waits for a line on stdin before it proves every held connection alive.
  */
@@ -30,9 +32,9 @@ enum state { FREE, CONNECTING, WAIT_REPLY, HELD, PINGING, ALIVE, DEAD };
 
 struct opts {
     enum mode mode;
-    struct sockaddr_in target;
+    union sockaddr_inet target;
     int proxy; /* 0: none (direct), 1: v1, 2: v2 */
-    struct in_addr sources[MAX_SOURCES];
+    union sockaddr_inet sources[MAX_SOURCES];
     int nsources;
     int conc;
     double duration, timeout;
@@ -46,8 +48,7 @@ struct slot {
     int fd;
     uint8_t state, got;
     uint64_t t0;
-    struct in_addr claim;
-    uint16_t claim_port;
+    union sockaddr_inet claim; /* the claimed client address and port */
     char reply[MSG_LEN];
 };
 
@@ -67,42 +68,69 @@ static size_t nlat, cap_lat;
 
 /* --- addresses and the hello (PROXY header + request) ------------------------------ */
 
-static void fake_client(uint64_t t, struct in_addr *ip, uint16_t *port)
+static void fake_client(uint64_t t, union sockaddr_inet *claim)
 {
     unsigned idx = (unsigned)(t % FAKE_ADDRS);
+    uint16_t port = htons((uint16_t)(1024 + (t / FAKE_ADDRS) % FAKE_PORTS));
+    memset(claim, 0, sizeof *claim);
+    if (o.target.sa.sa_family == AF_INET6) {
+        static const uint8_t prefix[8] = {0x20, 0x01, 0x0d, 0xb8, 0x0f, 0x00, 0, 0};
+        claim->v6.sin6_family = AF_INET6;
+        memcpy(claim->v6.sin6_addr.s6_addr, prefix, sizeof prefix);
+        claim->v6.sin6_addr.s6_addr[14] = (uint8_t)((idx + 1) >> 8);
+        claim->v6.sin6_addr.s6_addr[15] = (uint8_t)(idx + 1);
+        claim->v6.sin6_port = port;
+        return;
+    }
     uint32_t a = idx < 254 ? (203u << 24 | 113u << 8 | (idx + 1))
                            : (192u << 24 | 2u << 8 | (idx - 254 + 1));
-    ip->s_addr = htonl(a);
-    *port = (uint16_t)(1024 + (t / FAKE_ADDRS) % FAKE_PORTS);
+    claim->v4.sin_family = AF_INET;
+    claim->v4.sin_addr.s_addr = htonl(a);
+    claim->v4.sin_port = port;
 }
 
 static void take_fake_client(struct slot *s)
 {
     uint64_t t = o.tuple_base + o.tuple_index + o.tuple_step * next_tuple++;
-    fake_client(t, &s->claim, &s->claim_port);
+    fake_client(t, &s->claim);
+}
+
+/* v2's address block: source and destination addresses, then their ports. */
+static size_t v2_addresses(char *out, const union sockaddr_inet *src,
+                           const union sockaddr_inet *dst)
+{
+    if (dst->sa.sa_family == AF_INET6) {
+        memcpy(out, &src->v6.sin6_addr, 16);
+        memcpy(out + 16, &dst->v6.sin6_addr, 16);
+        memcpy(out + 32, &src->v6.sin6_port, 2);
+        memcpy(out + 34, &dst->v6.sin6_port, 2);
+        return 36;
+    }
+    memcpy(out, &src->v4.sin_addr, 4);
+    memcpy(out + 4, &dst->v4.sin_addr, 4);
+    memcpy(out + 8, &src->v4.sin_port, 2);
+    memcpy(out + 10, &dst->v4.sin_port, 2);
+    return 12;
 }
 
 static size_t proxy_header(char *out, const struct slot *s)
 {
-    const struct sockaddr_in *dst = &o.target;
+    const union sockaddr_inet *dst = &o.target;
+    int six = dst->sa.sa_family == AF_INET6;
     if (o.proxy == 1) {
-        char src_ip[INET_ADDRSTRLEN], dst_ip[INET_ADDRSTRLEN];
-        inet_ntop(AF_INET, &s->claim, src_ip, sizeof src_ip);
-        inet_ntop(AF_INET, &dst->sin_addr, dst_ip, sizeof dst_ip);
-        return (size_t)sprintf(out, "PROXY TCP4 %s %s %u %u\r\n", src_ip, dst_ip,
-                               s->claim_port, ntohs(dst->sin_port));
+        char src_ip[INET6_ADDRSTRLEN], dst_ip[INET6_ADDRSTRLEN];
+        unsigned sport = inet_text(&s->claim, src_ip, sizeof src_ip);
+        unsigned dport = inet_text(dst, dst_ip, sizeof dst_ip);
+        return (size_t)sprintf(out, "PROXY TCP%c %s %s %u %u\r\n", six ? '6' : '4', src_ip,
+                               dst_ip, sport, dport);
     }
     static const char sig[12] = "\r\n\r\n\0\r\nQUIT\n";
-    uint16_t len = htons(12), sport = htons(s->claim_port);
     memcpy(out, sig, 12);
-    out[12] = 0x21; /* version 2, PROXY */
-    out[13] = 0x11; /* TCP over IPv4 */
+    out[12] = 0x21;              /* version 2, PROXY */
+    out[13] = six ? 0x21 : 0x11; /* TCP over IPv6 or IPv4 */
+    uint16_t len = htons((uint16_t)v2_addresses(out + 16, &s->claim, dst));
     memcpy(out + 14, &len, 2);
-    memcpy(out + 16, &s->claim, 4);
-    memcpy(out + 20, &dst->sin_addr, 4);
-    memcpy(out + 24, &sport, 2);
-    memcpy(out + 26, &dst->sin_port, 2);
-    return 28;
+    return 16 + ntohs(len);
 }
 
 /* Header (if any) and the 64-byte request, in one buffer: one send(). */
@@ -112,15 +140,12 @@ static size_t build_hello(char *out, struct slot *s, char mode, unsigned long lo
     if (o.proxy) {
         n = proxy_header(out, s);
     } else { /* direct: claim our own address */
-        struct sockaddr_in me;
-        socklen_t len = sizeof me;
-        getsockname(s->fd, (struct sockaddr *)&me, &len);
-        s->claim = me.sin_addr;
-        s->claim_port = ntohs(me.sin_port);
+        socklen_t len = sizeof s->claim;
+        getsockname(s->fd, &s->claim.sa, &len);
     }
-    char ip[INET_ADDRSTRLEN], text[MSG_LEN];
-    inet_ntop(AF_INET, &s->claim, ip, sizeof ip);
-    snprintf(text, sizeof text, "%c %s %u %llu", mode, ip, s->claim_port, size);
+    char ip[INET6_ADDRSTRLEN], text[MSG_LEN];
+    unsigned port = inet_text(&s->claim, ip, sizeof ip);
+    snprintf(text, sizeof text, "%c %s %u %llu", mode, ip, port, size);
     pad_msg(out + n, text);
     return n + MSG_LEN;
 }
@@ -128,15 +153,15 @@ static size_t build_hello(char *out, struct slot *s, char mode, unsigned long lo
 /* Did the backend see the claimed address? Counts verified and port-preserved replies. */
 static int check_reply(const struct slot *s)
 {
-    char ip[INET_ADDRSTRLEN + 1], claim[INET_ADDRSTRLEN];
+    char ip[INET6_ADDRSTRLEN + 1], claim[INET6_ADDRSTRLEN];
     unsigned port;
-    if (strncmp(s->reply, "OK ", 3) != 0 || sscanf(s->reply + 3, "%16s %u", ip, &port) != 2)
+    if (strncmp(s->reply, "OK ", 3) != 0 || sscanf(s->reply + 3, "%46s %u", ip, &port) != 2)
         return 0;
-    inet_ntop(AF_INET, &s->claim, claim, sizeof claim);
+    unsigned claim_port = inet_text(&s->claim, claim, sizeof claim);
     if (strcmp(ip, claim) != 0)
         return 0;
     k.verified++;
-    if (port == s->claim_port)
+    if (port == claim_port)
         k.port_match++;
     return 1;
 }
@@ -156,15 +181,15 @@ static void set_state(struct slot *s, int state)
 
 static int open_socket(int nonblock)
 {
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | (nonblock ? SOCK_NONBLOCK : 0), 0);
+    int fd = socket(o.target.sa.sa_family, SOCK_STREAM | SOCK_CLOEXEC | (nonblock ? SOCK_NONBLOCK : 0), 0);
     if (fd < 0)
         return -1;
     int one = 1;
     setsockopt(fd, SOL_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
     if (o.nsources) {
-        struct sockaddr_in src = {.sin_family = AF_INET};
-        src.sin_addr = o.sources[(o.tuple_index + next_source++) % (unsigned)o.nsources];
-        if (bind(fd, (struct sockaddr *)&src, sizeof src) < 0) {
+        const union sockaddr_inet *src =
+            &o.sources[(o.tuple_index + next_source++) % (unsigned)o.nsources];
+        if (bind(fd, &src->sa, inet_len(src)) < 0) {
             close(fd);
             return -1;
         }
@@ -192,7 +217,7 @@ static void start(struct slot *slots, uint32_t i)
         k.errors++;
         return;
     }
-    if (connect(s->fd, (struct sockaddr *)&o.target, sizeof o.target) < 0 &&
+    if (connect(s->fd, &o.target.sa, inet_len(&o.target)) < 0 &&
         errno != EINPROGRESS) {
         close(s->fd);
         k.errors++;
@@ -214,7 +239,7 @@ static void connected(struct slot *slots, uint32_t i, char mode)
     struct slot *s = &slots[i];
     int err = 0;
     socklen_t len = sizeof err;
-    char hello[160];
+    char hello[200];
     getsockopt(s->fd, SOL_SOCKET, SO_ERROR, &err, &len);
     if (err) {
         fail(s);
@@ -428,12 +453,12 @@ static int run_hold(void)
 
 static int bulk_connect(struct slot *s, char mode)
 {
-    char hello[160];
+    char hello[200];
     struct timeval tv = {.tv_sec = 120};
     if (o.proxy)
         take_fake_client(s);
     s->fd = open_socket(0);
-    if (s->fd < 0 || connect(s->fd, (struct sockaddr *)&o.target, sizeof o.target) < 0)
+    if (s->fd < 0 || connect(s->fd, &o.target.sa, inet_len(&o.target)) < 0)
         die("connect");
     setsockopt(s->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     setsockopt(s->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
@@ -498,7 +523,7 @@ static int run_bulk(void)
 static int run_header(void)
 {
     struct slot s = {0};
-    char out[160];
+    char out[200];
     take_fake_client(&s);
     size_t n = proxy_header(out, &s);
     fwrite(out, 1, n, stdout);
@@ -510,7 +535,7 @@ static int run_header(void)
 static void parse_sources(char *list)
 {
     for (char *tok = strtok(list, ","); tok && o.nsources < MAX_SOURCES; tok = strtok(NULL, ","))
-        if (inet_pton(AF_INET, tok, &o.sources[o.nsources++]) != 1) {
+        if (!parse_host(tok, &o.sources[o.nsources++])) {
             fprintf(stderr, "bad source %s\n", tok);
             exit(2);
         }
@@ -539,7 +564,7 @@ static void parse_options(int argc, char **argv)
     while ((c = getopt_long(argc, argv, "", longs, NULL)) != -1) {
         switch (c) {
         case 'm': o.mode = parse_mode(optarg); break;
-        case 't': o.target = parse_addr(optarg); have_target = 1; break;
+        case 't': o.target = parse_inet(optarg); have_target = 1; break;
         case 'p': o.proxy = strcmp(optarg, "none") == 0 ? 0 : strcmp(optarg, "v2") == 0 ? 2 : 1;
                   break;
         case 's': parse_sources(optarg); break;

@@ -27,7 +27,7 @@ from mmproxy.address import Address
 from mmproxy.config import Config
 from mmproxy.localaddr import LocalAddresses
 from mmproxy.networks import AllowedNetworks
-from mmproxy.policy import Rejected, route_claim
+from mmproxy.policy import Claims, Rejected
 from mmproxy.proxy_protocol import (
     PP2_TYPE_UNIQUE_ID,
     IncompleteHeader,
@@ -91,6 +91,7 @@ class Forwarder:
         self.stats = TcpStats()
         self._listeners = list(listeners)
         self._local = LocalAddresses()
+        self._claims = Claims(config, self._local)
         self._rejections = RateLimitedLog()
         # (time, balancer, client, reason, detail) of the last rejections, for the status
         self._recent: deque[tuple[float, tuple[str, int], Address | None, str, str]] = deque(
@@ -132,6 +133,7 @@ class Forwarder:
         """Apply a reloaded config to new connections; established ones are untouched."""
         allowed = config.allowed()
         self.config, self.allowed = config, allowed
+        self._claims = Claims(config, self._local)
         self._apply_timeouts(config)
 
     def stop_accepting(self) -> None:
@@ -291,8 +293,8 @@ class Forwarder:
         hs.unique_id = unique_id
         hs.health_check = command == "LOCAL" or family == "UNKNOWN"
         try:
-            hs.client, hs.target = route_claim(
-                command, family, source, destination, config, self._local, hs.balancer
+            hs.client, hs.target = self._claims.route(
+                command, family, source, destination, hs.balancer
             )
             hs.upstream_fd = start_upstream(
                 hs.target, hs.client, config.mark, config.tcp_keepalive, bool(hs.pending)

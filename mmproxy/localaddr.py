@@ -179,15 +179,11 @@ class LocalAddresses:
         self._routes: _Routes | None = None  # None: the last read failed
         self._error: str | None = None
         self._read_at = float("-inf")
+        self._generation = 0
 
     def reason(self, host: str) -> str | None:
         """Why `host` is this host's ("an address of this host"...), or None."""
-        now = time.monotonic()
-        if now - self._read_at > self._max_age:
-            with self._lock:
-                if now - self._read_at > self._max_age:
-                    self._refresh()
-                    self._read_at = now
+        self.generation()
         routes = self._routes
         if routes is None:
             return UNREADABLE
@@ -195,6 +191,18 @@ class LocalAddresses:
             return routes.reason(host)
         except (ValueError, SystemError, TypeError):
             return "not an IP address"  # pytricia raises SystemError on some strings
+
+    def generation(self) -> int:
+        """How many times the addresses were read, re-reading them first when due: an
+        answer derived from them holds while this number stays the same."""
+        now = time.monotonic()
+        if now - self._read_at > self._max_age:
+            with self._lock:
+                if now - self._read_at > self._max_age:
+                    self._refresh()
+                    self._read_at = now
+                    self._generation += 1
+        return self._generation
 
     def __contains__(self, host: str) -> bool:
         return self.reason(host) is not None

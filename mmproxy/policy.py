@@ -94,6 +94,53 @@ def route_claim(
     return source, target
 
 
+class Claims:
+    """route_claim() for one config, remembering which claimed hosts it let through (and
+    their target) until this host's addresses are read again: a connection from a
+    client seen before skips the checks' lookups. Refusals are never remembered, so
+    their messages stay exact; a new config gets a new Claims."""
+
+    _LIMIT = 65536  # hosts remembered at most; then it starts over
+
+    def __init__(self, config: Config, local: LocalAddresses) -> None:
+        self._config = config
+        self._local = local
+        self._generation = -1
+        self._targets: dict[tuple[str, str], Address] = {}
+        # follow_destination_port makes the target depend on more than the host.
+        self._enabled = not config.follow_destination_port
+
+    def route(
+        self,
+        command: str,
+        family: str,
+        claimed: tuple[str, int] | None,
+        destination: tuple[str, int] | None,
+        balancer: tuple[str, int],
+        families: tuple[str, str] = TCP_FAMILIES,
+    ) -> tuple[Address | None, Address]:
+        if claimed is None or command != "PROXY" or family not in families or not self._enabled:
+            return route_claim(
+                command, family, claimed, destination, self._config, self._local, balancer,
+                families,
+            )  # fmt: skip
+        generation = self._local.generation()
+        targets = self._targets
+        if generation != self._generation or len(targets) >= self._LIMIT:
+            targets.clear()
+            self._generation = generation
+        key = (family, claimed[0])
+        target = targets.get(key)
+        if target is not None:
+            return Address(key[1], claimed[1]), target
+        source, target = route_claim(
+            command, family, claimed, destination, self._config, self._local, balancer, families
+        )
+        if source is not None and source.host == claimed[0]:
+            targets[key] = target
+        return source, target
+
+
 def balancer_route(
     config: Config, local: LocalAddresses, balancer: tuple[str, int]
 ) -> tuple[Address | None, Address]:

@@ -9,7 +9,7 @@ import pytest
 from mmproxy.address import Address
 from mmproxy.config import Config
 from mmproxy.localaddr import LocalAddresses, LocalRoute
-from mmproxy.policy import UDP_FAMILIES, Rejected, route
+from mmproxy.policy import UDP_FAMILIES, Claims, Rejected, route
 from mmproxy.proxy_protocol import encode_v1, encode_v2, parse
 
 CONFIG = Config(ipv4=Address("127.0.0.1", 22), ipv6=Address("::1", 22))
@@ -175,3 +175,51 @@ def test_follow_destination_port_only_to_the_listed_ports(
             target(port)
         assert caught.value.reason == "destination-port"
         assert f"destination port {port}," in str(caught.value)
+
+
+# --- Claims: route() remembered per claimed host ------------------------------------------
+
+
+def test_claims_answer_as_route_does_and_remember_what_they_let_through() -> None:
+    local = LocalAddresses(max_age=3600)
+    claims = Claims(CONFIG, local)
+    for port in (1, 2):
+        got = claims.route("PROXY", "TCP4", ("203.0.113.7", port), ("198.51.100.1", 22), BALANCER)
+        assert got == (Address("203.0.113.7", port), CONFIG.ipv4)
+    assert claims.route("PROXY", "TCP6", ("2001:db8::7", 3), None, BALANCER) == (
+        Address("2001:db8::7", 3),
+        CONFIG.ipv6,
+    )
+
+
+def test_a_claim_let_through_is_refused_once_the_host_owns_the_address() -> None:
+    routes: list[LocalRoute] = []
+    local = LocalAddresses(max_age=0.0, reader=lambda: list(routes))
+    claims = Claims(CONFIG, local)
+    claims.route("PROXY", "TCP4", ("203.0.113.7", 1), None, BALANCER)  # remembered
+    routes.append(LocalRoute(ip_network("203.0.113.7/32"), 2))  # now this host's (RTN_LOCAL)
+    with pytest.raises(Rejected) as caught:
+        claims.route("PROXY", "TCP4", ("203.0.113.7", 2), None, BALANCER)
+    assert caught.value.reason == "forged-local-source"
+
+
+def test_refusals_are_never_remembered_and_keep_their_exact_message() -> None:
+    claims = Claims(CONFIG, LocalAddresses(max_age=3600))
+    for port in (1, 2):
+        with pytest.raises(Rejected, match=f"claims source 127.0.0.1:{port}, which is loopback"):
+            claims.route("PROXY", "TCP4", ("127.0.0.1", port), None, BALANCER)
+
+
+def test_claims_follow_the_destination_port_without_remembering() -> None:
+    config = Config(
+        ipv4=Address("127.0.0.1", 22),
+        follow_destination_port=True,
+        allowed_destination_ports=((22, 23),),
+    )
+    claims = Claims(config, LocalAddresses(max_age=3600))
+    for port in (22, 23):
+        assert claims.route("PROXY", "TCP4", ("203.0.113.7", 1), ("198.51.100.1", port), BALANCER)[
+            1
+        ] == Address("127.0.0.1", port)
+    with pytest.raises(Rejected, match="destination port 24"):
+        claims.route("PROXY", "TCP4", ("203.0.113.7", 1), ("198.51.100.1", 24), BALANCER)

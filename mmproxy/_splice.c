@@ -460,26 +460,24 @@ PyDoc_STRVAR(add_doc, "add(client_fd, upstream_fd, handle, bytes_in=0)\n--\n\n"
                       "SO_OOBINLINE (as accept() from a listener with it, and connect(), "
                       "do): else an urgent byte is lost when the next one comes first.");
 
-static PyObject *Core_add(Core *c, PyObject *args)
+/* Own fds[0] (client) and fds[1] (upstream) from now on; -1 with a Python error set (the
+ * caller still owns them then). */
+static int core_add(Core *c, const int fds[2], PyObject *handle, long long early)
 {
-    int fds[2], i;
-    PyObject *handle;
-    long long early = 0;
-    if (!PyArg_ParseTuple(args, "iiO|L", &fds[0], &fds[1], &handle, &early))
-        return NULL;
+    int i;
     if (c->pool == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Core is not initialised");
-        return NULL;
+        return -1;
     }
     if (fds[0] < 0 || fds[1] < 0 || fds[0] == fds[1]) {
         PyErr_SetString(PyExc_ValueError, "two distinct open sockets are needed");
-        return NULL;
+        return -1;
     }
     if (grow_table(c, fds[0] > fds[1] ? fds[0] : fds[1]) < 0)
-        return NULL;
+        return -1;
     if (c->by_fd[fds[0]] != NULL || c->by_fd[fds[1]] != NULL) {
         PyErr_SetString(PyExc_ValueError, "socket already relayed");
-        return NULL;
+        return -1;
     }
     for (i = 0; i < 2; i++) {
         struct epoll_event ev = {.events = EVENTS, .data.fd = fds[i]};
@@ -488,14 +486,16 @@ static PyObject *Core_add(Core *c, PyObject *args)
             if (i == 1)
                 epoll_ctl(c->epfd, EPOLL_CTL_DEL, fds[0], NULL);
             errno = saved;
-            return PyErr_SetFromErrno(PyExc_OSError);
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
         }
     }
     Conn *conn = calloc(1, sizeof *conn);
     if (conn == NULL) {
         epoll_ctl(c->epfd, EPOLL_CTL_DEL, fds[0], NULL);
         epoll_ctl(c->epfd, EPOLL_CTL_DEL, fds[1], NULL);
-        return PyErr_NoMemory();
+        PyErr_NoMemory();
+        return -1;
     }
     for (i = 0; i < 2; i++) {
         conn->flow[i].src = fds[i];
@@ -509,6 +509,18 @@ static PyObject *Core_add(Core *c, PyObject *args)
     conn->handle = handle;
     c->by_fd[fds[0]] = c->by_fd[fds[1]] = conn;
     c->count++;
+    return 0;
+}
+
+static PyObject *Core_add(Core *c, PyObject *args)
+{
+    int fds[2];
+    PyObject *handle;
+    long long early = 0;
+    if (!PyArg_ParseTuple(args, "iiO|L", &fds[0], &fds[1], &handle, &early))
+        return NULL;
+    if (core_add(c, fds, handle, early) < 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 
@@ -703,6 +715,34 @@ PyDoc_STRVAR(accept_doc, "accept(listen_fd)\n--\n\n"
                          "non-blocking and close-on-exec; an IPv4 peer of a dual-stack "
                          "listener is given as IPv4. Raises BlockingIOError when none waits.");
 
+/* The peer's address as text (an IPv4 peer of a dual-stack listener as IPv4) and port;
+ * -1 with errno set when it is not an inet address. */
+static int peer_name(const struct sockaddr_storage *ss, char host[INET6_ADDRSTRLEN], int *port)
+{
+    const void *addr;
+    int family;
+    if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)ss;
+        *port = ntohs(sin6->sin6_port);
+        if (IN6_IS_ADDR_V4MAPPED(&sin6->sin6_addr)) {
+            family = AF_INET;
+            addr = &sin6->sin6_addr.s6_addr[12];
+        } else {
+            family = AF_INET6;
+            addr = &sin6->sin6_addr;
+        }
+    } else if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *sin = (const struct sockaddr_in *)ss;
+        *port = ntohs(sin->sin_port);
+        family = AF_INET;
+        addr = &sin->sin_addr;
+    } else {
+        errno = EAFNOSUPPORT;
+        return -1;
+    }
+    return inet_ntop(family, addr, host, INET6_ADDRSTRLEN) == NULL ? -1 : 0;
+}
+
 static PyObject *splice_accept(PyObject *Py_UNUSED(module), PyObject *arg)
 {
     /* One accept4() with the flags set, instead of socket.accept()'s accept4() plus a
@@ -710,8 +750,7 @@ static PyObject *splice_accept(PyObject *Py_UNUSED(module), PyObject *arg)
     struct sockaddr_storage ss;
     socklen_t len = sizeof ss;
     char host[INET6_ADDRSTRLEN];
-    const void *addr;
-    int family, port, fd, lfd;
+    int port, fd, lfd;
     long given = PyLong_AsLong(arg);
     if (given == -1 && PyErr_Occurred())
         return NULL;
@@ -725,29 +764,12 @@ static PyObject *splice_accept(PyObject *Py_UNUSED(module), PyObject *arg)
     Py_END_ALLOW_THREADS
     if (fd < 0)
         return PyErr_SetFromErrno(PyExc_OSError);
-    if (ss.ss_family == AF_INET6) {
-        struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&ss;
-        port = ntohs(sin6->sin6_port);
-        if (IN6_IS_ADDR_V4MAPPED(&sin6->sin6_addr)) {
-            family = AF_INET;
-            addr = &sin6->sin6_addr.s6_addr[12];
-        } else {
-            family = AF_INET6;
-            addr = &sin6->sin6_addr;
-        }
-    } else if (ss.ss_family == AF_INET) {
-        struct sockaddr_in *sin = (struct sockaddr_in *)&ss;
-        port = ntohs(sin->sin_port);
-        family = AF_INET;
-        addr = &sin->sin_addr;
-    } else {
-        close(fd);
-        PyErr_Format(PyExc_OSError, "accepted a socket of address family %d", ss.ss_family);
-        return NULL;
-    }
-    if (inet_ntop(family, addr, host, sizeof host) == NULL) {
+    if (peer_name(&ss, host, &port) < 0) {
         int saved = errno;
         close(fd);
+        if (saved == EAFNOSUPPORT)
+            return PyErr_Format(PyExc_OSError, "accepted a socket of address family %d",
+                                ss.ss_family);
         errno = saved;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
@@ -1126,12 +1148,226 @@ static PyObject *splice_socket_error(PyObject *Py_UNUSED(module), PyObject *arg)
     return PyLong_FromLong(value);
 }
 
+
+/* --- the whole hand-shake, for clients like those seen before -------------------------
+ * Python decides; this only repeats decisions it has already made. A balancer address
+ * is served here once Python has let it through (`balancers`), and a claimed client
+ * once Python's policy has (`claims`: (family, host) -> (target host, port), cleared by
+ * Python whenever the config or this host's addresses change). Everything else, and
+ * every failure, goes back to Python as it stands, which then decides and words it. */
+
+typedef struct {
+    int fd, upstream;
+    char host[INET6_ADDRSTRLEN];
+    int port;
+    ssize_t n;  /* bytes read; -1: nothing read */
+    int err;    /* errno of the read */
+    Header h;
+    int parsed; /* h holds the pre-parser's answer */
+    ssize_t sent;
+} Client;
+
+/* (fd, host, port, data, header, errno, upstream_fd, sent) for Python to go on with. */
+static int hand_back(PyObject *slow, const Client *cl, const char *buf)
+{
+    PyObject *data, *header, *item;
+    int rc;
+    if (cl->n < 0) {
+        data = Py_None;
+        Py_INCREF(data);
+    } else if ((data = PyBytes_FromStringAndSize(buf, cl->n)) == NULL) {
+        return -1;
+    }
+    header = cl->n < 0 ? (Py_INCREF(Py_None), Py_None) : header_value(buf, (size_t)cl->n);
+    if (header == NULL) {
+        Py_DECREF(data);
+        return -1;
+    }
+    item = Py_BuildValue("(isiNNiin)", cl->fd, cl->host, cl->port, data, header, cl->err,
+                         cl->upstream, (Py_ssize_t)cl->sent);
+    if (item == NULL)
+        return -1;
+    rc = PyList_Append(slow, item);
+    Py_DECREF(item);
+    return rc;
+}
+
+/* The upstream socket, connected (or connecting) from the claimed client to the target,
+ * as splice_connect makes it with CONNECT_KEEP_PORT and CONNECT_DEFER_ACK; -1 on any
+ * failure (Python then does it again and words the failure). */
+static int fast_upstream(const Header *h, PyObject *target, unsigned int mark, int keepalive)
+{
+    struct sockaddr_storage source, dest;
+    socklen_t source_len, dest_len;
+    const char *target_host;
+    int target_port, fd, family = h->family;
+    if (!PyArg_ParseTuple(target, "si", &target_host, &target_port)) {
+        PyErr_Clear();
+        return -1;
+    }
+    if (make_sockaddr(family, target_host, target_port, &dest, &dest_len) < 0 ||
+        make_sockaddr(family, h->src, h->sport, &source, &source_len) < 0)
+        return -1;
+    fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -1;
+    if ((family == AF_INET6 ? set_int(fd, IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+                            : set_int(fd, IPPROTO_IP, IP_TRANSPARENT, 1)) < 0 ||
+        (mark && set_int(fd, SOL_SOCKET, SO_MARK, (int)mark) < 0) ||
+        set_int(fd, SOL_SOCKET, SO_REUSEADDR, 1) < 0 ||
+        bind(fd, (struct sockaddr *)&source, source_len) < 0 ||
+        set_int(fd, IPPROTO_TCP, TCP_NODELAY, 1) < 0 ||
+        set_int(fd, SOL_SOCKET, SO_OOBINLINE, 1) < 0 ||
+        (keepalive && set_int(fd, SOL_SOCKET, SO_KEEPALIVE, 1) < 0) ||
+        set_int(fd, IPPROTO_TCP, TCP_DEFER_ACCEPT, 1) < 0 ||
+        (connect(fd, (struct sockaddr *)&dest, dest_len) < 0 && errno != EINPROGRESS)) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+/* 1: relayed by the core now; 0: handed back to Python; -1: a Python error. */
+static int fast_one(Core *core, Client *cl, char *buf, int size, PyObject *balancers,
+                    PyObject *claims, unsigned int mark, int keepalive, PyObject *connection,
+                    PyObject *slow)
+{
+    PyObject *host, *known, *key, *target, *info, *conn;
+    size_t early;
+    int fds[2];
+    if ((host = PyUnicode_FromString(cl->host)) == NULL)
+        return -1;
+    known = PyDict_GetItemWithError(balancers, host);
+    Py_DECREF(host);
+    if (known == NULL)
+        return PyErr_Occurred() ? -1 : hand_back(slow, cl, buf); /* not read: Python checks */
+    cl->n = read(cl->fd, buf, (size_t)size);
+    if (cl->n < 0) {
+        cl->err = errno;
+        return hand_back(slow, cl, buf);
+    }
+    cl->parsed = cl->n > 0 && (buf[0] == 'P' ? parse_v1(buf, (size_t)cl->n, &cl->h)
+                                             : parse_v2((unsigned char *)buf, (size_t)cl->n, &cl->h));
+    if (!cl->parsed || !cl->h.proxy || (size_t)cl->n <= cl->h.length)
+        return hand_back(slow, cl, buf); /* LOCAL, no early bytes, or the codec's work */
+    early = (size_t)cl->n - cl->h.length;
+    key = Py_BuildValue("(ss)", cl->h.family == AF_INET ? "TCP4" : "TCP6", cl->h.src);
+    if (key == NULL)
+        return -1;
+    target = PyDict_GetItemWithError(claims, key);
+    Py_DECREF(key);
+    if (target == NULL)
+        return PyErr_Occurred() ? -1 : hand_back(slow, cl, buf);
+    if ((cl->upstream = fast_upstream(&cl->h, target, mark, keepalive)) < 0)
+        return hand_back(slow, cl, buf);
+    cl->sent = write(cl->upstream, buf + cl->h.length, early);
+    if (cl->sent < 0 && errno != EAGAIN) { /* the connect failed: Python does it again */
+        close(cl->upstream);
+        cl->upstream = -1;
+        cl->sent = 0;
+        return hand_back(slow, cl, buf);
+    }
+    if (cl->sent < (ssize_t)early) { /* Python waits until the rest can be sent */
+        if (cl->sent < 0)
+            cl->sent = 0;
+        return hand_back(slow, cl, buf);
+    }
+    info = Py_BuildValue("(sisiOi)", cl->host, cl->port, cl->h.src, cl->h.sport, target,
+                         cl->h.version);
+    if (info == NULL)
+        return -1;
+    conn = PyObject_CallFunction(connection, "iiOn", cl->fd, cl->upstream, info,
+                                 (Py_ssize_t)early);
+    Py_DECREF(info);
+    if (conn == NULL)
+        return -1;
+    fds[0] = cl->fd;
+    fds[1] = cl->upstream;
+    if (core_add(core, fds, conn, (long long)early) < 0) {
+        Py_DECREF(conn);
+        return -1;
+    }
+    Py_DECREF(conn);
+    return 1;
+}
+
+PyDoc_STRVAR(handshake_doc,
+             "handshake(core, listen_fd, limit, size, balancers, claims, mark, keepalive, "
+             "connection)\n--\n\n"
+             "Accept up to `limit` clients. A client whose balancer is in `balancers`, whose "
+             "first read (up to `size` bytes) holds a PROXY header the pre-parser takes and "
+             "bytes after it, and whose (family, claimed host) is in `claims` (-> (target "
+             "host, port)) is connected to its target from the claimed address and port, "
+             "its early bytes sent, and handed to the core as "
+             "connection(client_fd, upstream_fd, (balancer host, port, client host, port, "
+             "(target host, port), version), early). Returns (relayed, of them v2, "
+             "handed back, errno, lost): handed back are (fd, host, port, data, header, errno, "
+             "upstream_fd, sent) for Python to go on with: data None when nothing was read "
+             "(errno says why, 0: the balancer is not known yet); upstream_fd >= 0 when "
+             "`sent` of the early bytes went and the rest wait. errno: of accept, when it "
+             "failed for another reason than an empty backlog; lost: clients closed on an "
+             "internal error (out of memory).");
+
+static PyObject *splice_handshake(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    Core *core;
+    int lfd, limit, size, keepalive, error = 0;
+    unsigned int mark;
+    long relayed = 0, v2 = 0, lost = 0;
+    PyObject *balancers, *claims, *connection, *slow;
+    char buf[8192];
+    if (!PyArg_ParseTuple(args, "O!iiiO!O!IpO", &CoreType, &core, &lfd, &limit, &size,
+                          &PyDict_Type, &balancers, &PyDict_Type, &claims, &mark, &keepalive,
+                          &connection))
+        return NULL;
+    if (size <= 0 || size > (int)sizeof buf) {
+        PyErr_SetString(PyExc_ValueError, "size out of range");
+        return NULL;
+    }
+    if ((slow = PyList_New(0)) == NULL)
+        return NULL;
+    for (int k = 0; k < limit; k++) {
+        struct sockaddr_storage ss;
+        socklen_t len = sizeof ss;
+        Client cl = {.upstream = -1, .n = -1};
+        int rc;
+        cl.fd = accept4(lfd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (cl.fd < 0) {
+            if (errno == ECONNABORTED || errno == EPROTO || errno == EPERM)
+                continue; /* that client is gone (or a firewall refused it): the next */
+            if (errno != EAGAIN && errno != EWOULDBLOCK)
+                error = errno;
+            break;
+        }
+        if (peer_name(&ss, cl.host, &cl.port) < 0) {
+            close(cl.fd);
+            continue;
+        }
+        rc = fast_one(core, &cl, buf, size, balancers, claims, mark, keepalive, connection,
+                      slow);
+        if (rc < 0) { /* out of memory, or a bug: this client is lost, counted, not the others */
+            PyErr_Clear();
+            close(cl.fd);
+            if (cl.upstream >= 0)
+                close(cl.upstream);
+            lost++;
+            break;
+        }
+        if (rc == 1) {
+            relayed++;
+            v2 += cl.h.version == 2;
+        }
+    }
+    return Py_BuildValue("(llNil)", relayed, v2, slow, error, lost);
+}
+
 static PyMethodDef splice_functions[] = {
     {"accept", splice_accept, METH_O, accept_doc},
     {"connect", splice_connect, METH_VARARGS, connect_doc},
     {"socket_error", splice_socket_error, METH_O, socket_error_doc},
     {"parse_header", splice_parse_header, METH_O, parse_header_doc},
     {"read_header", splice_read_header, METH_VARARGS, read_header_doc},
+    {"handshake", splice_handshake, METH_VARARGS, handshake_doc},
     {NULL, NULL, 0, NULL},
 };
 

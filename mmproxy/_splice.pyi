@@ -1,4 +1,5 @@
 # Type stub of the C extension mmproxy/_splice.c.
+from collections.abc import Callable
 from typing import Any
 
 END_EOF: int
@@ -44,3 +45,18 @@ HeaderValue = tuple[int, str, str, tuple[str, int] | None, tuple[str, int] | Non
 
 def parse_header(data: bytes | bytearray | memoryview) -> HeaderValue | None: ...
 def read_header(fd: int, size: int) -> tuple[bytes, HeaderValue | None]: ...
+
+# (fd, host, port, data, header, errno, upstream_fd, sent)
+HandedBack = tuple[int, str, int, bytes | None, HeaderValue | None, int, int, int]
+
+def handshake(
+    core: Core,
+    listen_fd: int,
+    limit: int,
+    size: int,
+    balancers: dict[str, bool],
+    claims: dict[tuple[str, str], tuple[str, int]],
+    mark: int,
+    keepalive: bool,
+    connection: Callable[[int, int, object, int], object],
+) -> tuple[int, int, list[HandedBack], int, int]: ...

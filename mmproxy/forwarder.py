@@ -53,6 +53,7 @@ _ACCEPT_BACKOFF_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOME
 _ACCEPT_BACKOFF = 0.1
 _RECV_SIZE = 4096
 _ACCEPT_BATCH = 64
+_BALANCERS_REMEMBERED = 4096  # balancer addresses let through, for the C hand-shake
 RECENT_REJECTIONS = 20  # how many `mmproxy status` shows
 
 
@@ -92,6 +93,7 @@ class Forwarder:
         self._listeners = list(listeners)
         self._local = LocalAddresses()
         self._claims = Claims(config, self._local)
+        self._balancers: dict[str, bool] = {}  # let through (allowed_networks), by address
         self._rejections = RateLimitedLog()
         # (time, balancer, client, reason, detail) of the last rejections, for the status
         self._recent: deque[tuple[float, tuple[str, int], Address | None, str, str]] = deque(
@@ -134,6 +136,7 @@ class Forwarder:
         allowed = config.allowed()
         self.config, self.allowed = config, allowed
         self._claims = Claims(config, self._local)
+        self._balancers = {}
         self._apply_timeouts(config)
 
     def stop_accepting(self) -> None:
@@ -171,32 +174,82 @@ class Forwarder:
             self.heartbeat()
 
     def _accept_all(self, listener: socket.socket) -> None:
-        """Accept until the backlog is empty or a batch is done (one epoll wake-up serves
-        many clients; the batch limit keeps the heartbeat and other listeners served)."""
-        max_connections = self.config.max_connections
-        # The accepted sockets stay plain fds: a socket object per client costs more than
-        # the accept4() itself (socket.accept() adds a getsockname() and an ioctl()).
-        accept = _splice.accept
-        listen_fd = listener.fileno()
+        """Accept a batch (one epoll wake-up serves many clients; the batch limit keeps the
+        heartbeat and other listeners served). The C hand-shake relays at once the
+        clients whose every decision was already made here (a known balancer, a header
+        the pre-parser takes, a claim the policy let through); the others come back."""
         stats = self.stats
-        for _ in range(_ACCEPT_BATCH):
-            if self._stopping:
-                return
-            if stats.active >= max_connections:
-                # Leave the rest in the backlog; _released() resumes accepting.
-                self._paused = True
-                self._relay.listening(False)
-                return
-            try:
-                fd, host, port = accept(listen_fd)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
-                    continue  # that client is gone (or a firewall refused it): the next
-                self._accept_failed(exc)
-                return
-            self._admit(fd, (host, port))
+        room = self.config.max_connections - stats.active
+        if self._stopping:
+            return
+        if room <= 0:
+            # Leave the rest in the backlog; _released() resumes accepting.
+            self._paused = True
+            self._relay.listening(False)
+            return
+        config = self.config
+        relayed, v2, handed_back, error, lost = _splice.handshake(
+            self._relay.core, listener.fileno(), min(room, _ACCEPT_BATCH), _RECV_SIZE,
+            self._balancers, self._claims.fresh(), config.mark, config.tcp_keepalive,
+            Connection,
+        )  # fmt: skip
+        if relayed:
+            stats.accepted += relayed
+            stats.active += relayed
+            stats.total += relayed
+            if relayed > v2:
+                stats.headers[1, "PROXY"] += relayed - v2
+            if v2:
+                stats.headers[2, "PROXY"] += v2
+        for item in handed_back:
+            self._handed_back(item)
+        if lost:
+            stats.errors["handshake"] += lost
+            log.error("lost %d connections to an internal error (out of memory?)", lost)
+        if error:
+            self._accept_failed(OSError(error, os.strerror(error)))
+
+    def _handed_back(self, item: _splice.HandedBack) -> None:
+        """A client the C hand-shake left to Python, at the step where it stopped."""
+        fd, host, port, data, fast, error, upstream, sent = item
+        balancer = (host, port)
+        if data is None and not error:
+            self._admit(fd, balancer)  # a balancer not let through yet: checked first
+            return
+        stats = self.stats
+        stats.accepted += 1
+        stats.active += 1
+        stats.total += 1
+        hs = Handshake(balancer, fd)
+        try:
+            if data is None:
+                if error == errno.EAGAIN:
+                    self._wait(hs, Step.HEADER)
+                else:
+                    self._fail(hs, _read_error(OSError(error, os.strerror(error))))
+            elif upstream < 0:
+                self._received(hs, data, fast)
+            else:
+                assert fast is not None
+                hs.upstream_fd = upstream
+                self._sending(hs, data, fast, sent)
+        except Exception as exc:  # a bug must cost one connection, not the acceptor
+            self._internal_error(hs, exc)
+
+    def _sending(self, hs: Handshake, data: bytes, fast: _splice.HeaderValue, sent: int) -> None:
+        """The C hand-shake connected and sent `sent` early bytes; the rest must wait."""
+        version, command, family, source, destination, length = fast
+        self.stats.headers[version, command] += 1
+        hs.early = len(data) - length
+        hs.pending = data[length + sent :]
+        try:
+            hs.client, hs.target = self._claims.route(
+                command, family, source, destination, hs.balancer
+            )
+        except Rejected as exc:  # this host's addresses changed in between
+            self._fail(hs, exc)
+            return
+        self._wait(hs, Step.EARLY)
 
     def _accept_failed(self, exc: OSError) -> None:
         """Out of fds or memory, or an error nothing expects (EINVAL from a listener shut
@@ -221,6 +274,9 @@ class Forwarder:
                 Rejected("untrusted-balancer", "peer is not in allowed_networks"),
             )
             return
+        if len(self._balancers) >= _BALANCERS_REMEMBERED:
+            self._balancers.clear()
+        self._balancers[balancer[0]] = True  # the C hand-shake serves it from now on
         stats = self.stats
         stats.active += 1
         stats.total += 1
@@ -249,6 +305,9 @@ class Forwarder:
         except OSError as exc:
             self._fail(hs, _read_error(exc))
             return
+        self._received(hs, chunk, fast)
+
+    def _received(self, hs: Handshake, chunk: bytes, fast: _splice.HeaderValue | None) -> None:
         if not chunk:
             self._fail(hs, _closed_before_header(hs.pending))
             return
@@ -396,7 +455,7 @@ class Forwarder:
     def _established(self, hs: Handshake) -> None:
         assert hs.upstream_fd is not None
         hs.pending = b""
-        self._relay.add(Connection(hs.client_fd, hs.upstream_fd, hs, hs.early))
+        self._relay.adopt(Connection(hs.client_fd, hs.upstream_fd, hs, hs.early))
 
     def _fail(self, hs: Handshake, reason: Rejected) -> None:
         try:
@@ -462,8 +521,7 @@ class Forwarder:
             self._released()
         if self.config.log_connections != "all" or not log.isEnabledFor(logging.INFO):
             return
-        info = conn.info
-        assert isinstance(info, Handshake)
+        info = _handshake_of(conn.info)
         duration = time.monotonic() - conn.started
         fields = _record_fields(info)
         fields.update(BYTES_IN=nin, BYTES_OUT=nout, DURATION=f"{duration:.3f}", CLOSE_REASON=reason)
@@ -525,9 +583,20 @@ def _target(info: Handshake) -> Address:
     return info.target
 
 
+def _handshake_of(info: object) -> Handshake:
+    """A connection's Handshake; the C hand-shake gives a tuple instead (see
+    _splice.handshake), made into one only when a record or the status needs it."""
+    if isinstance(info, Handshake):
+        return info
+    assert isinstance(info, tuple)
+    lb_host, lb_port, host, port, (target_host, target_port), _version = info
+    return Handshake(
+        (lb_host, lb_port), -1, client=Address(host, port), target=Address(target_host, target_port)
+    )
+
+
 def _open_connection(conn: Connection, nin: int, nout: int) -> OpenConnection:
-    info = conn.info
-    assert isinstance(info, Handshake)
+    info = _handshake_of(conn.info)
     client = "health check" if info.health_check else str(info.client or "this host")
     return OpenConnection(
         client, _format_peer(info.balancer), str(info.target), nin, nout, conn.started

@@ -107,8 +107,19 @@ class Claims:
         self._local = local
         self._generation = -1
         self._targets: dict[tuple[str, str], Address] = {}
+        self._fast: dict[tuple[str, str], tuple[str, int]] = {}  # the same, for C
         # follow_destination_port makes the target depend on more than the host.
         self._enabled = not config.follow_destination_port
+
+    def fresh(self) -> dict[tuple[str, str], tuple[str, int]]:
+        """The claims let through, (family, host) -> (target host, port), emptied first
+        when this host's addresses were read again: what the C hand-shake may repeat."""
+        generation = self._local.generation()
+        if generation != self._generation or len(self._targets) >= self._LIMIT:
+            self._targets.clear()
+            self._fast.clear()
+            self._generation = generation
+        return self._fast
 
     def route(
         self,
@@ -124,11 +135,8 @@ class Claims:
                 command, family, claimed, destination, self._config, self._local, balancer,
                 families,
             )  # fmt: skip
-        generation = self._local.generation()
+        self.fresh()
         targets = self._targets
-        if generation != self._generation or len(targets) >= self._LIMIT:
-            targets.clear()
-            self._generation = generation
         key = (family, claimed[0])
         target = targets.get(key)
         if target is not None:
@@ -138,6 +146,7 @@ class Claims:
         )
         if source is not None and source.host == claimed[0]:
             targets[key] = target
+            self._fast[key] = (target.host, target.port)
         return source, target
 
 

@@ -86,6 +86,7 @@ class Relay:
         # Exceptions the loop caught and carried on from, by where they happened.
         self.errors: Counter[str] = Counter() if errors is None else errors
         self._error_logged: dict[str, float] = {}
+        self._whys: dict[tuple[int, int, int], str] = {}
         # 0 turns a timeout off; both may be changed while running (a reload).
         self.idle_timeout = idle_timeout
         self.half_close_timeout = half_close_timeout
@@ -162,12 +163,18 @@ class Relay:
     def add(self, conn: Connection) -> None:
         """Hand a connection over; safe from any thread."""
         if threading.current_thread() is self._thread:
-            self._adopt(conn)
+            self.adopt(conn)
         else:
             # Adopted by the relay thread, which alone touches the core.
-            self._request(lambda: self._adopt(conn))
+            self._request(lambda: self.adopt(conn))
 
-    def _adopt(self, conn: Connection) -> None:
+    @property
+    def core(self) -> _splice.Core:
+        """The C core, for the forwarder's C hand-shake (on the relay thread only)."""
+        return self._core
+
+    def adopt(self, conn: Connection) -> None:
+        """add() for a caller on the relay thread (the forwarder's hand-shakes)."""
         try:
             self._core.add(conn.client, conn.upstream, conn, conn.bytes_in)
         except OSError as exc:  # epoll out of memory: this connection fails, not the loop
@@ -320,9 +327,20 @@ class Relay:
         for conn, kind, side, err, nin, nout in ended:
             conn.bytes_in, conn.bytes_out = nin, nout
             try:  # inline, not _guarded(): this runs once per connection
-                self._on_close(conn, reason or self._why(kind, side, err))
+                self._on_close(conn, reason or self._why_cached(kind, side, err))
             except Exception:
                 self._failed("record")
+
+    def _why_cached(self, kind: int, side: int, err: int) -> str:
+        # The same few sentences for nearly every connection: worded once each. Not the
+        # timeouts', which name a value a reload may change.
+        key = (kind, side, err)
+        why = self._whys.get(key)
+        if why is None:
+            why = self._why(kind, side, err)
+            if kind not in (_splice.END_IDLE, _splice.END_HALF_CLOSED) and len(self._whys) < 256:
+                self._whys[key] = why
+        return why
 
     def _why(self, kind: int, side: int, err: int) -> str:
         who = SIDES[side]

@@ -54,9 +54,10 @@ def test_faulty_targets_close_clients_and_leak_nothing(
         target = start_backend(lo_net.gw, "127.0.0.1", reset_at_once).address
     proc = run_mmproxy(lo_net, ipv4=target, check_failure="warn", log_level="warning")
     pid = proc.proc.pid
-    before = resources(pid)  # idle
     for i in range(50):  # warm up the caches
         one_client(lo_net, 20000 + i)
+    time.sleep(0.5)
+    before = resources(pid)  # idle, after start-up's own sockets and the caches' first fill
 
     started = time.monotonic()
     with ThreadPoolExecutor(8) as pool:

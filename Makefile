@@ -162,7 +162,7 @@ soak: venv
 # connect, faults, workers, EMFILE); any report fails the run. replace_str=0: iproute2's
 # `ip` (run by the self-checks) trips ASan's strncpy check. Not the soak: its RSS bound
 # cannot hold with ASan's quarantine (256 MiB of freed memory kept).
-SANITIZE_TESTS := tests/test_relay.py tests/test_splice.py tests/test_splice_header.py tests/integration/test_forwarder.py \
+SANITIZE_TESTS := tests/test_relay.py tests/test_splice.py tests/test_splice_header.py tests/test_splice_handshake.py tests/integration/test_forwarder.py \
 	tests/integration/test_faults.py tests/integration/test_supervisor.py \
 	tests/integration/test_fd_exhaustion.py
 sanitize: venv

@@ -449,3 +449,25 @@ def test_log_connections_in_the_daemon(lo_net: Net, run_mmproxy: StartMmproxy, m
     assert proc.proc.wait(10) == 0  # and every line is written before the exit
     records = [line for line in proc.lines if f"{CLIENT4}:400" in line and "bytes in" in line]
     assert len(records) == (10 if mode == "all" else 0), "\n".join(proc.lines)
+
+
+def test_repeat_clients_take_the_c_hand_shake_with_the_same_result(
+    lo_net: Net, run_mmproxy: StartMmproxy
+) -> None:
+    """The first connection fills what the C hand-shake may repeat (balancer let through,
+    claim let through); the later ones of the same client go through it: the application
+    sees the same, and each record says the same as the first one's."""
+    app = start_backend(lo_net.gw, "127.0.0.1")
+    proc = run_mmproxy(lo_net, ipv4=app.address, workers=1)
+    for port in (40021, 40022, 40023):
+        for version in (1, 2):
+            with connect(lo_net) as sock:
+                sock.sendall(header(version, "TCP4", (CLIENT4, port + 100 * version)) + b"12345")
+                assert read_line(sock) == f"{CLIENT4} {port + 100 * version}\n"
+                sock.shutdown(socket.SHUT_WR)
+                recv_all(sock)
+            line = proc.wait_for(rf"{CLIENT4}:{port + 100 * version} via 127\.0\.0\.1:\d+ -> ")
+            assert "client closed first" in line and "5 bytes in" in line, line
+    proc.proc.send_signal(signal.SIGTERM)
+    line = proc.wait_for("stopping: ")
+    assert "0 active, 6 total, rejected: none, 30 bytes in" in line, line

@@ -136,13 +136,34 @@ HAProxy), and over loopback the application's side of each packet is processed i
 sender's system call. What differs is the user time around them. In pure Python it was
 about 20 µs per connection against HAProxy's 7.5 µs (2026-12-01, `perf` and
 `/proc/PID/stat`, the rate test), which left mmproxy at 1.38 x HAProxy's CPU per
-connection. `mmproxy/_splice.c` now does the per-event relay work (which direction, how
+connection. `mmproxy/_splice.c` then took the per-event relay work (which direction, how
 much, half-closes, errors: without the GIL and without a Python call per event), the
-accept (one accept4() with the flags, no socket object) and the upstream socket (one
-call for socket, transparent bind, options and connect); the PROXY header, the policy
-(who may claim what) and the records stay in Python. That brought the user time to
-about 12 to 13 µs per connection. The relay is still mmproxy's design: one epoll loop per
-worker, a pool of 1 MiB pipes taken only while bytes wait, edge-triggered events.
+accept and the upstream socket, which brought the user time to about 12 to 13 µs
+(1.18 x HAProxy's CPU per connection in the full run of 2026-12-01).
+
+Issue 15 took the rest of the hand-shake out of the interpreter for the usual client,
+without moving a decision into C (2026-12-04, the same rate load, mmproxy beside
+HAProxy in one run, user time per connection under a loaded machine: 22 to 25 µs before,
+12 to 13.5 µs after, HAProxy 10.5 to 12.5 µs):
+
+- a C pre-parser (`_splice.parse_header`) reads the usual headers (v1 TCP4/TCP6, v2
+  TCP4/TCP6 without TLVs, v2 LOCAL) and answers None for anything else, which the codec
+  then decides and words; it is tested against every codec vector and every prefix of
+  each, and fuzzed against the codec (`make fuzz`, `make sanitize`). The Python parse
+  of a v1 line cost 2.4 µs;
+- the policy's answers are remembered per claimed host (`policy.Claims`): a host it let
+  through, with its target, until the config changes or this host's addresses are read
+  again (every 2 s); refusals are never remembered, so each is checked and worded anew;
+- `_splice.handshake` accepts a batch and, for a client whose balancer Python already
+  let through, whose header the pre-parser takes with bytes after it, and whose claim
+  the policy already let through, does the whole hand-shake in C: the transparent
+  socket, the connect, the early bytes, the hand-over to the relay. Every other client,
+  and every failure, goes back to Python at the step where it stopped (unread if its
+  balancer is new), so the checks, the messages and the records stay the codec's and
+  the policy's.
+
+What stays per connection in Python is one record when it ends (the counters, and the
+journal line when `log_connections: all`).
 
 ## Profiling mmproxy under the same load
 

@@ -53,6 +53,7 @@ _ACCEPT_BACKOFF_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOME
 _ACCEPT_BACKOFF = 0.1
 _RECV_SIZE = 4096
 _ACCEPT_BATCH = 64
+_DEFER_ACCEPT = 1  # s (TCP_DEFER_ACCEPT)
 _BALANCERS_REMEMBERED = 4096  # balancer addresses let through, for the C hand-shake
 RECENT_REJECTIONS = 20  # how many `mmproxy status` shows
 
@@ -123,6 +124,10 @@ class Forwarder:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             # TCP urgent bytes stay in the stream: the header read and the relay keep them.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+            # A client is accepted once its first bytes (the header) are there, so the C
+            # hand-shake finds them in its first read; one that sends nothing is accepted
+            # after about a second all the same, and a close (a health check) at once.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, _DEFER_ACCEPT)
             if self.config.tcp_keepalive:
                 set_keepalive(sock)
         for sock in self._listeners:
@@ -208,6 +213,11 @@ class Forwarder:
             log.error("lost %d connections to an internal error (out of memory?)", lost)
         if error:
             self._accept_failed(OSError(error, os.strerror(error)))
+        elif stats.active >= config.max_connections and not self._paused:
+            # Full: stop listening now, not at the next client's wake-up, which (with
+            # EPOLLEXCLUSIVE) may go to another worker and leave this one's share idle.
+            self._paused = True
+            self._relay.listening(False)
 
     def _handed_back(self, item: _splice.HandedBack) -> None:
         """A client the C hand-shake left to Python, at the step where it stopped."""

@@ -242,3 +242,11 @@ def read_lines(fd: int, lines: list[str]) -> None:
     with os.fdopen(fd, "r") as stream:
         for line in stream:
             lines.append(line.rstrip("\n"))
+
+
+def test_listeners_defer_accept_until_the_header_is_there(
+    forwarder: tuple[Forwarder, tuple[str, int]],
+) -> None:
+    fwd, _ = forwarder
+    for sock in fwd._listeners:
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench.coldstart import table as coldstart_table
 from bench.report import floors_table, tables
 from bench.udp import table as udp_table
 
@@ -145,11 +146,13 @@ def machine_line(m: dict[str, Any]) -> str:
 
 
 def _all_tables(results: Results) -> list[str]:
-    """TCP's three tables, and UDP's when it ran."""
+    """TCP's three tables, and UDP's and the cold start's when they ran."""
     udp = udp_table(results["summary"], results["order"], results["settings"])
+    cold = coldstart_table(results)
     return [
         tables(results["summary"], results["order"], results["settings"]),
         *([udp] if udp else []),
+        *([cold] if cold else []),
     ]
 
 

@@ -227,6 +227,7 @@ def workload(ctx: Context, target: Target) -> Result:
 def table(results: Result) -> str:
     """The cold-start section: every round's samples pooled; "" when it did not run."""
     runs = [r for r in results.get("runs", []) if r.get("workload") == "coldstart"]
+    runs = [r for r in runs if r.get("cold_ms")]  # not the other targets' (n/a)
     cold = [v for r in runs for v in r.get("cold_ms", [])]
     warm = [v for r in runs for v in r.get("warm_ms", [])]
     if not cold or not warm:
@@ -236,11 +237,13 @@ def table(results: Result) -> str:
     described: Result = next((r["container"] for r in runs if "container" in r), {})
     packages = ", ".join(f"{k} {v}" for k, v in described.get("packages", {}).items())
     rounds = f"{len(runs)} round" + ("s" if len(runs) != 1 else "")
+    loads = [float(a.split()[0]) for r in runs for a in r.get("load_average", [])]
+    load = f"; 1-minute load average {min(loads):.1f} to {max(loads):.1f}" if loads else ""
     return "\n\n".join([
         f"**5. Cold start** — through HAProxy to sshd's banner, {len(cold)} cold and "
         f"{len(warm)} warm connections ({rounds} of {SAMPLES}), in a booted "
         f"Debian {described.get('release', '12')} container ({packages}); cold: "
-        "`mmproxy@ssh.service` stopped, its socket waiting",
+        f"`mmproxy@ssh.service` stopped, its socket waiting{load}",
         "| mmproxy@ssh | median ms | max ms |\n|---|---|---|\n"
         f"| cold (socket activation, start, self-checks) | {s['cold_ms_median']:.1f} | "
         f"{s['cold_ms_max']:.1f} |\n"

@@ -157,9 +157,9 @@ Now the routing is applied, and the host checks run, as root when the *socket* s
 `systemctl status mmproxy@NAME.socket` shows it. The service's start runs the daemon
 alone, which still runs its own self-checks before it serves. The daemon also starts
 cheaper: `python3 -IS` (no site module), the garbage collector off during the imports,
-no import of what only some starts need (the metrics HTTP server, multiprocessing, the
-`systemd.daemon` module, difflib, platform, subprocess), and one connection per target
-in the self-checks instead of two. The sandbox and the interpreter are the floor of a
+no import of what only some starts need (the metrics HTTP server, the UDP forwarder,
+multiprocessing, the `systemd.daemon` module, difflib, subprocess), and one connection
+per target in the self-checks instead of two. The sandbox and the interpreter are the floor of a
 hardened Python service here: about 60 ms before the first line of mmproxy runs.
 
 ## Profiling mmproxy under the same load

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import chart, docs, machine, report, udp, workloads
+from bench import chart, coldstart, docs, machine, report, udp, workloads
 from bench.targets import TARGETS, Target
 from bench.testbed import GW4, GW6, Testbed
 from bench.tools import build, check_headers
@@ -31,6 +31,7 @@ WORKLOADS: dict[str, Callable[[Context, Target], dict[str, Any]]] = {
     "hold": workloads.hold,
     "holdmax": workloads.hold_max,
     "udp": udp.workload,
+    "coldstart": coldstart.workload,
 }
 VARIANTS = dict.fromkeys(workloads.RATE_VARIANTS)
 SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench.coldstart import table as coldstart_table
 from bench.report import floors_table, tables
 from bench.udp import table as udp_table
 
@@ -109,6 +110,21 @@ METHOD = """\
   payload each way, latency from sending to the reply, and CPU-s per 1M packets the
   gateway's own CPU per million pairs, which includes the kernel's work its system calls
   do (delivering a datagram over `lo` or the veth is done in the sender's system call).
+- **5. Cold start** (`bench/coldstart.py`, mmproxy only): a Debian 12 container booted with
+  `systemd-nspawn` (systemd as PID 1; its root made once by `debootstrap --variant=minbase`
+  with systemd, iproute2, nftables, iptables, python3, python3-yaml, python3-systemd,
+  python3-sdnotify, openssh-server and haproxy, and cached outside the checkout), on a
+  veth to a client namespace. `make deb` builds this tree's package on the host (Debian
+  12), and apt installs it into a fresh copy of that root before the boot. Inside:
+  HAProxy 2.6 (`bind 192.0.2.10:2200`, `server local 127.0.0.1:2222 send-proxy-v2`, no
+  health check), sshd, and `/etc/mmproxy/ssh.yaml` (`listen: 127.0.0.1:2222`, targets
+  127.0.0.1:22 and [::1]:22, `allowed_networks: [127.0.0.1/32]`) with
+  `systemctl enable --now mmproxy@ssh.socket`. The client times `connect()` to HAProxy
+  to the first bytes of sshd's banner (`SSH-2.0-`). *Cold*: `mmproxy@ssh.service` is
+  stopped before each sample, its socket listening (what the first connection after a
+  boot meets; the page cache is warm). *Warm*: the service running. 10 of each per
+  round, all rounds pooled for the median and the maximum; the container is built once
+  per run.
 - Nothing is pinned except the *taskset* variant; the CPU affinity each gateway ran with is
   in the concurrency table and in the JSON.
 
@@ -165,6 +181,37 @@ HAProxy in one run, user time per connection under a loaded machine: 22 to 25 µ
 What stays per connection in Python is one record when it ends (the counters, and the
 journal line when `log_connections: all`).
 
+## Cold start
+
+The first connection to an instance that is not running waits for systemd to notice it
+and start the service, for the service's sandbox, for Python and mmproxy's imports, for
+the self-checks and for the workers; then it is relayed like any other. Where the time
+went on this machine (2026-12-04, Debian 12 container, load average about 1, traced
+with time stamps in the daemon and systemd's unit time stamps), about 190 ms in all:
+
+| step | ms |
+|---|---|
+| connection in the socket's queue → systemd forks the service (socket activation) | 15-25 |
+| the unit's sandbox (its mount namespace, DynamicUser=, seccomp filters) and exec | 35-45 |
+| the Python interpreter's own start | 12 |
+| imports: configuration (PyYAML, dataclasses), logging, argparse, the relay, the journal | 75-100 |
+| configuration, self-checks (capabilities, one spoofed connection per target) | 5-10 |
+| two workers forked, their relay loops started | 17-24 |
+| HAProxy → mmproxy → sshd (which forks and re-executes itself) → banner | 15-20 |
+
+Before issue 15 it was about 370 ms here (280-330 ms on a quieter day): a second Python
+process ran first, `mmproxy routing up` in the service's `ExecStartPre=`, which imported
+the same configuration code and ran `ip` a dozen times to apply and check the routing.
+Now the routing is applied, and the host checks run, as root when the *socket* starts
+(its `ExecStartPre=`, at boot): a wrong host fails the socket's start with the fix, and
+`systemctl status mmproxy@NAME.socket` shows it. The service's start runs the daemon
+alone, which still runs its own self-checks before it serves. The daemon also starts
+cheaper: `python3 -IS` (no site module), the garbage collector off during the imports,
+no import of what only some starts need (the metrics HTTP server, the UDP forwarder,
+multiprocessing, the `systemd.daemon` module, difflib, subprocess), and one connection
+per target in the self-checks instead of two. The sandbox and the interpreter are the floor of a
+hardened Python service here: about 60 ms before the first line of mmproxy runs.
+
 ## Profiling mmproxy under the same load
 
 The pinned variant is one process (`workers: auto` follows the CPU affinity), which
@@ -213,11 +260,13 @@ def _took(results: Results) -> str:
 
 
 def _all_tables(results: Results) -> list[str]:
-    """TCP's three tables, and UDP's when it ran."""
+    """TCP's three tables, and UDP's and the cold start's when they ran."""
     udp = udp_table(results["summary"], results["order"], results["settings"])
+    cold = coldstart_table(results)
     return [
         tables(results["summary"], results["order"], results["settings"]),
         *([udp] if udp else []),
+        *([cold] if cold else []),
     ]
 
 

@@ -180,24 +180,27 @@ def plan_for(config: Config) -> routing.Plan:
 
 
 def check_target(config: Config, target: Address) -> list[Result]:
-    results = []
+    """Does the target answer a plain connection, and a spoofed one? The spoofed one is
+    tried first: when it is answered, so is a plain one, and the application (sshd forks
+    and re-executes itself for each) is spared a second connection at every start. Only
+    when it fails is the plain one tried, to tell a target that is down (then only that
+    is reported, with its fix) from replies that do not come back."""
+    source = Address(TEST_SOURCES[_family(target)], 0)
+    plain_what = f"target {target} answers a plain connection"
+    spoofed = _connect_check(
+        f"target {target} answers a spoofed connection from {source.host}",
+        lambda: open_upstream(target, source, config.mark, config.connect_timeout),
+        "the replies do not come back: apply the routing above",
+        denied_fix=CAPS_FIX,
+    )
+    if spoofed.ok:
+        return [Result(True, plain_what), spoofed]
     plain = _connect_check(
-        f"target {target} answers a plain connection",
+        plain_what,
         lambda: open_upstream(target, None, 0, config.connect_timeout),
         f"start the application on {target} (see: ss -tlnp 'sport = :{target.port}')",
     )
-    results.append(plain)
-    if plain.ok:
-        source = Address(TEST_SOURCES[_family(target)], 0)
-        results.append(
-            _connect_check(
-                f"target {target} answers a spoofed connection from {source.host}",
-                lambda: open_upstream(target, source, config.mark, config.connect_timeout),
-                "the replies do not come back: apply the routing above",
-                denied_fix=CAPS_FIX,
-            )
-        )
-    return results
+    return [plain, spoofed] if plain.ok else [plain]
 
 
 def _routes_locally(target: Address) -> Result:

@@ -9,7 +9,6 @@ this module (the key table, Config, loading).
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, fields
@@ -261,6 +260,8 @@ def _known_key(name: str, where: Where) -> Key:
     if key is not None:
         return key
     names = [key.name for key in KEYS]
+    import difflib  # for a misspelt key only: not on every start-up
+
     close = difflib.get_close_matches(name.replace("-", "_").lower(), names, n=1, cutoff=0.6)
     if close:
         message = f"unknown key; did you mean {close[0]!r}?"

@@ -7,7 +7,6 @@ shorter value differ between keys.
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import re
@@ -236,6 +235,8 @@ def choice(*options: str) -> Parser[str]:
         word = _expect_str(value, expected).strip().lower()
         if word in options:
             return word
+        import difflib  # for a misspelt word only: not on every start-up
+
         close = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
         suggestion = f"; did you mean {close[0]!r}?" if close else ""
         fail(value, f"expected {expected}, got {_describe(value)}{suggestion}")

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from mmproxy.config import Config
 from mmproxy.forwarder import Forwarder
 from mmproxy.log import reconfigure as reconfigure_logging
 from mmproxy.log import set_connection_logging
 from mmproxy.stats import Details, Snapshot, total
-from mmproxy.udp import UdpForwarder
+
+if TYPE_CHECKING:
+    from mmproxy.udp import UdpForwarder
 
 
 class Instance:
@@ -44,6 +47,10 @@ class Instance:
             self.forwarder.heartbeat_interval = self._heartbeat_interval
         self.forwarder.start()
         if self._datagram:
+            # Imported here: an instance without a UDP listener never needs it (a few ms
+            # of every start-up, issue 15).
+            from mmproxy.udp import UdpForwarder
+
             self.udp = UdpForwarder(self.config, self._datagram)
             self.udp.start()
 

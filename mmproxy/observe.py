@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import grp
-import http.server
 import json
 import logging
 import os
@@ -79,7 +78,9 @@ class Observer:
                 log.warning("no status socket for `mmproxy status`: %s", exc)
         if self.config.metrics_listen is not None:
             try:
-                server = _MetricsServer(self.config.metrics_listen.sockaddr, self)
+                from mmproxy.metrics_http import MetricsServer
+
+                server = MetricsServer(self.config.metrics_listen.sockaddr, self.metrics_page)
             except OSError as exc:
                 where = self.config.metrics_listen
                 raise ObserveError(f"metrics_listen {where}: {exc.strerror or exc}") from exc
@@ -209,37 +210,6 @@ class _StatusHandler(socketserver.BaseRequestHandler):
             pass  # the reader went away
         except Exception:  # a bug must cost this answer, not the thread
             log.exception("answering the status socket")
-
-
-class _MetricsServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], observer: Observer) -> None:
-        self.observer = observer
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        super().__init__(address, _MetricsHandler)
-
-
-class _MetricsHandler(http.server.BaseHTTPRequestHandler):
-    timeout = REQUEST_TIMEOUT
-    server_version = f"mmproxy/{__version__}"
-
-    def do_GET(self) -> None:
-        server = self.server
-        assert isinstance(server, _MetricsServer)
-        if self.path.split("?", 1)[0] != "/metrics":
-            self.send_error(404, "only /metrics is here")
-            return
-        body = server.observer.metrics_page()
-        self.send_response(200)
-        self.send_header("Content-Type", metrics.CONTENT_TYPE)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # a scrape every few seconds is not news for the journal
 
 
 # --- the client side: `mmproxy status NAME` -----------------------------------------------

@@ -17,7 +17,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -158,6 +157,8 @@ def _absolute(cmd: Command) -> Command:
 
 
 def run(cmd: Command, stdin: str | None = None, check: bool = True) -> str:
+    import subprocess  # here: the daemon imports this module but runs no tool
+
     try:
         proc = subprocess.run(
             _absolute(cmd), input=stdin, capture_output=True, text=True, check=False
@@ -170,6 +171,8 @@ def run(cmd: Command, stdin: str | None = None, check: bool = True) -> str:
 
 
 def succeeds(cmd: Command) -> bool:
+    import subprocess
+
     try:
         return subprocess.run(_absolute(cmd), capture_output=True, check=False).returncode == 0
     except FileNotFoundError:

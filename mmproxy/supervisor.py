@@ -29,10 +29,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, Pipe, wait
 from typing import NoReturn
 
 from mmproxy import lifecycle
+from mmproxy.channel import Channel, pipe, wait
 from mmproxy.config import Config
 from mmproxy.instance import Instance
 from mmproxy.log import reconfigure as reconfigure_logging
@@ -80,8 +80,8 @@ class Worker:
 
     slot: int
     pid: int
-    orders: Connection  # supervisor -> worker
-    reports: Connection  # worker -> supervisor
+    orders: Channel  # supervisor -> worker
+    reports: Channel  # worker -> supervisor
     started: float
     ready: bool = False
     stopping: bool = False
@@ -289,8 +289,8 @@ class Supervisor:
     # --- workers ---------------------------------------------------------------------
 
     def _spawn(self, slot: int) -> None:
-        orders_in, orders_out = Pipe(duplex=False)
-        reports_in, reports_out = Pipe(duplex=False)
+        orders_in, orders_out = pipe()
+        reports_in, reports_out = pipe()
         config = share(self.config, self.count, slot)
         beat = self.notifier.watchdog_interval
         sys.stderr.flush()
@@ -329,7 +329,7 @@ class Supervisor:
         self._ask_details()
         by_conn = {w.reports: w for w in self.workers.values()}
         for ready in wait([*by_conn, self._signalled[0]], timeout):
-            if isinstance(ready, Connection):
+            if isinstance(ready, Channel):
                 self._read_reports(by_conn[ready])
             else:
                 _drain(self._signalled[0])
@@ -433,8 +433,8 @@ class _WorkerNotifier(Notifier):
 def _worker_main(
     config: Config,
     listeners: list[socket.socket],
-    orders: Connection,
-    reports: Connection,
+    orders: Channel,
+    reports: Channel,
     beat: float,
 ) -> int:
     stop = False
@@ -528,7 +528,7 @@ def _drain(fd: int) -> None:
         pass
 
 
-def _send(conn: Connection, message: object) -> None:
+def _send(conn: Channel, message: object) -> None:
     try:
         conn.send(message)
     except OSError:

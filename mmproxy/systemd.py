@@ -15,19 +15,36 @@ import time
 log = logging.getLogger("mmproxy")
 
 
+LISTEN_FDS_START = 3  # sd_listen_fds(3): the first passed descriptor
+
+
 def listen_sockets() -> list[socket.socket] | None:
-    """The listening sockets systemd passed in (LISTEN_FDS), or None when not activated."""
+    """The listening sockets systemd passed in (LISTEN_FDS), or None when not activated.
+
+    sd_listen_fds(3) by hand (the protocol is three variables): python3-systemd's
+    `daemon` module costs the start-up more than this does."""
     if "LISTEN_FDS" not in os.environ:
         return None
-    from systemd import daemon  # Debian's python3-systemd
-
-    fds = daemon.listen_fds_with_names(unset_environment=True)
+    count = _passed_fds()
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)  # not for the processes this one starts
     sockets = []
-    for fd in sorted(fds):
+    for fd in range(LISTEN_FDS_START, LISTEN_FDS_START + count):
         sock = socket.socket(fileno=fd)  # family and type are read from the fd
         os.set_inheritable(fd, False)
         sockets.append(sock)
     return sockets
+
+
+def _passed_fds() -> int:
+    """How many descriptors were passed to this process: none when LISTEN_PID names
+    another (the variables were inherited from a parent)."""
+    try:
+        pid = int(os.environ.get("LISTEN_PID", ""))
+        count = int(os.environ["LISTEN_FDS"])
+    except ValueError:
+        return 0
+    return count if pid == os.getpid() and count > 0 else 0
 
 
 class Notifier:

@@ -67,3 +67,22 @@ def test_no_allowed_networks_is_refused() -> None:
 def test_help_and_version(flag: str) -> None:
     proc = run_cli(flag)
     assert proc.returncode == 0 and "mmproxy" in proc.stdout
+
+
+def test_the_collector_the_installed_script_disables_runs_again(tmp_path: Path) -> None:
+    """/usr/bin/mmproxy disables the cyclic garbage collector for the start-up's imports
+    (issue 15); every command enables it again (`run` once its imports are done)."""
+    config = tmp_path / "bad.yaml"
+    config.write_text("listen: [\n")
+    script = (
+        "import gc, sys; gc.disable(); from mmproxy.cli import main; "
+        "status = main(sys.argv[1:]); print(gc.isenabled(), status)"
+    )
+    for command in (["check", "-c", str(config)], ["routing", "down", "-c", str(config)]):
+        proc = subprocess.run(
+            [sys.executable, "-c", script, *command],
+            capture_output=True, text=True, check=False, timeout=60,
+            env={"PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+                 "MMPROXY_RUNTIME_DIR": str(tmp_path / "run")},
+        )  # fmt: skip
+        assert proc.stdout.split()[0] == "True", (command, proc.stdout, proc.stderr)

@@ -186,6 +186,7 @@ def test_mmproxys_rule_is_written_back_as_ip_rule_arguments() -> None:
     "argv, expected",
     [
         (["/usr/bin/python3", "/usr/bin/mmproxy", "run", "--instance", "ssh", "-c", "x"], True),
+        (["/usr/bin/python3", "-IS", "/usr/bin/mmproxy", "--instance", "ssh"], True),  # the .deb's
         (["/usr/bin/python3", "-m", "mmproxy", "-c", "/etc/mmproxy/ssh.yaml", "-v"], True),
         (["/usr/bin/python3", "-m", "mmproxy", "-c", "/etc/mmproxy/web.yaml"], False),
         (["/usr/bin/python3", "/usr/bin/mmproxy", "doctor", "-c", "/etc/mmproxy/ssh.yaml"], False),

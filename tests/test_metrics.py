@@ -167,8 +167,11 @@ def observer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[observ
 
 
 def _metrics_port(obs: observe.Observer) -> int:
-    server = next(s for s in obs._servers if isinstance(s, observe._MetricsServer))
-    return int(server.server_address[1])
+    # The other server is the status socket's (AF_UNIX).
+    server = next(s for s in obs._servers if getattr(s, "address_family", 0) != socket.AF_UNIX)
+    address = server.server_address
+    assert isinstance(address, tuple)
+    return int(address[1])
 
 
 def test_metrics_over_http(observer: observe.Observer) -> None:

@@ -121,13 +121,14 @@ def start_backend(ns: NetNS, host: str, handler: Handler = tell_peer) -> Backend
 
 
 def forget_self_checks(timeout: float = 5.0) -> None:
-    """mmproxy's start-up self-checks connect to each target twice (plain, then spoofed):
-    wait for those and drop them, so tests see only their own clients."""
+    """mmproxy's start-up self-checks connect to each target once when they pass (the
+    spoofed connection, see checks.check_target): wait for that and drop it, so tests see
+    only their own clients."""
     deadline = time.monotonic() + timeout
-    while any(len(b.seen) < 2 for b in BACKENDS) and time.monotonic() < deadline:
+    while any(not b.seen for b in BACKENDS) and time.monotonic() < deadline:
         time.sleep(0.01)
     for backend in BACKENDS:
-        del backend.seen[:2]
+        del backend.seen[:1]
 
 
 class Mmproxy:

@@ -159,6 +159,24 @@ def test_a_failed_self_check_fails_the_instance_with_the_fix(world: World) -> No
     assert "fix: start the application on 127.0.0.1:9999" in journal
 
 
+def test_a_wrong_host_fails_the_socket_with_the_fix(world: World) -> None:
+    """The routing is applied, and the host checks run, as root when the socket starts
+    (issue 15: the first connection then waits for the daemon alone). A host it cannot
+    be applied on fails that start: nothing listens, and `systemctl status` says why."""
+    world.box.sh("ip", "route", "add", "192.0.2.0/24", "dev", "lo", "table", "100")
+    world.box.write("/etc/mmproxy/ssh.yaml", instance_yaml(2222, 9000))
+    enabled = world.box.systemctl("enable", "--now", "mmproxy@ssh.socket", check=False)
+    assert enabled.returncode != 0
+    status = world.box.systemctl("status", "mmproxy@ssh.socket", check=False).stdout
+    print(status)  # shown with `pytest -s`: what an admin sees
+    assert "failed" in status
+    assert "routing table 100 already holds IPv4 routes that mmproxy did not add" in status
+    assert "share_table: true" in status
+    with pytest.raises(OSError):
+        world.ask(timeout=3)
+    assert "iif lo lookup 100" not in world.box.sh("ip", "-4", "rule", "show").stdout
+
+
 @dataclass
 class Load:
     """Clients in a loop until stopped; counts the ones that failed."""

@@ -1817,8 +1817,8 @@ fail:
 }
 
 PyDoc_STRVAR(udp_run_doc, "run(timeout)\n--\n\n"
-             "Wait up to timeout seconds on the epoll set, relay what the flows' tables "
-             "allow, and return (items, packets_in, bytes_in, packets_out, bytes_out): the "
+             "Relay what the flows' tables allow, for up to timeout seconds or until "
+             "something is for Python, and return (items, packets_in, bytes_in, packets_out, bytes_out): the "
              "counts relayed here, and for Python, in order: (DATAGRAM, listener_fd, data, "
              "ancillary, peer), (SEND_ERROR | RECV_ERROR | REPLY_ERROR, flow fd, errno), "
              "(LISTEN_ERROR, listener fd, errno), (EVENT, fd, events) for the fds it does "
@@ -1836,13 +1836,16 @@ static PyObject *UdpEngine_run(UdpEngine *e, PyObject *arg)
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
-    n = epoll_wait(e->epfd, e->events, MAX_EVENTS, (int)udp_timeout_ms(timeout));
-    if (n < 0) {
-        err = errno;
-        n = 0;
-    }
-    if (n > 0) {
-        double now = monotonic_now();
+    /* Round after round until Python has something to do or the time is up: a return
+     * to Python per wake-up would cost about as much as the relay's work. */
+    double now = monotonic_now(), deadline = now + (timeout > 0 ? timeout : 0);
+    for (;;) {
+        n = epoll_wait(e->epfd, e->events, MAX_EVENTS, (int)udp_timeout_ms(deadline - now));
+        if (n < 0) {
+            err = errno;
+            break;
+        }
+        now = monotonic_now();
         for (int i = 0; i < n; i++) {
             int fd = e->events[i].data.fd;
             if (fd >= 0 && fd < e->cap && e->listener[fd])
@@ -1854,6 +1857,8 @@ static PyObject *UdpEngine_run(UdpEngine *e, PyObject *arg)
         }
         if (e->nsend)
             udp_flush(e);
+        if (e->nslow || e->nnotes || now >= deadline)
+            break;
     }
     Py_END_ALLOW_THREADS
     if (err != 0 && err != EINTR) {

@@ -80,6 +80,7 @@ MAX_DATAGRAM = 65535  # larger than any UDP payload over IPv4 or IPv6 (without j
 _ANCILLARY_SIZE = socket.CMSG_SPACE(_IN6_PKTINFO.size)  # room for either family's pktinfo
 _BATCH = 64  # datagrams from one listener per wake-up, so that the flows get their turn
 _SWEEP_INTERVAL = 1.0
+_ENGINE_ROUND = 0.25  # the C relay hands its counters over at least this often (s)
 _REORDER = 0.25  # a flow's place in the LRU order is refreshed at most this often (s)
 _EVICTION_SCAN = 8  # eviction picks the least recently used of the first few in that order
 _V1_PREFIX = b"PROXY "
@@ -200,7 +201,7 @@ class UdpForwarder:
         while not self._stopping:
             timeout = max(0.0, next_sweep - time.monotonic())
             if self._engine is not None:
-                now = self._run_engine(timeout)
+                now = self._run_engine(min(timeout, _ENGINE_ROUND))
             else:
                 events = self._epoll.poll(timeout)
                 now = self._run_events(events)
@@ -368,12 +369,8 @@ class UdpForwarder:
         peer: tuple[object, ...],
         now: float,
     ) -> None:
-        if self._spp:
-            size = SPP_SIZE
-        elif data.startswith(V2_SIGNATURE):
-            # The length the header claims (0: too short to say; the full check says why)
-            size = 16 + (data[14] << 8 | data[15]) if len(data) >= 16 else 0
-        else:  # v2 without a header: the rest of its balancer port's flow
+        size = header_size(data, self._spp)
+        if size == HEADERLESS:  # v2 without a header: the rest of its balancer port's flow
             self._headerless(listener, data, peer, now)
             return
         known = (listener.fd, peer, data[:size])
@@ -664,6 +661,20 @@ class UdpForwarder:
             fields.update(LB_ADDR=unmap(str(peer[0])), LB_PORT=peer[1])
             source = f" from {_format_peer(peer)}"
         self._drops.warning(reason, f"dropped a datagram{source}: {detail}", fields)
+
+
+HEADERLESS = -1
+
+
+def header_size(data: bytes, spp: bool) -> int:
+    """The size of the header a datagram claims to start with: HEADERLESS (v2 without the
+    signature), or 0 when too short to say (the full check says why). The C part reads
+    the same bytes alike (tests/test_udp_engine.py holds the two together)."""
+    if spp:
+        return SPP_SIZE
+    if not data.startswith(V2_SIGNATURE):
+        return HEADERLESS
+    return 16 + (data[14] << 8 | data[15]) if len(data) >= 16 else 0
 
 
 def _send_failure(flow: Flow, code: int) -> Rejected:

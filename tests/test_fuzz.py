@@ -13,7 +13,8 @@ FUZZ = Path(__file__).parent / "fuzz"
 
 
 @pytest.mark.parametrize(
-    ("target", "runs"), [("proxy_protocol", 30000), ("config", 2000), ("spp", 20000)]
+    ("target", "runs"),
+    [("proxy_protocol", 30000), ("config", 2000), ("spp", 20000), ("udp_engine", 20000)],
 )
 def test_fuzzer_finds_no_crash(tmp_path: Path, target: str, runs: int) -> None:
     corpus = tmp_path / "corpus"

@@ -48,7 +48,7 @@ def spp_damaged() -> list[bytes]:
     for header in SPP_VALID.values():
         out += [header[:size] for size in range(len(header))]
         out += [bytes([header[0] ^ 1]) + header[1:] + b"x", header[:-1] + b"\xff" + b"x"]
-    return out + [V2_SIGNATURE + bytes(30)]
+    return [*out, V2_SIGNATURE + bytes(30)]
 
 
 def agrees(data: bytes, spp: bool) -> None:
@@ -200,7 +200,7 @@ def test_bad_arguments_raise_and_leave_the_engine_working() -> None:
         with pytest.raises(ValueError):
             made.engine.add_flow(sock.fileno(), made.lfd, ("not an address", 1), [])
         with pytest.raises(TypeError):
-            made.engine.add_flow(sock.fileno(), made.lfd, "198.51.100.1", [])
+            made.engine.add_flow(sock.fileno(), made.lfd, "198.51.100.1", [])  # type: ignore[arg-type]
         with pytest.raises(ValueError):
             made.engine.add_flow(sock.fileno(), made.lfd, LB4, [(0, 8, bytes(100))])
         sock.close()

@@ -26,7 +26,7 @@ V2 = [
     encode_v2("PROXY", "UDP4", ("203.0.113.7", 4000), ("198.51.100.1", 53)),
     encode_v2(
         "PROXY", "UDP6", ("2001:db8::7", 4000), ("2001:db8::1", 443), [(PP2_TYPE_UNIQUE_ID, b"id")]
-    ),  # fmt: skip
+    ),
     encode_v2("LOCAL", "UNSPEC"),
 ]
 SPP = [build(("203.0.113.7", 4000), ("198.51.100.1", 53)),

@@ -10,11 +10,11 @@ import time
 
 import pytest
 
+from mmproxy import udp as udp_module
 from mmproxy.address import Address
 from mmproxy.config import Config
 from mmproxy.networks import parse_network
 from mmproxy.proxy_protocol import PP2_TYPE_UNIQUE_ID, encode_v2
-from mmproxy import udp as udp_module
 from mmproxy.udp import IP_PKTINFO, IPV6_PKTINFO, UdpForwarder, _reply_ancillary
 
 LOCAL_HEADER = encode_v2("LOCAL", "UNSPEC")

@@ -1032,7 +1032,9 @@ typedef struct {
     long long lost; /* notes that found no memory */
     int *dirty;
     size_t ndirty, dirty_cap;
-    long long pin, bin, pout, bout; /* since run() last returned */
+    /* Totals relayed here. Only the relay thread writes them, but totals() may read them
+     * from any thread, at any time: atomic stores and loads. */
+    long long pin, bin, pout, bout;
     struct epoll_event events[MAX_EVENTS];
 } UdpEngine;
 
@@ -1191,6 +1193,11 @@ static void udp_note(UdpEngine *e, int kind, int fd, int err)
     e->notes[e->nnotes++] = (UdpNote){kind, fd, err};
 }
 
+static void udp_count(long long *total, long long n)
+{
+    __atomic_store_n(total, *total + n, __ATOMIC_RELAXED);
+}
+
 static void udp_touch(UdpEngine *e, UFlow *f, double now)
 {
     f->last_seen = now;
@@ -1256,8 +1263,8 @@ static void udp_send_upstream(UdpEngine *e, UFlow *f, const unsigned char *p, si
     udp_touch(e, f, now);
     f->pin++;
     f->bin += (long long)n;
-    e->pin++;
-    e->bin += (long long)n;
+    udp_count(&e->pin, 1);
+    udp_count(&e->bin, (long long)n);
 }
 
 static void udp_from_balancer(UdpEngine *e, int lfd, int wildcard, double now)
@@ -1310,8 +1317,8 @@ static void udp_flush(UdpEngine *e)
                 size_t n = e->siov[i][1].iov_len;
                 f->pout++;
                 f->bout += (long long)n;
-                e->pout++;
-                e->bout += (long long)n;
+                udp_count(&e->pout, 1);
+                udp_count(&e->bout, (long long)n);
             }
         }
         off += r;
@@ -1818,9 +1825,8 @@ fail:
 
 PyDoc_STRVAR(udp_run_doc, "run(timeout)\n--\n\n"
              "Relay what the flows' tables allow, for up to timeout seconds or until "
-             "something is for Python, and return (items, packets_in, bytes_in, packets_out, bytes_out): the "
-             "counts relayed here, and for Python, in order: (DATAGRAM, listener_fd, data, "
-             "ancillary, peer), (SEND_ERROR | RECV_ERROR | REPLY_ERROR, flow fd, errno), "
+             "something is for Python, and return that, in order: (DATAGRAM, "
+             "listener_fd, data, ancillary, peer), (SEND_ERROR | RECV_ERROR | REPLY_ERROR, flow fd, errno), "
              "(LISTEN_ERROR, listener fd, errno), (EVENT, fd, events) for the fds it does "
              "not know.");
 
@@ -1828,7 +1834,6 @@ static PyObject *UdpEngine_run(UdpEngine *e, PyObject *arg)
 {
     double timeout = PyFloat_AsDouble(arg);
     int n, err = 0;
-    PyObject *items, *result;
     if (timeout == -1.0 && PyErr_Occurred())
         return NULL;
     if (e->rbuf == NULL) {
@@ -1865,12 +1870,7 @@ static PyObject *UdpEngine_run(UdpEngine *e, PyObject *arg)
         errno = err;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    items = udp_items(e);
-    if (items == NULL)
-        return NULL;
-    result = Py_BuildValue("(NLLLL)", items, e->pin, e->bin, e->pout, e->bout);
-    e->pin = e->bin = e->pout = e->bout = 0;
-    return result;
+    return udp_items(e);
 }
 
 PyDoc_STRVAR(udp_match_doc, "match(listener_fd, peer, data)\n--\n\n"
@@ -1901,6 +1901,17 @@ static PyObject *UdpEngine_match(UdpEngine *e, PyObject *args)
     return Py_BuildValue("(in)", f->fd, (Py_ssize_t)offset);
 }
 
+PyDoc_STRVAR(udp_totals_doc, "totals()\n--\n\n"
+             "Any thread: (packets_in, bytes_in, packets_out, bytes_out) relayed here.");
+
+static PyObject *UdpEngine_totals(UdpEngine *e, PyObject *Py_UNUSED(ignored))
+{
+    return Py_BuildValue("(LLLL)", __atomic_load_n(&e->pin, __ATOMIC_RELAXED),
+                         __atomic_load_n(&e->bin, __ATOMIC_RELAXED),
+                         __atomic_load_n(&e->pout, __ATOMIC_RELAXED),
+                         __atomic_load_n(&e->bout, __ATOMIC_RELAXED));
+}
+
 static Py_ssize_t UdpEngine_len(UdpEngine *e)
 {
     return e->nflows;
@@ -1918,6 +1929,7 @@ static PyMethodDef UdpEngine_methods[] = {
     {"touched", (PyCFunction)UdpEngine_touched, METH_NOARGS, udp_touched_doc},
     {"run", (PyCFunction)UdpEngine_run, METH_O, udp_run_doc},
     {"match", (PyCFunction)UdpEngine_match, METH_VARARGS, udp_match_doc},
+    {"totals", (PyCFunction)UdpEngine_totals, METH_NOARGS, udp_totals_doc},
     {NULL, NULL, 0, NULL},
 };
 

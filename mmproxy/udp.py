@@ -80,7 +80,7 @@ MAX_DATAGRAM = 65535  # larger than any UDP payload over IPv4 or IPv6 (without j
 _ANCILLARY_SIZE = socket.CMSG_SPACE(_IN6_PKTINFO.size)  # room for either family's pktinfo
 _BATCH = 64  # datagrams from one listener per wake-up, so that the flows get their turn
 _SWEEP_INTERVAL = 1.0
-_ENGINE_ROUND = 0.25  # the C relay hands its counters over at least this often (s)
+_ENGINE_ROUND = 0.25  # the C relay comes back to Python at least this often (s)
 _REORDER = 0.25  # a flow's place in the LRU order is refreshed at most this often (s)
 _EVICTION_SCAN = 8  # eviction picks the least recently used of the first few in that order
 _V1_PREFIX = b"PROXY "
@@ -158,6 +158,7 @@ class UdpForwarder:
             self._engine = _Engine(self._epoll.fileno(), self._spp)
             for fd, listener in self._listeners.items():
                 self._engine.add_listener(fd, listener.wildcard)
+            self.stats.native = self._engine.totals
 
     # --- control (main thread) ---------------------------------------------------------
 
@@ -226,16 +227,11 @@ class UdpForwarder:
         """One round of the C relay; what it hands back is done here, in its order."""
         assert self._engine is not None
         try:
-            items, packets_in, bytes_in, packets_out, bytes_out = self._engine.run(timeout)
+            items = self._engine.run(timeout)
         except OSError as exc:  # epoll_wait failed: say so and go round again
             log.error("cannot wait for UDP datagrams: %s", exc.strerror)
             time.sleep(0.1)
-            items, packets_in, bytes_in, packets_out, bytes_out = [], 0, 0, 0, 0
-        stats = self.stats
-        stats.packets_in += packets_in
-        stats.bytes_in += bytes_in
-        stats.packets_out += packets_out
-        stats.bytes_out += bytes_out
+            items = []
         now = self.last_loop = time.monotonic()
         self._check_reload()
         for item in items:
@@ -511,6 +507,12 @@ class UdpForwarder:
             group = self._balancers[lb_host] = OrderedDict()
         self._make_room(group, lb_host)
         reply = _reply_ancillary(ancillary) if listener.wildcard else []
+        if self._engine is not None:
+            try:
+                self._engine.add_flow(upstream.fileno(), listener.fd, peer, reply)
+            except BaseException:
+                upstream.close()
+                raise
         flow = Flow(
             key,
             None,
@@ -529,8 +531,6 @@ class UdpForwarder:
         self._flows[key] = flow
         group[key] = flow
         self._by_fd[upstream.fileno()] = flow
-        if self._engine is not None:
-            self._engine.add_flow(upstream.fileno(), listener.fd, peer, reply)
         self._epoll.register(upstream.fileno(), select.EPOLLIN)
         self.stats.flows += 1
         self.stats.total += 1

@@ -989,6 +989,7 @@ typedef struct UFlow {
 
 typedef struct {
     int lfd;
+    PeerKey peer;
     size_t len;
     socklen_t name_len;
     size_t cmsg_len;
@@ -1237,6 +1238,8 @@ static void udp_keep(UdpEngine *e, int lfd, const struct mmsghdr *m, const unsig
     }
     memcpy(s->data, d, m->msg_len);
     s->lfd = lfd;
+    if (peer_key(m->msg_hdr.msg_name, &s->peer) < 0)
+        s->peer.len = 0;
     s->len = m->msg_len;
     s->name_len = m->msg_hdr.msg_namelen;
     memcpy(&s->name, m->msg_hdr.msg_name, sizeof s->name);
@@ -1246,6 +1249,20 @@ static void udp_keep(UdpEngine *e, int lfd, const struct mmsghdr *m, const unsig
     if (s->cmsg_len)
         memcpy(s->cmsg, m->msg_hdr.msg_control, s->cmsg_len);
     e->nslow++;
+}
+
+/* Whether a datagram from this balancer port waits for Python already: the ones after it
+ * must too, or they could overtake it (e.g. a header that gives its port to a new flow). */
+static int udp_waiting(const UdpEngine *e, int lfd, const struct sockaddr_storage *ss)
+{
+    PeerKey k;
+    if (peer_key(ss, &k) < 0)
+        return 1;
+    for (size_t i = 0; i < e->nslow; i++)
+        if (e->slow[i].lfd == lfd && e->slow[i].peer.len == k.len &&
+            memcmp(e->slow[i].peer.b, k.b, (size_t)k.len) == 0)
+            return 1;
+    return 0;
 }
 
 static void udp_send_upstream(UdpEngine *e, UFlow *f, const unsigned char *p, size_t n,
@@ -1294,6 +1311,8 @@ static void udp_from_balancer(UdpEngine *e, int lfd, int wildcard, double now)
         UFlow *f = NULL;
         if (!held && !(e->rmsg[i].msg_hdr.msg_flags & (MSG_TRUNC | MSG_CTRUNC)))
             f = udp_match(e, lfd, &e->rname[i], d, len, &offset);
+        if (f != NULL && e->nslow && udp_waiting(e, lfd, &e->rname[i]))
+            f = NULL;
         if (f == NULL)
             udp_keep(e, lfd, &e->rmsg[i], d);
         else

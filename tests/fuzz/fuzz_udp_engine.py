@@ -1,10 +1,13 @@
 """Coverage-guided fuzzing of the C part's reading of UDP datagrams (atheris driving
 mmproxy._splice.udp_classify and UdpEngine.match, the lookup run() does per datagram).
 
-The first byte picks the framing (bit 0: SPP) and the balancer (bit 1: IPv6); the rest is
-the datagram. Its header size must be the Python path's (mmproxy.udp.header_size), and it
-may lead to a flow only through a header that was accepted for exactly that balancer, or,
-without a header in v2, through the balancer port bound to a flow.
+The first byte picks the framing (bit 0: SPP), the balancer (bit 1: IPv6) and how the
+datagram is made (bits 2-3): the rest as it is, or after one of the accepted headers
+(bits 4-5), or after that header with one byte changed (the next two bytes: where, to
+what); so the lookup meets near misses, not only random bytes. The datagram's header size
+must be the Python path's (mmproxy.udp.header_size), and it may lead to a flow only
+through a header that was accepted for exactly that balancer, or, without a header in
+v2, through the balancer port bound to a flow.
     python tests/fuzz/fuzz_udp_engine.py -runs=1000000 tests/fuzz/corpus/udp_engine
 """
 
@@ -60,11 +63,25 @@ class Engine:
 ENGINES = {False: Engine(False, V2), True: Engine(True, SPP)}
 
 
+def make(data: bytes) -> tuple[bool, tuple[object, ...], bytes]:
+    first = data[0]
+    spp, peer = bool(first & 1), (LB6 if first & 2 else LB4)
+    headers = SPP if spp else V2
+    header = headers[(first >> 4 & 3) % len(headers)]
+    mode = first >> 2 & 3
+    if mode == 1:
+        return spp, peer, header + data[1:]
+    if mode == 2 and len(data) >= 3:
+        where = data[1] % len(header)
+        changed = header[:where] + data[2:3] + header[where + 1 :]
+        return spp, peer, changed + data[3:]
+    return spp, peer, data[1:]
+
+
 def test_one(data: bytes) -> None:
     if not data:
         return
-    spp, peer = bool(data[0] & 1), (LB6 if data[0] & 2 else LB4)
-    datagram = data[1:]
+    spp, peer, datagram = make(data)
     size = _splice.udp_classify(datagram, spp)
     python = header_size(datagram, spp)
     if size == SLOW:
@@ -86,5 +103,5 @@ def test_one(data: bytes) -> None:
 
 
 if __name__ == "__main__":
-    atheris.Setup(sys.argv, test_one)
+    atheris.Setup(sys.argv, atheris.instrument_func(test_one))  # its branches: C's outcomes
     atheris.Fuzz()

@@ -1330,6 +1330,9 @@ static void udp_flush(UdpEngine *e)
                 continue;
             udp_note(e, UDP_REPLY_ERROR, e->sflow[off]->fd, errno);
             r = 1; /* that reply is lost; the next may go */
+        } else if (r == 0) {
+            udp_note(e, UDP_REPLY_ERROR, e->sflow[off]->fd, EIO);
+            r = 1; /* never seen: the loop must move on whatever the kernel says */
         } else {
             for (int i = off; i < off + r; i++) {
                 UFlow *f = e->sflow[i];

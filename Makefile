@@ -142,8 +142,8 @@ lintian: deb
 		--no-install-recommends lintian >/dev/null
 	lintian --fail-on error,warning --info $(DEB_DIST)/mmproxy_*.changes
 
-# Coverage-guided fuzzing (atheris) of the codecs (PROXY, SPP), the config loader and the C
-# header pre-parser (against the codec),
+# Coverage-guided fuzzing (atheris) of the codecs (PROXY, SPP), the config loader, the C
+# header pre-parser (against the codec) and the C part's reading of UDP datagrams,
 # 1,000,000 runs each; new interesting inputs are added to tests/fuzz/corpus/. `make test`
 # runs a short version (tests/test_fuzz.py).
 FUZZ_RUNS ?= 1000000
@@ -156,6 +156,8 @@ fuzz: venv
 		tests/fuzz/corpus/spp
 	$(PY) tests/fuzz/fuzz_header_c.py -runs=$(FUZZ_RUNS) -max_len=1024 -print_final_stats=1 \
 		tests/fuzz/corpus/proxy_protocol
+	$(PY) tests/fuzz/fuzz_udp_engine.py -runs=$(FUZZ_RUNS) -max_len=1024 -print_final_stats=1 \
+		tests/fuzz/corpus/udp_engine
 
 # Soak (tests/integration/test_soak.py): 100,000 connections with random sizes and close
 # orders through one mmproxy, every byte checked; `make test` runs 3,000 of them.
@@ -169,7 +171,8 @@ soak: venv
 # cannot hold with ASan's quarantine (256 MiB of freed memory kept).
 SANITIZE_TESTS := tests/test_relay.py tests/test_splice.py tests/test_splice_header.py tests/test_splice_handshake.py tests/integration/test_forwarder.py \
 	tests/integration/test_faults.py tests/integration/test_supervisor.py \
-	tests/integration/test_fd_exhaustion.py
+	tests/integration/test_fd_exhaustion.py tests/test_udp.py tests/test_udp_engine.py \
+	tests/integration/test_udp.py
 sanitize: venv
 	rm -f $(SPLICE_EXT) /tmp/mmproxy-asan.* /tmp/mmproxy-ubsan.*
 	$(MAKE) ext CFLAGS="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer"

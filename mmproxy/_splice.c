@@ -1,7 +1,11 @@
 /* mmproxy._splice: the forwarder's hot path in C, where Python's per-call overhead cost
- * more than the system calls themselves: the relay's per-event work (Core), one accept
- * (accept) and one upstream socket (connect) per client. What decides anything (the PROXY
- * header, who may claim what, the records) stays in Python.
+ * more than the system calls themselves: the relay's per-event work (Core), the accept
+ * and the upstream socket, the usual PROXY header (a pre-parser that declines anything
+ * unusual), the whole TCP hand-shake of clients like those Python has already let
+ * through (handshake), and the datagrams of established UDP flows (UdpEngine). What
+ * decides anything (the codec's verdicts and messages, who may claim what, the records)
+ * stays in Python: C only repeats decisions Python has made, and hands everything else
+ * back to it.
  *
  * mmproxy.relay owns the event loop; a Core owns the established connections in it.
  * Core.poll() waits on the relay's epoll set and moves the bytes of every ready
@@ -31,6 +35,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -1361,6 +1366,1095 @@ static PyObject *splice_handshake(PyObject *Py_UNUSED(module), PyObject *args)
     return Py_BuildValue("(llNil)", relayed, v2, slow, error, lost);
 }
 
+/* --- UDP -------------------------------------------------------------------------- */
+
+/* UdpEngine: the datagrams of established UDP flows (mmproxy.udp), both ways, without
+ * the GIL and without a Python call per datagram. A datagram goes straight to a flow
+ * only when Python has already accepted its exact header from that balancer address on
+ * that listener (learn), or, for PROXY v2 without a header, when Python has given the
+ * flow that balancer port (bind_port). Everything else (a new or changed header, a
+ * header alone, a truncated one, a port with no flow, errors) goes back to Python as
+ * data: the checks, the policy and the records stay there. Replies all leave through
+ * the listener, so they are batched into one sendmmsg(2) per listener. */
+
+#define UDP_BATCH 64            /* datagrams per recvmmsg()/sendmmsg() */
+#define UDP_REPLIES_PER_FLOW 8  /* replies read from one flow per wake-up */
+#define UDP_SLOT 65536          /* larger than any UDP payload (no jumbograms) */
+#define UDP_CMSG 64             /* room for one in_pktinfo or in6_pktinfo message */
+#define UDP_SPP_SIZE 38
+#define UDP_V2_FIXED 16
+#define UDP_PEER_MAX 23
+#define UDP_SLOW (-1)
+#define UDP_HEADERLESS 0
+/* What run() hands back to Python (the first item of each tuple). */
+enum { UDP_DATAGRAM, UDP_SEND_ERROR, UDP_RECV_ERROR, UDP_REPLY_ERROR, UDP_LISTEN_ERROR,
+       UDP_EVENT };
+
+static const unsigned char UDP_V2_SIG[12] = {0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D,
+                                             0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A};
+
+/* The size of the header a datagram carries: UDP_HEADERLESS (v2 only: no signature, so
+ * the datagram belongs to its balancer port's flow), the size to look up, or UDP_SLOW
+ * (too short to say, a header alone, or one longer than the datagram: Python decides).
+ * It must agree with mmproxy.udp's reading of the same bytes (tests/test_udp_engine.py). */
+static long udp_classify(int spp, const unsigned char *d, size_t len)
+{
+    size_t size;
+    if (spp)
+        return len >= UDP_SPP_SIZE ? UDP_SPP_SIZE : UDP_SLOW;
+    if (len < sizeof UDP_V2_SIG || memcmp(d, UDP_V2_SIG, sizeof UDP_V2_SIG) != 0)
+        return UDP_HEADERLESS;
+    if (len < UDP_V2_FIXED)
+        return UDP_SLOW;
+    size = UDP_V2_FIXED + ((size_t)d[14] << 8 | d[15]);
+    return size < len ? (long)size : UDP_SLOW;
+}
+
+typedef struct {
+    unsigned char b[UDP_PEER_MAX];
+    int len;
+} PeerKey;
+
+/* A balancer's address as compared: family, port, address (and IPv6 scope). */
+static int peer_key(const struct sockaddr_storage *ss, PeerKey *k)
+{
+    if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *sin = (const struct sockaddr_in *)ss;
+        k->b[0] = 4;
+        memcpy(k->b + 1, &sin->sin_port, 2);
+        memcpy(k->b + 3, &sin->sin_addr, 4);
+        k->len = 7;
+        return 0;
+    }
+    if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)ss;
+        k->b[0] = 6;
+        memcpy(k->b + 1, &sin6->sin6_port, 2);
+        memcpy(k->b + 3, &sin6->sin6_addr, 16);
+        memcpy(k->b + 19, &sin6->sin6_scope_id, 4);
+        k->len = 23;
+        return 0;
+    }
+    return -1;
+}
+
+typedef struct UFlow {
+    int fd, lfd;
+    struct UFlow *next_known, *next_port;
+    uint64_t known_hash, port_hash;
+    char known, port, dirty;
+    PeerKey peer;
+    struct sockaddr_storage bal;
+    socklen_t bal_len;
+    unsigned char *header; /* the accepted header; SPP: also the prefix of every reply */
+    size_t header_len;
+    unsigned char cmsg[UDP_CMSG]; /* the reply's pktinfo (wildcard listeners) */
+    size_t cmsg_len;
+    long long pin, bin, pout, bout;
+    double last_seen;
+} UFlow;
+
+typedef struct {
+    int lfd;
+    PeerKey peer;
+    size_t len;
+    socklen_t name_len;
+    size_t cmsg_len;
+    struct sockaddr_storage name;
+    unsigned char cmsg[UDP_CMSG];
+    unsigned char *data;
+} UdpSlow;
+
+typedef struct {
+    int kind, fd, err;
+} UdpNote;
+
+typedef struct {
+    PyObject_HEAD
+    int epfd, spp;
+    int held; /* set by hold() from any thread: every datagram goes to Python */
+    uint64_t seed;
+    int cap;           /* size of the by-fd tables */
+    char *listener;    /* by fd: 0, or 1 + wildcard */
+    UFlow **flows;     /* by upstream fd */
+    Py_ssize_t nflows;
+    UFlow **known_tab, **port_tab;
+    size_t mask;       /* both tables have mask + 1 buckets */
+    /* balancer -> application */
+    struct mmsghdr rmsg[UDP_BATCH];
+    struct iovec riov[UDP_BATCH];
+    struct sockaddr_storage rname[UDP_BATCH];
+    unsigned char rcmsg[UDP_BATCH][UDP_CMSG];
+    unsigned char *rbuf;
+    /* application -> balancer: replies waiting for one sendmmsg() */
+    struct mmsghdr smsg[UDP_BATCH];
+    struct iovec siov[UDP_BATCH][2];
+    UFlow *sflow[UDP_BATCH];
+    int nsend, slfd;
+    unsigned char *sbuf;
+    /* for Python */
+    UdpSlow *slow;
+    size_t nslow, slow_cap;
+    UdpNote *notes;
+    size_t nnotes, notes_cap;
+    long long lost; /* notes that found no memory */
+    int *dirty;
+    size_t ndirty, dirty_cap;
+    /* Totals relayed here. Only the relay thread writes them, but totals() may read them
+     * from any thread, at any time: atomic stores and loads. */
+    long long pin, bin, pout, bout;
+    struct epoll_event events[MAX_EVENTS];
+} UdpEngine;
+
+static uint64_t udp_hash(uint64_t h, const unsigned char *p, size_t n)
+{
+    /* FNV-1a, seeded per engine: the tables only hold what Python accepted, but the
+     * lookups are of anyone's bytes. */
+    for (size_t i = 0; i < n; i++) {
+        h ^= p[i];
+        h *= 0x100000001b3ULL;
+    }
+    return h;
+}
+
+static uint64_t port_hash(const UdpEngine *e, int lfd, const PeerKey *k)
+{
+    uint64_t h = udp_hash(e->seed, (const unsigned char *)&lfd, sizeof lfd);
+    return udp_hash(h, k->b, (size_t)k->len);
+}
+
+static uint64_t known_hash(const UdpEngine *e, int lfd, const PeerKey *k,
+                           const unsigned char *header, size_t n)
+{
+    return udp_hash(port_hash(e, lfd, k) ^ 0x9e3779b97f4a7c15ULL, header, n);
+}
+
+static void unlink_flow(UFlow **tab, size_t mask, UFlow *f, int port)
+{
+    UFlow **p = &tab[(port ? f->port_hash : f->known_hash) & mask];
+    while (*p != NULL) {
+        if (*p == f) {
+            *p = port ? f->next_port : f->next_known;
+            return;
+        }
+        p = port ? &(*p)->next_port : &(*p)->next_known;
+    }
+}
+
+static void link_known(UdpEngine *e, UFlow *f)
+{
+    UFlow **b = &e->known_tab[f->known_hash & e->mask];
+    f->next_known = *b;
+    *b = f;
+    f->known = 1;
+}
+
+static void link_port(UdpEngine *e, UFlow *f)
+{
+    UFlow **b = &e->port_tab[f->port_hash & e->mask];
+    f->next_port = *b;
+    *b = f;
+    f->port = 1;
+}
+
+/* The flow whose accepted header (or, size 0, whose balancer port) this datagram is. */
+static UFlow *udp_lookup(const UdpEngine *e, int lfd, const PeerKey *k,
+                         const unsigned char *d, size_t size)
+{
+    UFlow *f;
+    if (size == UDP_HEADERLESS) {
+        uint64_t h = port_hash(e, lfd, k);
+        for (f = e->port_tab[h & e->mask]; f != NULL; f = f->next_port)
+            if (f->port_hash == h && f->lfd == lfd && f->peer.len == k->len &&
+                memcmp(f->peer.b, k->b, (size_t)k->len) == 0)
+                return f;
+        return NULL;
+    }
+    uint64_t h = known_hash(e, lfd, k, d, size);
+    for (f = e->known_tab[h & e->mask]; f != NULL; f = f->next_known)
+        if (f->known_hash == h && f->lfd == lfd && f->header_len == size &&
+            f->peer.len == k->len && memcmp(f->peer.b, k->b, (size_t)k->len) == 0 &&
+            memcmp(f->header, d, size) == 0)
+            return f;
+    return NULL;
+}
+
+/* The flow a datagram goes to without Python, and where its payload starts. */
+static UFlow *udp_match(const UdpEngine *e, int lfd, const struct sockaddr_storage *ss,
+                        const unsigned char *d, size_t len, size_t *offset)
+{
+    PeerKey k;
+    long size = udp_classify(e->spp, d, len);
+    if (size == UDP_SLOW || peer_key(ss, &k) < 0)
+        return NULL;
+    *offset = (size_t)size;
+    return udp_lookup(e, lfd, &k, d, (size_t)size);
+}
+
+static int udp_grow_tables(UdpEngine *e, size_t want)
+{
+    size_t size = e->mask + 1, i;
+    UFlow **known, **port;
+    if (want * 2 <= size && e->known_tab != NULL)
+        return 0;
+    while (size < want * 2)
+        size *= 2;
+    known = calloc(size, sizeof *known);
+    port = calloc(size, sizeof *port);
+    if (known == NULL || port == NULL) {
+        free(known);
+        free(port);
+        return -1;
+    }
+    free(e->known_tab);
+    free(e->port_tab);
+    e->known_tab = known;
+    e->port_tab = port;
+    e->mask = size - 1;
+    for (i = 0; i < (size_t)e->cap; i++) {
+        UFlow *f = e->flows[i];
+        if (f == NULL)
+            continue;
+        if (f->known)
+            link_known(e, f);
+        if (f->port)
+            link_port(e, f);
+    }
+    return 0;
+}
+
+static int udp_grow_fds(UdpEngine *e, int fd)
+{
+    int cap = e->cap ? e->cap : 64;
+    char *listener;
+    UFlow **flows;
+    while (cap <= fd)
+        cap *= 2;
+    if (cap == e->cap)
+        return 0;
+    listener = realloc(e->listener, (size_t)cap);
+    if (listener == NULL)
+        return -1;
+    e->listener = listener;
+    flows = realloc(e->flows, (size_t)cap * sizeof *flows);
+    if (flows == NULL)
+        return -1;
+    memset(listener + e->cap, 0, (size_t)(cap - e->cap));
+    memset(flows + e->cap, 0, (size_t)(cap - e->cap) * sizeof *flows);
+    e->flows = flows;
+    e->cap = cap;
+    return 0;
+}
+
+static void udp_note(UdpEngine *e, int kind, int fd, int err)
+{
+    if (e->nnotes == e->notes_cap) {
+        size_t cap = e->notes_cap ? e->notes_cap * 2 : 64;
+        UdpNote *notes = realloc(e->notes, cap * sizeof *notes);
+        if (notes == NULL) {
+            e->lost++;
+            return;
+        }
+        e->notes = notes;
+        e->notes_cap = cap;
+    }
+    e->notes[e->nnotes++] = (UdpNote){kind, fd, err};
+}
+
+static void udp_count(long long *total, long long n)
+{
+    __atomic_store_n(total, *total + n, __ATOMIC_RELAXED);
+}
+
+static void udp_touch(UdpEngine *e, UFlow *f, double now)
+{
+    f->last_seen = now;
+    if (f->dirty)
+        return;
+    if (e->ndirty == e->dirty_cap) {
+        size_t cap = e->dirty_cap ? e->dirty_cap * 2 : 256;
+        int *dirty = realloc(e->dirty, cap * sizeof *dirty);
+        if (dirty == NULL)
+            return; /* tried again at its next datagram */
+        e->dirty = dirty;
+        e->dirty_cap = cap;
+    }
+    e->dirty[e->ndirty++] = f->fd;
+    f->dirty = 1;
+}
+
+/* A datagram for Python, copied out of the receive batch. */
+static void udp_keep(UdpEngine *e, int lfd, const struct mmsghdr *m, const unsigned char *d)
+{
+    UdpSlow *s;
+    if (e->nslow == e->slow_cap) {
+        size_t cap = e->slow_cap ? e->slow_cap * 2 : 64;
+        UdpSlow *slow = realloc(e->slow, cap * sizeof *slow);
+        if (slow == NULL) {
+            udp_note(e, UDP_LISTEN_ERROR, lfd, ENOMEM);
+            return;
+        }
+        e->slow = slow;
+        e->slow_cap = cap;
+    }
+    s = &e->slow[e->nslow];
+    s->data = malloc(m->msg_len ? m->msg_len : 1);
+    if (s->data == NULL) {
+        udp_note(e, UDP_LISTEN_ERROR, lfd, ENOMEM);
+        return;
+    }
+    memcpy(s->data, d, m->msg_len);
+    s->lfd = lfd;
+    if (peer_key(m->msg_hdr.msg_name, &s->peer) < 0)
+        s->peer.len = 0;
+    s->len = m->msg_len;
+    s->name_len = m->msg_hdr.msg_namelen;
+    memcpy(&s->name, m->msg_hdr.msg_name, sizeof s->name);
+    s->cmsg_len = m->msg_hdr.msg_controllen;
+    if (s->cmsg_len > UDP_CMSG)
+        s->cmsg_len = 0;
+    if (s->cmsg_len)
+        memcpy(s->cmsg, m->msg_hdr.msg_control, s->cmsg_len);
+    e->nslow++;
+}
+
+/* Whether a datagram from this balancer port waits for Python already: the ones after it
+ * must too, or they could overtake it (e.g. a header that gives its port to a new flow). */
+static int udp_waiting(const UdpEngine *e, int lfd, const struct sockaddr_storage *ss)
+{
+    PeerKey k;
+    if (peer_key(ss, &k) < 0)
+        return 1;
+    for (size_t i = 0; i < e->nslow; i++)
+        if (e->slow[i].lfd == lfd && e->slow[i].peer.len == k.len &&
+            memcmp(e->slow[i].peer.b, k.b, (size_t)k.len) == 0)
+            return 1;
+    return 0;
+}
+
+static void udp_send_upstream(UdpEngine *e, UFlow *f, const unsigned char *p, size_t n,
+                              double now)
+{
+    ssize_t sent = send(f->fd, p, n, MSG_DONTWAIT);
+    if (sent < 0 && errno == ECONNREFUSED)
+        /* An earlier datagram's ICMP error, reported now; this one was not sent: one
+         * retry tells a target that came back from one still down (as mmproxy.udp). */
+        sent = send(f->fd, p, n, MSG_DONTWAIT);
+    if (sent < 0) {
+        udp_note(e, UDP_SEND_ERROR, f->fd, errno);
+        return;
+    }
+    udp_touch(e, f, now);
+    f->pin++;
+    f->bin += (long long)n;
+    udp_count(&e->pin, 1);
+    udp_count(&e->bin, (long long)n);
+}
+
+static void udp_from_balancer(UdpEngine *e, int lfd, int wildcard, double now)
+{
+    int i, n, held = __atomic_load_n(&e->held, __ATOMIC_ACQUIRE);
+    for (i = 0; i < UDP_BATCH; i++) {
+        struct msghdr *h = &e->rmsg[i].msg_hdr;
+        h->msg_name = &e->rname[i];
+        h->msg_namelen = sizeof e->rname[i];
+        h->msg_iov = &e->riov[i];
+        h->msg_iovlen = 1;
+        h->msg_control = wildcard ? e->rcmsg[i] : NULL;
+        h->msg_controllen = wildcard ? UDP_CMSG : 0;
+        h->msg_flags = 0;
+        e->riov[i].iov_base = e->rbuf + (size_t)i * UDP_SLOT;
+        e->riov[i].iov_len = UDP_SLOT;
+    }
+    n = recvmmsg(lfd, e->rmsg, UDP_BATCH, MSG_DONTWAIT, NULL);
+    if (n < 0) {
+        if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+            udp_note(e, UDP_LISTEN_ERROR, lfd, errno);
+        return;
+    }
+    for (i = 0; i < n; i++) {
+        const unsigned char *d = e->riov[i].iov_base;
+        size_t len = e->rmsg[i].msg_len, offset = 0;
+        UFlow *f = NULL;
+        if (!held && !(e->rmsg[i].msg_hdr.msg_flags & (MSG_TRUNC | MSG_CTRUNC)))
+            f = udp_match(e, lfd, &e->rname[i], d, len, &offset);
+        if (f != NULL && e->nslow && udp_waiting(e, lfd, &e->rname[i]))
+            f = NULL;
+        if (f == NULL)
+            udp_keep(e, lfd, &e->rmsg[i], d);
+        else
+            udp_send_upstream(e, f, d + offset, len - offset, now);
+    }
+}
+
+static void udp_flush(UdpEngine *e)
+{
+    int off = 0;
+    while (off < e->nsend) {
+        int r = sendmmsg(e->slfd, e->smsg + off, (unsigned int)(e->nsend - off), MSG_DONTWAIT);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            udp_note(e, UDP_REPLY_ERROR, e->sflow[off]->fd, errno);
+            r = 1; /* that reply is lost; the next may go */
+        } else if (r == 0) {
+            udp_note(e, UDP_REPLY_ERROR, e->sflow[off]->fd, EIO);
+            r = 1; /* never seen: the loop must move on whatever the kernel says */
+        } else {
+            for (int i = off; i < off + r; i++) {
+                UFlow *f = e->sflow[i];
+                size_t n = e->siov[i][1].iov_len;
+                f->pout++;
+                f->bout += (long long)n;
+                udp_count(&e->pout, 1);
+                udp_count(&e->bout, (long long)n);
+            }
+        }
+        off += r;
+    }
+    e->nsend = 0;
+}
+
+static void udp_from_target(UdpEngine *e, UFlow *f, double now)
+{
+    struct mmsghdr m[UDP_REPLIES_PER_FLOW];
+    struct iovec iov[UDP_REPLIES_PER_FLOW];
+    int i, n, want;
+    if (e->nsend && (e->slfd != f->lfd || e->nsend > UDP_BATCH - UDP_REPLIES_PER_FLOW))
+        udp_flush(e);
+    e->slfd = f->lfd;
+    want = UDP_REPLIES_PER_FLOW;
+    memset(m, 0, sizeof m);
+    for (i = 0; i < want; i++) {
+        iov[i].iov_base = e->sbuf + (size_t)(e->nsend + i) * UDP_SLOT;
+        iov[i].iov_len = UDP_SLOT;
+        m[i].msg_hdr.msg_iov = &iov[i];
+        m[i].msg_hdr.msg_iovlen = 1;
+    }
+    n = recvmmsg(f->fd, m, (unsigned int)want, MSG_DONTWAIT, NULL);
+    if (n < 0) {
+        if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+            udp_note(e, UDP_RECV_ERROR, f->fd, errno);
+        return;
+    }
+    if (n > 0)
+        udp_touch(e, f, now);
+    for (i = 0; i < n; i++) {
+        int j = e->nsend++;
+        struct msghdr *h = &e->smsg[j].msg_hdr;
+        int spp = e->spp && f->header_len == UDP_SPP_SIZE;
+        e->sflow[j] = f;
+        e->siov[j][0].iov_base = f->header;
+        e->siov[j][0].iov_len = spp ? UDP_SPP_SIZE : 0;
+        e->siov[j][1].iov_base = iov[i].iov_base;
+        e->siov[j][1].iov_len = m[i].msg_len;
+        memset(h, 0, sizeof *h);
+        h->msg_name = &f->bal;
+        h->msg_namelen = f->bal_len;
+        h->msg_iov = spp ? e->siov[j] : &e->siov[j][1];
+        h->msg_iovlen = spp ? 2 : 1;
+        h->msg_control = f->cmsg_len ? f->cmsg : NULL;
+        h->msg_controllen = f->cmsg_len;
+    }
+}
+
+static double udp_timeout_ms(double seconds)
+{
+    if (!(seconds > 0))
+        return 0;
+    if (seconds > 3600)
+        return 3600e3;
+    return ceil(seconds * 1e3);
+}
+
+/* --- UdpEngine: Python's side -------------------------------------------------------- */
+
+static int UdpEngine_init(UdpEngine *e, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"epoll_fd", "spp", NULL};
+    int epfd, spp = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|p", kwlist, &epfd, &spp))
+        return -1;
+    if (e->rbuf != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "UdpEngine is set up already");
+        return -1;
+    }
+    e->epfd = epfd;
+    e->spp = spp;
+    if (getrandom(&e->seed, sizeof e->seed, GRND_NONBLOCK) != sizeof e->seed)
+        e->seed = (uint64_t)monotonic_now() ^ ((uint64_t)getpid() << 32);
+    e->seed ^= 0xcbf29ce484222325ULL;
+    e->rbuf = malloc((size_t)UDP_BATCH * UDP_SLOT);
+    e->sbuf = malloc((size_t)UDP_BATCH * UDP_SLOT);
+    if (e->rbuf == NULL || e->sbuf == NULL || udp_grow_tables(e, 32) < 0) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static void udp_free_slow(UdpEngine *e)
+{
+    for (size_t i = 0; i < e->nslow; i++)
+        free(e->slow[i].data);
+    e->nslow = 0;
+}
+
+static void UdpEngine_dealloc(UdpEngine *e)
+{
+    for (int fd = 0; fd < e->cap; fd++)
+        if (e->flows[fd] != NULL) {
+            free(e->flows[fd]->header);
+            free(e->flows[fd]);
+        }
+    udp_free_slow(e);
+    free(e->slow);
+    free(e->notes);
+    free(e->dirty);
+    free(e->listener);
+    free(e->flows);
+    free(e->known_tab);
+    free(e->port_tab);
+    free(e->rbuf);
+    free(e->sbuf);
+    Py_TYPE(e)->tp_free((PyObject *)e);
+}
+
+static int udp_fd_arg(UdpEngine *e, int fd)
+{
+    if (e->rbuf == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "UdpEngine is not set up");
+        return -1;
+    }
+    if (fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "not a file descriptor");
+        return -1;
+    }
+    if (udp_grow_fds(e, fd) < 0) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static UFlow *udp_flow_arg(UdpEngine *e, int fd)
+{
+    if (e->rbuf == NULL || fd < 0 || fd >= e->cap || e->flows[fd] == NULL) {
+        PyErr_Format(PyExc_KeyError, "no UDP flow with fd %d", fd);
+        return NULL;
+    }
+    return e->flows[fd];
+}
+
+/* A socket module address tuple -> a sockaddr: (host, port) or (host, port, flowinfo,
+ * scope_id); the host's family decides. */
+static int udp_sockaddr(PyObject *peer, struct sockaddr_storage *ss, socklen_t *len)
+{
+    const char *host;
+    int port;
+    unsigned int flowinfo = 0, scope = 0;
+    if (!PyTuple_Check(peer) ||
+        !PyArg_ParseTuple(peer, "si|II", &host, &port, &flowinfo, &scope)) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "a peer is a (host, port, ...) tuple");
+        return -1;
+    }
+    memset(ss, 0, sizeof *ss);
+    if (port < 0 || port > 65535)
+        goto bad;
+    if (strchr(host, ':') == NULL) {
+        struct sockaddr_in *sin = (struct sockaddr_in *)ss;
+        sin->sin_family = AF_INET;
+        sin->sin_port = htons((uint16_t)port);
+        *len = sizeof *sin;
+        if (inet_pton(AF_INET, host, &sin->sin_addr) != 1)
+            goto bad;
+        return 0;
+    } else {
+        struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)ss;
+        sin6->sin6_family = AF_INET6;
+        sin6->sin6_port = htons((uint16_t)port);
+        sin6->sin6_flowinfo = htonl(flowinfo);
+        sin6->sin6_scope_id = scope;
+        *len = sizeof *sin6;
+        if (inet_pton(AF_INET6, host, &sin6->sin6_addr) != 1)
+            goto bad;
+        return 0;
+    }
+bad:
+    PyErr_Format(PyExc_ValueError, "not an address: %R", peer);
+    return -1;
+}
+
+/* socket.recvmsg()'s ancillary list [(level, type, data)] -> a control buffer. */
+static int udp_cmsg(PyObject *ancillary, unsigned char *buf, size_t *len)
+{
+    struct msghdr h;
+    struct cmsghdr *c;
+    Py_ssize_t i, n;
+    memset(buf, 0, UDP_CMSG);
+    *len = 0;
+    if (ancillary == Py_None)
+        return 0;
+    if (!PyList_Check(ancillary)) {
+        PyErr_SetString(PyExc_TypeError, "ancillary data is a list");
+        return -1;
+    }
+    memset(&h, 0, sizeof h);
+    h.msg_control = buf;
+    h.msg_controllen = UDP_CMSG;
+    c = CMSG_FIRSTHDR(&h);
+    n = PyList_GET_SIZE(ancillary);
+    for (i = 0; i < n; i++) {
+        int level, type;
+        Py_buffer data;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(ancillary, i), "iiy*", &level, &type, &data))
+            return -1;
+        if (c == NULL || *len + CMSG_SPACE(data.len) > UDP_CMSG) {
+            PyBuffer_Release(&data);
+            PyErr_SetString(PyExc_ValueError, "ancillary data too long");
+            return -1;
+        }
+        c->cmsg_level = level;
+        c->cmsg_type = type;
+        c->cmsg_len = CMSG_LEN(data.len);
+        memcpy(CMSG_DATA(c), data.buf, (size_t)data.len);
+        *len += CMSG_SPACE(data.len);
+        PyBuffer_Release(&data);
+        h.msg_controllen = *len;
+        c = *len < UDP_CMSG ? (struct cmsghdr *)(buf + *len) : NULL;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(udp_add_listener_doc, "add_listener(fd, wildcard)\n--\n\n"
+             "A listening UDP socket (Python registers it in the epoll set). wildcard: it "
+             "is bound to every address and asks for each datagram's pktinfo.");
+
+static PyObject *UdpEngine_add_listener(UdpEngine *e, PyObject *args)
+{
+    int fd, wildcard;
+    if (!PyArg_ParseTuple(args, "ip", &fd, &wildcard) || udp_fd_arg(e, fd) < 0)
+        return NULL;
+    e->listener[fd] = (char)(1 + wildcard);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(udp_add_flow_doc, "add_flow(fd, listener_fd, balancer, ancillary)\n--\n\n"
+             "A flow's upstream socket (Python registers it in the epoll set): its replies "
+             "go to balancer (a socket address tuple) from listener_fd, with ancillary "
+             "(sendmsg()'s list, e.g. the pktinfo) when not empty.");
+
+static PyObject *UdpEngine_add_flow(UdpEngine *e, PyObject *args)
+{
+    int fd, lfd;
+    PyObject *peer, *ancillary;
+    UFlow *f;
+    if (!PyArg_ParseTuple(args, "iiOO", &fd, &lfd, &peer, &ancillary) ||
+        udp_fd_arg(e, fd) < 0)
+        return NULL;
+    if (e->flows[fd] != NULL) {
+        PyErr_Format(PyExc_ValueError, "fd %d has a flow already", fd);
+        return NULL;
+    }
+    f = calloc(1, sizeof *f);
+    if (f == NULL)
+        return PyErr_NoMemory();
+    if (udp_sockaddr(peer, &f->bal, &f->bal_len) < 0 ||
+        udp_cmsg(ancillary, f->cmsg, &f->cmsg_len) < 0 || peer_key(&f->bal, &f->peer) < 0) {
+        free(f);
+        return NULL;
+    }
+    if (udp_grow_tables(e, (size_t)e->nflows + 1) < 0) {
+        free(f);
+        return PyErr_NoMemory();
+    }
+    f->fd = fd;
+    f->lfd = lfd;
+    f->last_seen = monotonic_now();
+    f->port_hash = port_hash(e, lfd, &f->peer);
+    e->flows[fd] = f;
+    e->nflows++;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(udp_learn_doc, "learn(fd, header)\n--\n\n"
+             "From now on a datagram from the flow's balancer, on its listener, that "
+             "starts with exactly these header bytes goes to the flow (its previous header "
+             "no longer does). SPP: the header also prefixes the flow's replies.");
+
+static PyObject *UdpEngine_learn(UdpEngine *e, PyObject *args)
+{
+    int fd;
+    Py_buffer header;
+    UFlow *f;
+    unsigned char *copy;
+    if (!PyArg_ParseTuple(args, "iy*", &fd, &header))
+        return NULL;
+    f = udp_flow_arg(e, fd);
+    if (f == NULL || header.len == 0) {
+        if (f != NULL)
+            PyErr_SetString(PyExc_ValueError, "an empty header");
+        PyBuffer_Release(&header);
+        return NULL;
+    }
+    copy = malloc((size_t)header.len);
+    if (copy == NULL) {
+        PyBuffer_Release(&header);
+        return PyErr_NoMemory();
+    }
+    memcpy(copy, header.buf, (size_t)header.len);
+    if (f->known)
+        unlink_flow(e->known_tab, e->mask, f, 0);
+    free(f->header);
+    f->header = copy;
+    f->header_len = (size_t)header.len;
+    f->known_hash = known_hash(e, f->lfd, &f->peer, copy, f->header_len);
+    link_known(e, f);
+    PyBuffer_Release(&header);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(udp_hold_doc, "hold()\n--\n\n"
+             "Any thread (a reload): from now on every datagram from a balancer goes to "
+             "Python, until forget_known().");
+
+static PyObject *UdpEngine_hold(UdpEngine *e, PyObject *Py_UNUSED(ignored))
+{
+    __atomic_store_n(&e->held, 1, __ATOMIC_RELEASE);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(udp_forget_known_doc, "forget_known()\n--\n\n"
+             "No header leads to a flow any more (a reload: every header is checked "
+             "again), and hold() ends. SPP replies keep their prefix.");
+
+static PyObject *UdpEngine_forget_known(UdpEngine *e, PyObject *Py_UNUSED(ignored))
+{
+    __atomic_store_n(&e->held, 0, __ATOMIC_RELEASE);
+    for (int fd = 0; fd < e->cap; fd++)
+        if (e->flows[fd] != NULL)
+            e->flows[fd]->known = 0;
+    if (e->known_tab != NULL)
+        memset(e->known_tab, 0, (e->mask + 1) * sizeof *e->known_tab);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(udp_bind_port_doc, "bind_port(fd, bound)\n--\n\n"
+             "v2: whether datagrams without a header from the flow's balancer port, on its "
+             "listener, go to the flow.");
+
+static PyObject *UdpEngine_bind_port(UdpEngine *e, PyObject *args)
+{
+    int fd, bound;
+    UFlow *f;
+    if (!PyArg_ParseTuple(args, "ip", &fd, &bound))
+        return NULL;
+    f = udp_flow_arg(e, fd);
+    if (f == NULL)
+        return NULL;
+    if (f->port && !bound) {
+        unlink_flow(e->port_tab, e->mask, f, 1);
+        f->port = 0;
+    } else if (!f->port && bound) {
+        link_port(e, f);
+    }
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(udp_remove_doc, "remove(fd)\n--\n\n"
+             "Forget a flow (Python closes its socket): its counters of datagrams relayed "
+             "here, (packets_in, bytes_in, packets_out, bytes_out).");
+
+static PyObject *UdpEngine_remove(UdpEngine *e, PyObject *arg)
+{
+    long fd = PyLong_AsLong(arg);
+    UFlow *f;
+    PyObject *counts;
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    f = udp_flow_arg(e, fd > INT_MAX ? -1 : (int)fd);
+    if (f == NULL)
+        return NULL;
+    counts = Py_BuildValue("(LLLL)", f->pin, f->bin, f->pout, f->bout);
+    if (counts == NULL)
+        return NULL;
+    if (f->known)
+        unlink_flow(e->known_tab, e->mask, f, 0);
+    if (f->port)
+        unlink_flow(e->port_tab, e->mask, f, 1);
+    e->flows[fd] = NULL;
+    e->nflows--;
+    free(f->header);
+    free(f);
+    return counts;
+}
+
+PyDoc_STRVAR(udp_set_spp_doc, "set_spp(spp)\n--\n\nThe framing of new datagrams (reload).");
+
+static PyObject *UdpEngine_set_spp(UdpEngine *e, PyObject *arg)
+{
+    int spp = PyObject_IsTrue(arg);
+    if (spp < 0)
+        return NULL;
+    e->spp = spp;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(udp_touched_doc, "touched()\n--\n\n"
+             "[(fd, last_seen)] of the flows that relayed a datagram here since the last "
+             "call (time.monotonic()'s clock).");
+
+static PyObject *UdpEngine_touched(UdpEngine *e, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *list = PyList_New(0);
+    if (list == NULL)
+        return NULL;
+    for (size_t i = 0; i < e->ndirty; i++) {
+        int fd = e->dirty[i];
+        UFlow *f = fd < e->cap ? e->flows[fd] : NULL;
+        PyObject *item;
+        if (f == NULL || !f->dirty)
+            continue; /* removed since, or a new flow on the same fd listed already */
+        f->dirty = 0;
+        item = Py_BuildValue("(id)", fd, f->last_seen);
+        if (item == NULL || PyList_Append(list, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(list);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    e->ndirty = 0;
+    return list;
+}
+
+static PyObject *udp_peer_tuple(const struct sockaddr_storage *ss)
+{
+    char host[INET6_ADDRSTRLEN];
+    if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *sin = (const struct sockaddr_in *)ss;
+        inet_ntop(AF_INET, &sin->sin_addr, host, sizeof host);
+        return Py_BuildValue("(si)", host, ntohs(sin->sin_port));
+    }
+    if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)ss;
+        inet_ntop(AF_INET6, &sin6->sin6_addr, host, sizeof host);
+        return Py_BuildValue("(siII)", host, ntohs(sin6->sin6_port),
+                             (unsigned int)ntohl(sin6->sin6_flowinfo),
+                             (unsigned int)sin6->sin6_scope_id);
+    }
+    return Py_BuildValue("(si)", "", 0);
+}
+
+static PyObject *udp_ancillary_list(const UdpSlow *s)
+{
+    struct msghdr h;
+    struct cmsghdr *c;
+    PyObject *list = PyList_New(0);
+    if (list == NULL)
+        return NULL;
+    memset(&h, 0, sizeof h);
+    h.msg_control = (void *)s->cmsg;
+    h.msg_controllen = s->cmsg_len;
+    for (c = CMSG_FIRSTHDR(&h); c != NULL; c = CMSG_NXTHDR(&h, c)) {
+        size_t n = c->cmsg_len - CMSG_LEN(0);
+        PyObject *item;
+        if (c->cmsg_len < CMSG_LEN(0) ||
+            (unsigned char *)CMSG_DATA(c) + n > s->cmsg + s->cmsg_len)
+            break;
+        item = Py_BuildValue("(iiy#)", c->cmsg_level, c->cmsg_type,
+                             (const char *)CMSG_DATA(c), (Py_ssize_t)n);
+        if (item == NULL || PyList_Append(list, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(list);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    return list;
+}
+
+static PyObject *udp_items(UdpEngine *e)
+{
+    PyObject *list = PyList_New(0), *item = NULL;
+    size_t i;
+    if (list == NULL)
+        goto fail;
+    for (i = 0; i < e->nslow; i++) {
+        const UdpSlow *s = &e->slow[i];
+        PyObject *anc = udp_ancillary_list(s), *peer = udp_peer_tuple(&s->name);
+        if (anc == NULL || peer == NULL) {
+            Py_XDECREF(anc);
+            Py_XDECREF(peer);
+            goto fail;
+        }
+        item = Py_BuildValue("(iiy#NN)", UDP_DATAGRAM, s->lfd, (const char *)s->data,
+                             (Py_ssize_t)s->len, anc, peer);
+        if (item == NULL || PyList_Append(list, item) < 0)
+            goto fail;
+        Py_CLEAR(item);
+    }
+    for (i = 0; i < e->nnotes; i++) {
+        item = Py_BuildValue("(iii)", e->notes[i].kind, e->notes[i].fd, e->notes[i].err);
+        if (item == NULL || PyList_Append(list, item) < 0)
+            goto fail;
+        Py_CLEAR(item);
+    }
+    udp_free_slow(e);
+    e->nnotes = 0;
+    return list;
+fail:
+    Py_XDECREF(item);
+    Py_XDECREF(list);
+    udp_free_slow(e);
+    e->nnotes = 0;
+    return NULL;
+}
+
+PyDoc_STRVAR(udp_run_doc, "run(timeout)\n--\n\n"
+             "Relay what the flows' tables allow, for up to timeout seconds or until "
+             "something is for Python, and return that, in order: (DATAGRAM, "
+             "listener_fd, data, ancillary, peer), (SEND_ERROR | RECV_ERROR | REPLY_ERROR, flow fd, errno), "
+             "(LISTEN_ERROR, listener fd, errno), (EVENT, fd, events) for the fds it does "
+             "not know.");
+
+static PyObject *UdpEngine_run(UdpEngine *e, PyObject *arg)
+{
+    double timeout = PyFloat_AsDouble(arg);
+    int n, err = 0;
+    if (timeout == -1.0 && PyErr_Occurred())
+        return NULL;
+    if (e->rbuf == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "UdpEngine is not set up");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    /* Round after round until Python has something to do or the time is up: a return
+     * to Python per wake-up would cost about as much as the relay's work. */
+    double now = monotonic_now(), deadline = now + (timeout > 0 ? timeout : 0);
+    for (;;) {
+        n = epoll_wait(e->epfd, e->events, MAX_EVENTS, (int)udp_timeout_ms(deadline - now));
+        if (n < 0) {
+            err = errno;
+            break;
+        }
+        now = monotonic_now();
+        for (int i = 0; i < n; i++) {
+            int fd = e->events[i].data.fd;
+            if (fd >= 0 && fd < e->cap && e->listener[fd])
+                udp_from_balancer(e, fd, e->listener[fd] == 2, now);
+            else if (fd >= 0 && fd < e->cap && e->flows[fd] != NULL)
+                udp_from_target(e, e->flows[fd], now);
+            else
+                udp_note(e, UDP_EVENT, fd, (int)e->events[i].events);
+        }
+        if (e->nsend)
+            udp_flush(e);
+        if (e->nslow || e->nnotes || now >= deadline)
+            break;
+    }
+    Py_END_ALLOW_THREADS
+    if (err != 0 && err != EINTR) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return udp_items(e);
+}
+
+PyDoc_STRVAR(udp_match_doc, "match(listener_fd, peer, data)\n--\n\n"
+             "For tests and fuzzing: the flow fd that run() would send this datagram to "
+             "and the payload's offset, or None (it would go to Python).");
+
+static PyObject *UdpEngine_match(UdpEngine *e, PyObject *args)
+{
+    int lfd;
+    PyObject *peer;
+    Py_buffer data;
+    struct sockaddr_storage ss;
+    socklen_t len;
+    size_t offset = 0;
+    UFlow *f;
+    if (!PyArg_ParseTuple(args, "iOy*", &lfd, &peer, &data))
+        return NULL;
+    if (e->rbuf == NULL || udp_sockaddr(peer, &ss, &len) < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "UdpEngine is not set up");
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    f = udp_match(e, lfd, &ss, data.buf, (size_t)data.len, &offset);
+    PyBuffer_Release(&data);
+    if (f == NULL)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(in)", f->fd, (Py_ssize_t)offset);
+}
+
+PyDoc_STRVAR(udp_totals_doc, "totals()\n--\n\n"
+             "Any thread: (packets_in, bytes_in, packets_out, bytes_out) relayed here.");
+
+static PyObject *UdpEngine_totals(UdpEngine *e, PyObject *Py_UNUSED(ignored))
+{
+    return Py_BuildValue("(LLLL)", __atomic_load_n(&e->pin, __ATOMIC_RELAXED),
+                         __atomic_load_n(&e->bin, __ATOMIC_RELAXED),
+                         __atomic_load_n(&e->pout, __ATOMIC_RELAXED),
+                         __atomic_load_n(&e->bout, __ATOMIC_RELAXED));
+}
+
+static Py_ssize_t UdpEngine_len(UdpEngine *e)
+{
+    return e->nflows;
+}
+
+static PyMethodDef UdpEngine_methods[] = {
+    {"add_listener", (PyCFunction)UdpEngine_add_listener, METH_VARARGS, udp_add_listener_doc},
+    {"add_flow", (PyCFunction)UdpEngine_add_flow, METH_VARARGS, udp_add_flow_doc},
+    {"learn", (PyCFunction)UdpEngine_learn, METH_VARARGS, udp_learn_doc},
+    {"hold", (PyCFunction)UdpEngine_hold, METH_NOARGS, udp_hold_doc},
+    {"forget_known", (PyCFunction)UdpEngine_forget_known, METH_NOARGS, udp_forget_known_doc},
+    {"bind_port", (PyCFunction)UdpEngine_bind_port, METH_VARARGS, udp_bind_port_doc},
+    {"remove", (PyCFunction)UdpEngine_remove, METH_O, udp_remove_doc},
+    {"set_spp", (PyCFunction)UdpEngine_set_spp, METH_O, udp_set_spp_doc},
+    {"touched", (PyCFunction)UdpEngine_touched, METH_NOARGS, udp_touched_doc},
+    {"run", (PyCFunction)UdpEngine_run, METH_O, udp_run_doc},
+    {"match", (PyCFunction)UdpEngine_match, METH_VARARGS, udp_match_doc},
+    {"totals", (PyCFunction)UdpEngine_totals, METH_NOARGS, udp_totals_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PySequenceMethods UdpEngine_as_sequence = {
+    .sq_length = (lenfunc)UdpEngine_len,
+};
+
+static PyTypeObject UdpEngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "mmproxy._splice.UdpEngine",
+    .tp_doc = PyDoc_STR("UdpEngine(epoll_fd, spp=False): the established UDP flows of one "
+                        "loop, relayed without Python per datagram."),
+    .tp_basicsize = sizeof(UdpEngine),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)UdpEngine_init,
+    .tp_dealloc = (destructor)UdpEngine_dealloc,
+    .tp_methods = UdpEngine_methods,
+    .tp_as_sequence = &UdpEngine_as_sequence,
+};
+
+PyDoc_STRVAR(udp_classify_doc, "udp_classify(data, spp)\n--\n\n"
+             "For tests and fuzzing: the header size UdpEngine reads in a datagram: 0 "
+             "(v2, no header: its balancer port's flow), the size, or -1 (Python decides).");
+
+static PyObject *splice_udp_classify(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    Py_buffer data;
+    int spp;
+    long size;
+    if (!PyArg_ParseTuple(args, "y*p", &data, &spp))
+        return NULL;
+    size = udp_classify(spp, data.buf, (size_t)data.len);
+    PyBuffer_Release(&data);
+    return PyLong_FromLong(size);
+}
+
 static PyMethodDef splice_functions[] = {
     {"accept", splice_accept, METH_O, accept_doc},
     {"connect", splice_connect, METH_VARARGS, connect_doc},
@@ -1368,6 +2462,7 @@ static PyMethodDef splice_functions[] = {
     {"parse_header", splice_parse_header, METH_O, parse_header_doc},
     {"read_header", splice_read_header, METH_VARARGS, read_header_doc},
     {"handshake", splice_handshake, METH_VARARGS, handshake_doc},
+    {"udp_classify", splice_udp_classify, METH_VARARGS, udp_classify_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1379,10 +2474,27 @@ static struct PyModuleDef splice_module = {
     .m_methods = splice_functions,
 };
 
+static int add_udp(PyObject *m)
+{
+    Py_INCREF(&UdpEngineType);
+    if (PyModule_AddObject(m, "UdpEngine", (PyObject *)&UdpEngineType) < 0) {
+        Py_DECREF(&UdpEngineType);
+        return -1;
+    }
+    return PyModule_AddIntConstant(m, "UDP_DATAGRAM", UDP_DATAGRAM) < 0 ||
+                   PyModule_AddIntConstant(m, "UDP_SEND_ERROR", UDP_SEND_ERROR) < 0 ||
+                   PyModule_AddIntConstant(m, "UDP_RECV_ERROR", UDP_RECV_ERROR) < 0 ||
+                   PyModule_AddIntConstant(m, "UDP_REPLY_ERROR", UDP_REPLY_ERROR) < 0 ||
+                   PyModule_AddIntConstant(m, "UDP_LISTEN_ERROR", UDP_LISTEN_ERROR) < 0 ||
+                   PyModule_AddIntConstant(m, "UDP_EVENT", UDP_EVENT) < 0
+               ? -1
+               : 0;
+}
+
 PyMODINIT_FUNC PyInit__splice(void)
 {
     PyObject *m;
-    if (PyType_Ready(&CoreType) < 0)
+    if (PyType_Ready(&CoreType) < 0 || PyType_Ready(&UdpEngineType) < 0)
         return NULL;
     m = PyModule_Create(&splice_module);
     if (m == NULL)
@@ -1398,7 +2510,8 @@ PyMODINIT_FUNC PyInit__splice(void)
         PyModule_AddIntConstant(m, "END_RELAY", END_RELAY) < 0 ||
         PyModule_AddIntConstant(m, "CONNECT_KEEP_PORT", CONNECT_KEEP_PORT) < 0 ||
         PyModule_AddIntConstant(m, "CONNECT_KEEPALIVE", CONNECT_KEEPALIVE) < 0 ||
-        PyModule_AddIntConstant(m, "CONNECT_DEFER_ACK", CONNECT_DEFER_ACK) < 0) {
+        PyModule_AddIntConstant(m, "CONNECT_DEFER_ACK", CONNECT_DEFER_ACK) < 0 ||
+        add_udp(m) < 0) {
         Py_DECREF(&CoreType);
         Py_DECREF(m);
         return NULL;

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
 
@@ -83,6 +84,9 @@ class UdpStats:
     dropped: Counter[str] = field(default_factory=Counter)
     framing: str = "v2"  # udp_header: "v2" or "spp"
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # The C relay's own (packets_in, bytes_in, packets_out, bytes_out), read when asked:
+    # the four counters above are then those of the Python path only.
+    native: Callable[[], tuple[int, int, int, int]] | None = field(default=None, repr=False)
 
     def drop(self, reason: str) -> None:
         with self.lock:
@@ -90,20 +94,30 @@ class UdpStats:
 
     def snapshot(self) -> UdpSnapshot:
         with self.lock:
-            return _snapshot(self, UdpSnapshot)
+            snapshot = _snapshot(self, UdpSnapshot)
+        if self.native is None:
+            return snapshot
+        packets_in, bytes_in, packets_out, bytes_out = self.native()
+        return replace(
+            snapshot,
+            packets_in=snapshot.packets_in + packets_in,
+            bytes_in=snapshot.bytes_in + bytes_in,
+            packets_out=snapshot.packets_out + packets_out,
+            bytes_out=snapshot.bytes_out + bytes_out,
+        )
 
     def add(self, other: UdpSnapshot) -> None:
         with self.lock:
             _add(self, other)  # the framing is the last one's: one process serves UDP
 
     def summary(self) -> str:
-        with self.lock:
-            dropped = _join(self.dropped) or "none"
+        now = self.snapshot()
+        dropped = _join(Counter(now.dropped)) or "none"
         return (
-            f"udp: {self.flows} flows, {self.total} total, dropped: {dropped}, "
-            f"{self.packets_in} packets ({self.bytes_in} bytes) in, "
-            f"{self.packets_out} packets ({self.bytes_out} bytes) out, "
-            f"{self.evicted} flows evicted"
+            f"udp: {now.flows} flows, {now.total} total, dropped: {dropped}, "
+            f"{now.packets_in} packets ({now.bytes_in} bytes) in, "
+            f"{now.packets_out} packets ({now.bytes_out} bytes) out, "
+            f"{now.evicted} flows evicted"
         )
 
 

@@ -23,10 +23,14 @@ least recently used flow (of that balancer, when its share is full) to make room
 One epoll thread does all of it: a datagram needs no hand-shake, so nothing waits. A
 balancer repeats the same header for every datagram of a flow, so once a header has been
 checked its exact bytes, from that balancer, lead straight to the flow (until a reload).
+With the C part (mmproxy._splice.UdpEngine) those datagrams, the headerless ones of a
+port's flow and every reply are relayed in C, in batches; what they do not match comes
+back here (docs/udp-relay.md).
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import itertools
 import logging
@@ -39,6 +43,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from mmproxy.address import Address
 from mmproxy.config import Config
@@ -51,6 +56,14 @@ from mmproxy.spp import SppError
 from mmproxy.spp import parse as parse_spp
 from mmproxy.stats import UdpStats
 from mmproxy.transparent import UpstreamError, open_datagram
+
+try:
+    from mmproxy import _splice
+
+    _Engine = getattr(_splice, "UdpEngine", None)
+except ImportError:  # without the C part: every datagram takes the Python path
+    _splice = None  # type: ignore[assignment]
+    _Engine = None
 
 log = logging.getLogger("mmproxy")
 
@@ -67,6 +80,7 @@ MAX_DATAGRAM = 65535  # larger than any UDP payload over IPv4 or IPv6 (without j
 _ANCILLARY_SIZE = socket.CMSG_SPACE(_IN6_PKTINFO.size)  # room for either family's pktinfo
 _BATCH = 64  # datagrams from one listener per wake-up, so that the flows get their turn
 _SWEEP_INTERVAL = 1.0
+_ENGINE_ROUND = 0.25  # the C relay comes back to Python at least this often (s)
 _REORDER = 0.25  # a flow's place in the LRU order is refreshed at most this often (s)
 _EVICTION_SCAN = 8  # eviction picks the least recently used of the first few in that order
 _V1_PREFIX = b"PROXY "
@@ -113,7 +127,9 @@ class Flow:
 class UdpForwarder:
     """Relays the datagrams of the UDP listeners until stop()."""
 
-    def __init__(self, config: Config, listeners: Sequence[socket.socket]) -> None:
+    def __init__(
+        self, config: Config, listeners: Sequence[socket.socket], native: bool = True
+    ) -> None:
         self.config = config
         self.stats = UdpStats(framing=config.udp_header)
         self._allowed = config.allowed()
@@ -137,6 +153,12 @@ class UdpForwarder:
         self._stopping = False
         self._forget_known = False
         self._thread = threading.Thread(target=self._run, name="mmproxy-udp", daemon=True)
+        self._engine = None
+        if _Engine is not None and native:
+            self._engine = _Engine(self._epoll.fileno(), self._spp)
+            for fd, listener in self._listeners.items():
+                self._engine.add_listener(fd, listener.wildcard)
+            self.stats.native = self._engine.totals
 
     # --- control (main thread) ---------------------------------------------------------
 
@@ -152,6 +174,8 @@ class UdpForwarder:
         is checked again (a balancer may have lost its trust)."""
         self._allowed = config.allowed()
         self.config = config
+        if self._engine is not None:  # nothing more on the old checks, from now
+            self._engine.hold()
         self._forget_known = True
         self.stats.framing = config.udp_header
 
@@ -176,16 +200,12 @@ class UdpForwarder:
     def _run(self) -> None:
         next_sweep = time.monotonic() + _SWEEP_INTERVAL
         while not self._stopping:
-            events = self._epoll.poll(max(0.0, next_sweep - time.monotonic()))
-            now = self.last_loop = time.monotonic()
-            if self._forget_known:  # set by a reload, done here: only this thread reads it
-                self._forget_known = False
-                self._reloaded()
-            for fd, _ in events:
-                try:
-                    self._ready(fd, now)
-                except Exception:  # a bug must cost one datagram, never the daemon
-                    log.exception("internal error while relaying UDP; continuing")
+            timeout = max(0.0, next_sweep - time.monotonic())
+            if self._engine is not None:
+                now = self._run_engine(min(timeout, _ENGINE_ROUND))
+            else:
+                events = self._epoll.poll(timeout)
+                now = self._run_events(events)
             if now >= next_sweep:
                 try:
                     self._sweep(now)
@@ -193,8 +213,68 @@ class UdpForwarder:
                     log.exception("internal error while closing idle UDP flows; continuing")
                 next_sweep = now + _SWEEP_INTERVAL
 
+    def _run_events(self, events: list[tuple[int, int]]) -> float:
+        now = self.last_loop = time.monotonic()
+        self._check_reload()
+        for fd, _ in events:
+            try:
+                self._ready(fd, now)
+            except Exception:  # a bug must cost one datagram, never the daemon
+                log.exception("internal error while relaying UDP; continuing")
+        return now
+
+    def _run_engine(self, timeout: float) -> float:
+        """One round of the C relay; what it hands back is done here, in its order."""
+        assert self._engine is not None
+        try:
+            items = self._engine.run(timeout)
+        except OSError as exc:  # epoll_wait failed: say so and go round again
+            log.error("cannot wait for UDP datagrams: %s", exc.strerror)
+            time.sleep(0.1)
+            items = []
+        now = self.last_loop = time.monotonic()
+        self._check_reload()
+        for item in items:
+            try:
+                self._engine_item(item, now)
+            except Exception:  # a bug must cost one datagram, never the daemon
+                log.exception("internal error while relaying UDP; continuing")
+        return now
+
+    def _engine_item(self, item: tuple[Any, ...], now: float) -> None:
+        kind = item[0]
+        if kind == _splice.UDP_DATAGRAM:
+            _, fd, data, ancillary, peer = item
+            try:
+                self._datagram(self._listeners[fd], data, ancillary, peer, now)
+            except Rejected as exc:
+                self._drop(exc.reason, str(exc), peer)
+            return
+        _, fd, code = item
+        if kind == _splice.UDP_LISTEN_ERROR:
+            self._drop("receive-error", f"cannot receive: {os.strerror(code)}", None)
+            return
+        flow = self._by_fd.get(fd)
+        if flow is None:
+            return  # the wake-up pipe, or a flow closed since
+        if kind == _splice.UDP_SEND_ERROR:
+            rejected = _send_failure(flow, code)
+            self._drop(rejected.reason, str(rejected), None)
+        elif kind == _splice.UDP_RECV_ERROR:
+            self._receive_failed(flow, OSError(code, os.strerror(code)))
+        elif kind == _splice.UDP_REPLY_ERROR:
+            self._reply_failed(flow, OSError(code, os.strerror(code)))
+
+    def _check_reload(self) -> None:
+        if self._forget_known:  # set by a reload, done here: only this thread reads it
+            self._forget_known = False
+            self._reloaded()
+
     def _reloaded(self) -> None:
         self._known.clear()
+        if self._engine is not None:
+            self._engine.forget_known()
+            self._engine.set_spp(self.config.udp_header == "spp")
         for flow in self._flows.values():
             flow.known_as = None
         spp = self.config.udp_header == "spp"
@@ -207,6 +287,7 @@ class UdpForwarder:
             if flow.lb_host not in self._allowed:
                 del self._ports[port]
                 flow.port = None
+                self._bind_port(flow)
 
     def _ready(self, fd: int, now: float) -> None:
         listener = self._listeners.get(fd)
@@ -221,6 +302,7 @@ class UdpForwarder:
         """Close the flows quiet for udp_idle_timeout. They are all near the front of the
         order (moved <= last_seen < moved + _REORDER), before the first flow moved since
         the limit."""
+        self._sync_times()
         limit = now - self.config.udp_idle_timeout
         quiet = []
         for flow in self._flows.values():  # least recently moved first
@@ -230,6 +312,21 @@ class UdpForwarder:
                 quiet.append(flow)
         for flow in quiet:
             self._close(flow, "idle")
+
+    def _sync_times(self) -> None:
+        """The flows the C part relayed for since the last time are used as of then."""
+        if self._engine is None:
+            return
+        for fd, last_seen in self._engine.touched():
+            flow = self._by_fd.get(fd)
+            if flow is not None and last_seen > flow.last_seen:
+                self._touch(flow, last_seen)
+
+    def _bind_port(self, flow: Flow) -> None:
+        """Tell the C part whether the flow's balancer port now leads to it: only once it
+        owns the port (a header alone or a headerless datagram came), as here."""
+        if self._engine is not None:
+            self._engine.bind_port(flow.upstream.fileno(), flow.owns_port and flow.port is not None)
 
     def _reorder(self, flow: Flow, now: float) -> None:
         # Not at every datagram: two moves per datagram each way cost more than a
@@ -268,12 +365,8 @@ class UdpForwarder:
         peer: tuple[object, ...],
         now: float,
     ) -> None:
-        if self._spp:
-            size = SPP_SIZE
-        elif data.startswith(V2_SIGNATURE):
-            # The length the header claims (0: too short to say; the full check says why)
-            size = 16 + (data[14] << 8 | data[15]) if len(data) >= 16 else 0
-        else:  # v2 without a header: the rest of its balancer port's flow
+        size = header_size(data, self._spp)
+        if size == HEADERLESS:  # v2 without a header: the rest of its balancer port's flow
             self._headerless(listener, data, peer, now)
             return
         known = (listener.fd, peer, data[:size])
@@ -286,11 +379,15 @@ class UdpForwarder:
             self._known[known] = flow
             if self._spp:
                 flow.reply_prefix = data[:SPP_SIZE]
+            if self._engine is not None and size:
+                self._engine.learn(flow.upstream.fileno(), data[:size])
         if not self._spp:
             if flow.port is None:
                 self._claim_port(flow, (listener.fd, peer))
             if size >= len(data):  # a header alone (Spectrum's first datagram): no payload
-                flow.owns_port = True
+                if not flow.owns_port:
+                    flow.owns_port = True
+                    self._bind_port(flow)
                 self._touch(flow, now)
                 return
         self._forward(flow, memoryview(data)[size:], now)
@@ -301,7 +398,9 @@ class UdpForwarder:
         flow = self._ports.get((listener.fd, peer))
         if flow is None:
             raise self._without_flow(data, peer)
-        flow.owns_port = True
+        if not flow.owns_port:
+            flow.owns_port = True
+            self._bind_port(flow)
         self._forward(flow, data, now)
 
     def _touch(self, flow: Flow, now: float) -> None:
@@ -327,10 +426,12 @@ class UdpForwarder:
         previous = self._ports.get(port)
         if previous is not None:
             previous.port = None
+            self._bind_port(previous)
             if previous.owns_port:
                 self._close(previous, "replaced")
         self._ports[port] = flow
         flow.port = port
+        self._bind_port(flow)
 
     def _without_flow(self, data: bytes, peer: tuple[object, ...]) -> Rejected:
         """Why a datagram without a header, from a port with no flow, is dropped."""
@@ -406,6 +507,12 @@ class UdpForwarder:
             group = self._balancers[lb_host] = OrderedDict()
         self._make_room(group, lb_host)
         reply = _reply_ancillary(ancillary) if listener.wildcard else []
+        if self._engine is not None:
+            try:
+                self._engine.add_flow(upstream.fileno(), listener.fd, peer, reply)
+            except BaseException:
+                upstream.close()
+                raise
         flow = Flow(
             key,
             None,
@@ -435,6 +542,8 @@ class UdpForwarder:
         config = self.config
         share = min(config.udp_max_flows_per_balancer or config.udp_max_flows,
                     config.udp_max_flows)  # fmt: skip
+        if len(group) >= share or len(self._flows) >= config.udp_max_flows:
+            self._sync_times()  # the C part's datagrams count in the LRU order
         while len(group) >= share:
             self._evict(_least_recently_used(group), f"{lb_host} holds {len(group)} flows "
                         "(udp_max_flows_per_balancer)")  # fmt: skip
@@ -467,18 +576,9 @@ class UdpForwarder:
                 # An earlier datagram's ICMP "port unreachable", reported now; this one
                 # was not sent: one retry tells a target that came back from one still down.
                 if attempt == 2:
-                    raise Rejected(
-                        "target-refused",
-                        f"target {flow.target} refused it (is the application running?)",
-                    ) from None
-            except BlockingIOError:
-                raise Rejected(
-                    "target-busy", f"the socket buffer towards {flow.target} is full"
-                ) from None
+                    raise _send_failure(flow, errno.ECONNREFUSED) from None
             except OSError as exc:
-                raise Rejected(
-                    "send-error", f"cannot send to {flow.target}: {exc.strerror}"
-                ) from None
+                raise _send_failure(flow, exc.errno or 0) from None
 
     # --- application -> balancer -------------------------------------------------------
 
@@ -490,12 +590,8 @@ class UdpForwarder:
             data = flow.upstream.recv(MAX_DATAGRAM)
         except BlockingIOError:
             return
-        except ConnectionRefusedError:
-            why = f"target {flow.target} refused a datagram (is the application running?)"
-            self._drop("target-refused", why, flow.balancer)
-            return
         except OSError as exc:
-            self._close(flow, f"receive error: {exc.strerror}")
+            self._receive_failed(flow, exc)
             return
         self._touch(flow, now)
         try:
@@ -507,16 +603,26 @@ class UdpForwarder:
                 flow.listener.sock.sendmsg([data], flow.reply_ancillary, 0, flow.balancer)
             else:
                 flow.listener.sock.sendto(data, flow.balancer)
-        except BlockingIOError:
-            self._drop("reply-busy", "the socket buffer towards the balancer is full", None)
-            return
         except OSError as exc:
-            self._drop("reply-error", f"cannot reply: {exc.strerror}", flow.balancer)
+            self._reply_failed(flow, exc)
             return
         flow.packets_out += 1
         flow.bytes_out += len(data)
         self.stats.packets_out += 1
         self.stats.bytes_out += len(data)
+
+    def _receive_failed(self, flow: Flow, exc: OSError) -> None:
+        if exc.errno == errno.ECONNREFUSED:
+            why = f"target {flow.target} refused a datagram (is the application running?)"
+            self._drop("target-refused", why, flow.balancer)
+        elif exc.errno not in (errno.EAGAIN, errno.EINTR):
+            self._close(flow, f"receive error: {exc.strerror}")
+
+    def _reply_failed(self, flow: Flow, exc: OSError) -> None:
+        if exc.errno == errno.EAGAIN:
+            self._drop("reply-busy", "the socket buffer towards the balancer is full", None)
+        else:
+            self._drop("reply-error", f"cannot reply: {exc.strerror}", flow.balancer)
 
     # --- endings -----------------------------------------------------------------------
 
@@ -532,6 +638,12 @@ class UdpForwarder:
             del self._ports[flow.port]
         fd = flow.upstream.fileno()
         self._by_fd.pop(fd, None)
+        if self._engine is not None:
+            packets_in, bytes_in, packets_out, bytes_out = self._engine.remove(fd)
+            flow.packets_in += packets_in
+            flow.bytes_in += bytes_in
+            flow.packets_out += packets_out
+            flow.bytes_out += bytes_out
         try:
             self._epoll.unregister(fd)
         except (OSError, ValueError):
@@ -549,6 +661,31 @@ class UdpForwarder:
             fields.update(LB_ADDR=unmap(str(peer[0])), LB_PORT=peer[1])
             source = f" from {_format_peer(peer)}"
         self._drops.warning(reason, f"dropped a datagram{source}: {detail}", fields)
+
+
+HEADERLESS = -1
+
+
+def header_size(data: bytes, spp: bool) -> int:
+    """The size of the header a datagram claims to start with: HEADERLESS (v2 without the
+    signature), or 0 when too short to say (the full check says why). The C part reads
+    the same bytes alike (tests/test_udp_engine.py holds the two together)."""
+    if spp:
+        return SPP_SIZE
+    if not data.startswith(V2_SIGNATURE):
+        return HEADERLESS
+    return 16 + (data[14] << 8 | data[15]) if len(data) >= 16 else 0
+
+
+def _send_failure(flow: Flow, code: int) -> Rejected:
+    """Why a datagram could not be sent to the application (errno `code`)."""
+    if code == errno.ECONNREFUSED:
+        return Rejected(
+            "target-refused", f"target {flow.target} refused it (is the application running?)"
+        )
+    if code == errno.EAGAIN:
+        return Rejected("target-busy", f"the socket buffer towards {flow.target} is full")
+    return Rejected("send-error", f"cannot send to {flow.target}: {os.strerror(code)}")
 
 
 def _least_recently_used(flows: OrderedDict[FlowKey, Flow]) -> Flow:

@@ -19,6 +19,7 @@ FUZZ = Path(__file__).parent / "fuzz"
         ("config", 2000, "config"),
         ("spp", 20000, "spp"),
         ("header_c", 30000, "proxy_protocol"),  # the C pre-parser, against the codec
+        ("udp_engine", 20000, "udp_engine"),
     ],
 )
 def test_fuzzer_finds_no_crash(tmp_path: Path, target: str, runs: int, seeds: str) -> None:

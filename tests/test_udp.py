@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from mmproxy import udp as udp_module
 from mmproxy.address import Address
 from mmproxy.config import Config
 from mmproxy.networks import parse_network
@@ -17,6 +18,15 @@ from mmproxy.proxy_protocol import PP2_TYPE_UNIQUE_ID, encode_v2
 from mmproxy.udp import IP_PKTINFO, IPV6_PKTINFO, UdpForwarder, _reply_ancillary
 
 LOCAL_HEADER = encode_v2("LOCAL", "UNSPEC")
+
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def relay_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test on both paths: the C relay of established flows, and the pure-Python
+    one that runs without the C part (a pip install without a compiler)."""
+    if request.param == "python":
+        monkeypatch.setattr(udp_module, "_Engine", None)
+    return str(request.param)
 
 
 def forwarder(echo: socket.socket, **keys: object) -> tuple[UdpForwarder, socket.socket]:
@@ -35,7 +45,7 @@ def forwarder(echo: socket.socket, **keys: object) -> tuple[UdpForwarder, socket
 def settled(udp: UdpForwarder, packets_out: int) -> None:
     """The counters move just after a reply leaves: wait for the loop to get there."""
     deadline = time.monotonic() + 5
-    while udp.stats.packets_out < packets_out and time.monotonic() < deadline:
+    while udp.stats.snapshot().packets_out < packets_out and time.monotonic() < deadline:
         time.sleep(0.01)
 
 
@@ -62,8 +72,11 @@ def test_local_datagrams_are_relayed_and_answered(udp_echo: socket.socket) -> No
                 lb.send(LOCAL_HEADER + payload)
                 assert lb.recv(65535) == b"echo " + payload
         settled(udp, 3)
-        assert (udp.stats.flows, udp.stats.total, udp.stats.packets_in) == (1, 1, 3)
-        assert udp.stats.bytes_in == 60006 and udp.stats.bytes_out == 60006 + 3 * 5
+        assert (udp.stats.flows, udp.stats.total, udp.stats.snapshot().packets_in) == (1, 1, 3)
+        assert (
+            udp.stats.snapshot().bytes_in == 60006
+            and udp.stats.snapshot().bytes_out == 60006 + 3 * 5
+        )
     finally:
         udp.stop()
         listener.close()
@@ -81,7 +94,7 @@ def test_a_changed_header_is_checked_again_and_keeps_its_flow(udp_echo: socket.s
             deadline = time.monotonic() + 5
             while not udp.stats.dropped and time.monotonic() < deadline:
                 time.sleep(0.01)
-        assert (udp.stats.total, udp.stats.packets_in) == (1, 3)
+        assert (udp.stats.total, udp.stats.snapshot().packets_in) == (1, 3)
         assert udp.stats.dropped == {"invalid-header": 1}
     finally:
         udp.stop()
@@ -146,7 +159,11 @@ def test_a_header_alone_opens_the_flow_and_later_datagrams_need_none(
             lb.send(LOCAL_HEADER + b"header and payload")  # refreshes the same flow
             assert lb.recv(100) == b"echo header and payload"
         settled(udp, 4)
-        assert (udp.stats.total, udp.stats.packets_in, udp.stats.packets_out) == (1, 4, 4)
+        assert (
+            udp.stats.total,
+            udp.stats.snapshot().packets_in,
+            udp.stats.snapshot().packets_out,
+        ) == (1, 4, 4)
         assert not udp.stats.dropped
     finally:
         udp.stop()
@@ -209,6 +226,90 @@ def test_a_balancer_address_evicts_within_its_share(udp_echo: socket.socket) -> 
             other.send(b"still mine")
             assert other.recv(100) == b"echo still mine"
         assert udp.stats.total == 6 and not udp.stats.dropped
+    finally:
+        udp.stop()
+        listener.close()
+
+
+def calls_to_python(udp: UdpForwarder, monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The datagrams that reach the Python path of the forwarder, from now on."""
+    seen: list[bytes] = []
+    checked = udp._datagram
+
+    def counted(listener: object, data: bytes, *rest: object) -> None:
+        seen.append(data)
+        checked(listener, data, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(udp, "_datagram", counted)
+    return seen
+
+
+def test_a_flows_datagrams_after_the_first_skip_python_with_the_c_part(
+    udp_echo: socket.socket, relay_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    udp, listener = forwarder(udp_echo)
+    seen = calls_to_python(udp, monkeypatch)
+    try:
+        with balancer(listener) as every, balancer(listener) as first:
+            for n in range(5):
+                every.send(LOCAL_HEADER + b"every %d" % n)
+                assert every.recv(100) == b"echo every %d" % n
+            first.send(LOCAL_HEADER)  # Spectrum: a header alone, then none
+            nothing_arrives(first)  # (and the next is not read in the same batch)
+            for n in range(5):
+                first.send(b"first %d" % n)
+                assert first.recv(100) == b"echo first %d" % n
+        settled(udp, 10)
+        assert (
+            udp.stats.snapshot().packets_in,
+            udp.stats.snapshot().packets_out,
+            udp.stats.total,
+        ) == (10, 10, 2)
+        # C: the first datagram with that header, and the header alone (which gives the
+        # flow its port: the headerless datagrams after it are relayed in C)
+        expected = 2 if relay_path == "c" else 5 + 1 + 5
+        assert len(seen) == expected, seen
+    finally:
+        udp.stop()
+        listener.close()
+
+
+def test_datagrams_relayed_in_c_count_in_the_lru_order(udp_echo: socket.socket) -> None:
+    """a opens first but stays busy (its datagrams are relayed without Python): the new
+    flow's room is made by closing b, the one quiet longest."""
+    udp, listener = forwarder(udp_echo, udp_max_flows=2)
+    try:
+        with balancer(listener) as a, balancer(listener) as b, balancer(listener) as c:
+            for lb in (a, b):
+                lb.send(LOCAL_HEADER + b"x")
+                assert lb.recv(100) == b"echo x"
+            time.sleep(0.3)  # longer than the LRU order's resolution
+            a.send(LOCAL_HEADER + b"x")
+            assert a.recv(100) == b"echo x"
+            c.send(LOCAL_HEADER + b"x")
+            assert c.recv(100) == b"echo x"
+            assert udp.stats.evicted == 1
+            a.send(LOCAL_HEADER + b"still open")
+            assert a.recv(100) == b"echo still open"
+            assert udp.stats.total == 3  # not reopened
+    finally:
+        udp.stop()
+        listener.close()
+
+
+def test_a_reload_stops_the_c_relay_of_a_balancer_no_longer_trusted(
+    udp_echo: socket.socket,
+) -> None:
+    udp, listener = forwarder(udp_echo)
+    try:
+        with balancer(listener) as lb:
+            lb.send(LOCAL_HEADER + b"x")
+            assert lb.recv(100) == b"echo x"
+            untrusting = {"allowed_networks": (parse_network("192.0.2.0/24"),)}
+            udp.reconfigure(Config(**{**vars(udp.config), **untrusting}))
+            lb.send(LOCAL_HEADER + b"y")  # at once: before the loop has gone round
+            nothing_arrives(lb)
+        assert udp.stats.dropped == {"untrusted-balancer": 1}
     finally:
         udp.stop()
         listener.close()

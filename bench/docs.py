@@ -239,8 +239,8 @@ TCP HAProxy's, as a rule), for every rate variant (PROXY v1 and v2, IPv4 and IPv
 bulk; for UDP, / go-mmproxy's with PROXY v2 in every datagram (all go-mmproxy does; HAProxy
 has no UDP gateway), for each of mmproxy's framings and payload sizes. The idle rows, UDP
 loss and cold start are absolute. The floors apply to mmproxy as the CLI runs it; the
-pinned variant is shown for comparison. The cold-start row is n/a until the cold-start
-measurement runs."""
+pinned variant is shown for comparison (the cold start is measured for the packaged
+service only: n/a in its columns)."""
 
 
 def machine_line(m: dict[str, Any]) -> str:

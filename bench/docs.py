@@ -195,7 +195,7 @@ with time stamps in the daemon and systemd's unit time stamps), about 190 ms in 
 | the unit's sandbox (its mount namespace, DynamicUser=, seccomp filters) and exec | 35-45 |
 | the Python interpreter's own start | 12 |
 | imports: configuration (PyYAML, dataclasses), logging, argparse, the relay, the journal | 75-100 |
-| configuration, self-checks (capabilities, one spoofed connection per target) | 5-10 |
+| configuration, self-checks (capabilities, a spoofed connection to each target) | 5-10 |
 | two workers forked, their relay loops started | 17-24 |
 | HAProxy → mmproxy → sshd (which forks and re-executes itself) → banner | 15-20 |
 
@@ -208,9 +208,12 @@ Now the routing is applied, and the host checks run, as root when the *socket* s
 alone, which still runs its own self-checks before it serves. The daemon also starts
 cheaper: `python3 -IS` (no site module), the garbage collector off during the imports,
 no import of what only some starts need (the metrics HTTP server, the UDP forwarder,
-multiprocessing, the `systemd.daemon` module, difflib, subprocess), and one connection
-per target in the self-checks instead of two. The sandbox and the interpreter are the floor of a
-hardened Python service here: about 60 ms before the first line of mmproxy runs.
+multiprocessing, the `systemd.daemon` module, difflib, subprocess). The self-checks'
+connections to the targets no longer reach the application: each is reset before it can
+be accepted (the hand-shake's last ACK held back), where sshd used to fork and re-execute
+itself for two of them at every start, on the same two CPUs as the first client. The
+sandbox and the interpreter are the floor of a hardened Python service here: about 60 ms
+before the first line of mmproxy runs.
 
 ## Profiling mmproxy under the same load
 

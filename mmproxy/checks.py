@@ -23,7 +23,7 @@ from mmproxy.transparent import (
     SO_MARK,
     UpstreamError,
     open_datagram,
-    open_upstream,
+    probe_upstream,
 )
 
 # Sources for the spoofed test connection: documentation addresses, as the original uses.
@@ -181,15 +181,15 @@ def plan_for(config: Config) -> routing.Plan:
 
 def check_target(config: Config, target: Address) -> list[Result]:
     """Does the target answer a plain connection, and a spoofed one? The spoofed one is
-    tried first: when it is answered, so is a plain one, and the application (sshd forks
-    and re-executes itself for each) is spared a second connection at every start. Only
-    when it fails is the plain one tried, to tell a target that is down (then only that
-    is reported, with its fix) from replies that do not come back."""
+    tried first: when it is answered, so is a plain one. Only when it fails is the plain
+    one tried, to tell a target that is down (then only that is reported, with its fix)
+    from replies that do not come back. Each is reset before the application accepts it
+    (transparent.probe_upstream): the checks never reach it."""
     source = Address(TEST_SOURCES[_family(target)], 0)
     plain_what = f"target {target} answers a plain connection"
     spoofed = _connect_check(
         f"target {target} answers a spoofed connection from {source.host}",
-        lambda: open_upstream(target, source, config.mark, config.connect_timeout),
+        lambda: probe_upstream(target, source, config.mark, config.connect_timeout),
         "the replies do not come back: apply the routing above",
         denied_fix=CAPS_FIX,
     )
@@ -197,7 +197,7 @@ def check_target(config: Config, target: Address) -> list[Result]:
         return [Result(True, plain_what), spoofed]
     plain = _connect_check(
         plain_what,
-        lambda: open_upstream(target, None, 0, config.connect_timeout),
+        lambda: probe_upstream(target, None, 0, config.connect_timeout),
         f"start the application on {target} (see: ss -tlnp 'sport = :{target.port}')",
     )
     return [plain, spoofed] if plain.ok else [plain]
@@ -221,11 +221,11 @@ def _routes_locally(target: Address) -> Result:
 
 
 def _connect_check(
-    what: str, connect: Callable[[], socket.socket], fix: str, denied_fix: str = ""
+    what: str, connect: Callable[[], None], fix: str, denied_fix: str = ""
 ) -> Result:
     """`denied_fix` replaces `fix` when the kernel refused for want of a privilege."""
     try:
-        connect().close()
+        connect()
     except UpstreamError as exc:
         return Result(False, what, str(exc), denied_fix if exc.denied and denied_fix else fix)
     return Result(True, what)

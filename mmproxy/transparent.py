@@ -12,6 +12,7 @@ import logging
 import os
 import select
 import socket
+import struct
 
 from mmproxy import _splice
 from mmproxy.address import Address
@@ -51,24 +52,7 @@ def set_keepalive(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
-def open_upstream(
-    target: Address,
-    source: Address | None,
-    mark: int,
-    timeout: float,
-    keepalive: bool = False,
-) -> socket.socket:
-    """Connect to `target`, from `source` when given (spoofed), else from this host, and
-    wait up to `timeout` s. The socket returned is non-blocking."""
-    fd = start_upstream(target, source, mark, keepalive)
-    try:
-        finish_upstream(fd, target, timeout)
-    except BaseException:
-        os.close(fd)
-        raise
-    sock = socket.socket(fileno=fd)
-    sock.setblocking(False)  # it is already: this tells the socket object so
-    return sock
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
 
 
 def start_upstream(
@@ -140,6 +124,19 @@ def _describe_failure(
     if step == "address":
         return f"cannot connect to target {target} from {source}: not an IP address"
     return f"cannot open a socket to {target}: {os.strerror(error)}"
+
+
+def probe_upstream(target: Address, source: Address | None, mark: int, timeout: float) -> None:
+    """Connect to `target` (from `source` when given, else from this host), waiting up to
+    `timeout` s, then reset the connection before the
+    application can accept it: the hand-shake's last ACK is held back (TCP_DEFER_ACCEPT
+    on the connecting socket) and the socket is closed with a RST (SO_LINGER 0). So a
+    self-check costs the application nothing: sshd would fork and re-execute itself for
+    a connection it accepts, and log it, at every start."""
+    fd = start_upstream(target, source, mark, data_follows=True)
+    with socket.socket(fileno=fd) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        finish_upstream(fd, target, timeout)
 
 
 def finish_upstream(fd: int, target: Address, timeout: float) -> bool:

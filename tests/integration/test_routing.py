@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,11 +72,11 @@ def test_check_fails_with_the_fix_then_passes_after_routing_up(bare: Net, tmp_pa
     assert "answers a spoofed connection from 192.0.2.1" in after.stdout
     assert "answers a spoofed connection from 2001:db8::1" in after.stdout
     assert "0 failed" in after.stdout
-    # Passing, the target checks cost the application one connection each (the spoofed
-    # one), not two: sshd forks and re-executes itself for every connection, at every
-    # start (issue 15). Before routing up, the spoofed one timed out, the plain one came.
-    assert [s.peer[0] for s in app4.seen] == ["127.0.0.1", "192.0.2.1"]
-    assert [s.peer[0] for s in app6.seen] == ["::1", "2001:db8::1"]
+    # The target checks never reach the application: each connection is reset before it
+    # can be accepted (sshd forks and re-executes itself for every connection it
+    # accepts, at every start; issue 15).
+    time.sleep(0.3)  # past the delayed-ACK time: nothing may arrive late either
+    assert app4.seen == [] and app6.seen == []
 
 
 def test_routing_up_is_idempotent_and_shared_rules_outlive_one_instance(

@@ -18,7 +18,7 @@ import pytest
 
 from mmproxy.address import Address
 from mmproxy.config import Config, ConfigError, load_config
-from mmproxy.forwarder import Forwarder
+from mmproxy.forwarder import Forwarder, _handshake_of
 from mmproxy.log import LogThread, set_connection_logging
 from mmproxy.networks import parse_network
 from mmproxy.proxy_protocol import encode_v2
@@ -250,3 +250,14 @@ def test_listeners_defer_accept_until_the_header_is_there(
     fwd, _ = forwarder
     for sock in fwd._listeners:
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) > 0
+
+
+def test_a_connection_from_the_c_hand_shake_reads_as_a_handshake() -> None:
+    """Its record and its line in `mmproxy status` say what a Python hand-shake's would."""
+    hs = _handshake_of(("198.51.100.7", 1, "203.0.113.5", 2, ("127.0.0.1", 22), 1))
+    assert (hs.balancer, hs.client, hs.target) == (
+        ("198.51.100.7", 1),
+        Address("203.0.113.5", 2),
+        Address("127.0.0.1", 22),
+    )
+    assert not hs.health_check and hs.unique_id is None

@@ -192,7 +192,7 @@ clean:
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache mmproxy/*.so
 
 # The benchmark (bench/, docs/performance.md): mmproxy beside go-mmproxy and HAProxy in
-# network namespaces; installs its own tools. bench-quick: reduced sizes, ~2 minutes.
+# network namespaces; installs its own tools. bench-quick: reduced sizes, ~5 minutes.
 .PHONY: bench bench-quick
 bench: venv
 	bash bench/setup.sh

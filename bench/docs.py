@@ -15,7 +15,7 @@ HOW = """\
 (Debian's `haproxy`, `go-mmproxy`, `python3-matplotlib`, `gcc`), builds two network
 namespaces, runs every workload against every target, and rewrites this file together
 with `bench/results/` (`results.md`, `chart.png`, the raw `results.json`).
-`make bench-quick` runs everything at a reduced size (two rounds, in about a minute) and
+`make bench-quick` runs everything at a reduced size (two rounds, in about five minutes) and
 writes to `bench/results/quick/` only. Wall-clock figures are reported here, never asserted
 in tests."""
 

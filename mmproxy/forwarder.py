@@ -66,6 +66,16 @@ class Step(enum.Enum):
     EARLY = "early"  # to send the bytes that came after the header
 
 
+@dataclass(frozen=True)
+class _Gate:
+    """What one config lets through: the balancers' networks, the balancer addresses
+    already let through, and the claims (for the C hand-shake to repeat)."""
+
+    allowed: AllowedNetworks
+    balancers: dict[str, bool]  # by address
+    claims: Claims
+
+
 @dataclass(slots=True, eq=False)
 class Handshake:
     """One connection from accept to the relay: where its hand-shake stands and what its
@@ -89,12 +99,10 @@ class Forwarder:
 
     def __init__(self, config: Config, listeners: Sequence[socket.socket]) -> None:
         self.config = config
-        self.allowed: AllowedNetworks = config.allowed()
         self.stats = TcpStats()
         self._listeners = list(listeners)
         self._local = LocalAddresses()
-        self._claims = Claims(config, self._local)
-        self._balancers: dict[str, bool] = {}  # let through (allowed_networks), by address
+        self._gate = _Gate(config.allowed(), {}, Claims(config, self._local))
         self._rejections = RateLimitedLog()
         # (time, balancer, client, reason, detail) of the last rejections, for the status
         self._recent: deque[tuple[float, tuple[str, int], Address | None, str, str]] = deque(
@@ -138,10 +146,11 @@ class Forwarder:
 
     def reconfigure(self, config: Config) -> None:
         """Apply a reloaded config to new connections; established ones are untouched."""
-        allowed = config.allowed()
-        self.config, self.allowed = config, allowed
-        self._claims = Claims(config, self._local)
-        self._balancers = {}
+        # One assignment: the relay thread reads one gate per step, never one half
+        # old and one half new (a balancer let through by the old allowed_networks
+        # must not be remembered for the new config).
+        self._gate = _Gate(config.allowed(), {}, Claims(config, self._local))
+        self.config = config
         self._apply_timeouts(config)
 
     def stop_accepting(self) -> None:
@@ -192,10 +201,10 @@ class Forwarder:
             self._paused = True
             self._relay.listening(False)
             return
-        config = self.config
+        config, gate = self.config, self._gate
         relayed, v2, handed_back, error, lost = _splice.handshake(
             self._relay.core, listener.fileno(), min(room, _ACCEPT_BATCH), _RECV_SIZE,
-            self._balancers, self._claims.fresh(), config.mark, config.tcp_keepalive,
+            gate.balancers, gate.claims.fresh(), config.mark, config.tcp_keepalive,
             Connection,
         )  # fmt: skip
         if relayed:
@@ -207,7 +216,11 @@ class Forwarder:
             if v2:
                 stats.headers[2, "PROXY"] += v2
         for item in handed_back:
-            self._handed_back(item)
+            try:
+                self._handed_back(item)
+            except Exception:  # a bug: the rest of the batch is still served
+                stats.errors["handshake"] += 1
+                log.exception("unexpected error with a client of the C hand-shake")
         if lost:
             stats.errors["handshake"] += lost
             log.error("lost %d connections to an internal error (out of memory?)", lost)
@@ -253,7 +266,7 @@ class Forwarder:
         hs.early = len(data) - length
         hs.pending = data[length + sent :]
         try:
-            hs.client, hs.target = self._claims.route(
+            hs.client, hs.target = self._gate.claims.route(
                 command, family, source, destination, hs.balancer
             )
         except Rejected as exc:  # this host's addresses changed in between
@@ -277,16 +290,17 @@ class Forwarder:
 
     def _admit(self, client: int, balancer: tuple[str, int]) -> None:
         self.stats.accepted += 1
-        if balancer[0] not in self.allowed:
+        gate = self._gate
+        if balancer[0] not in gate.allowed:
             os.close(client)  # before reading a byte: an untrusted peer may not send a header
             self._reject(
                 Handshake(balancer, -1),
                 Rejected("untrusted-balancer", "peer is not in allowed_networks"),
             )
             return
-        if len(self._balancers) >= _BALANCERS_REMEMBERED:
-            self._balancers.clear()
-        self._balancers[balancer[0]] = True  # the C hand-shake serves it from now on
+        if len(gate.balancers) >= _BALANCERS_REMEMBERED:
+            gate.balancers.clear()
+        gate.balancers[balancer[0]] = True  # the C hand-shake serves it from now on
         stats = self.stats
         stats.active += 1
         stats.total += 1
@@ -362,7 +376,7 @@ class Forwarder:
         hs.unique_id = unique_id
         hs.health_check = command == "LOCAL" or family == "UNKNOWN"
         try:
-            hs.client, hs.target = self._claims.route(
+            hs.client, hs.target = self._gate.claims.route(
                 command, family, source, destination, hs.balancer
             )
             hs.upstream_fd = start_upstream(

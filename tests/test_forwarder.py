@@ -3,6 +3,7 @@ without spoofing and so without privileges; and its rate-limited log."""
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import logging
 import os
@@ -261,3 +262,27 @@ def test_a_connection_from_the_c_hand_shake_reads_as_a_handshake() -> None:
         Address("127.0.0.1", 22),
     )
     assert not hs.health_check and hs.unique_id is None
+
+
+def test_a_reload_forgets_the_balancers_let_through(
+    forwarder: tuple[Forwarder, tuple[str, int]],
+) -> None:
+    """The C hand-shake serves the balancer addresses Python let through; after a reload
+    that no longer allows one, it is checked again, and refused."""
+    fwd, address = forwarder
+    with socket.create_connection(address, timeout=5) as sock:
+        sock.sendall(LOCAL + b"ping")
+        assert sock.recv(4) == b"ping"
+    assert "127.0.0.1" in fwd._gate.balancers
+    fwd.reconfigure(
+        dataclasses.replace(fwd.config, allowed_networks=(parse_network("192.0.2.0/24"),))
+    )
+    assert not fwd._gate.balancers
+    with socket.create_connection(address, timeout=5) as sock:
+        sock.sendall(LOCAL + b"ping")
+        try:
+            answer = sock.recv(4)
+        except ConnectionResetError:  # closed unread: a reset
+            answer = b""
+        assert answer == b""
+    assert rejected(fwd, "untrusted-balancer") == 1

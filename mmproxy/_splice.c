@@ -713,12 +713,7 @@ static PyTypeObject CoreType = {
     .tp_as_sequence = &Core_as_sequence,
 };
 
-/* --- accept ----------------------------------------------------------------------- */
-
-PyDoc_STRVAR(accept_doc, "accept(listen_fd)\n--\n\n"
-                         "Accept one connection: (fd, peer host, peer port). The socket is "
-                         "non-blocking and close-on-exec; an IPv4 peer of a dual-stack "
-                         "listener is given as IPv4. Raises BlockingIOError when none waits.");
+/* --- the peer of an accepted socket --------------------------------------------- */
 
 /* The peer's address as text (an IPv4 peer of a dual-stack listener as IPv4) and port;
  * -1 with errno set when it is not an inet address. */
@@ -746,39 +741,6 @@ static int peer_name(const struct sockaddr_storage *ss, char host[INET6_ADDRSTRL
         return -1;
     }
     return inet_ntop(family, addr, host, INET6_ADDRSTRLEN) == NULL ? -1 : 0;
-}
-
-static PyObject *splice_accept(PyObject *Py_UNUSED(module), PyObject *arg)
-{
-    /* One accept4() with the flags set, instead of socket.accept()'s accept4() plus a
-     * getsockname() (validating the new fd) and an ioctl() to make it non-blocking. */
-    struct sockaddr_storage ss;
-    socklen_t len = sizeof ss;
-    char host[INET6_ADDRSTRLEN];
-    int port, fd, lfd;
-    long given = PyLong_AsLong(arg);
-    if (given == -1 && PyErr_Occurred())
-        return NULL;
-    if (given < 0 || given > INT_MAX) {
-        PyErr_SetString(PyExc_ValueError, "not a file descriptor");
-        return NULL;
-    }
-    lfd = (int)given;
-    Py_BEGIN_ALLOW_THREADS
-    fd = accept4(lfd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
-    Py_END_ALLOW_THREADS
-    if (fd < 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    if (peer_name(&ss, host, &port) < 0) {
-        int saved = errno;
-        close(fd);
-        if (saved == EAFNOSUPPORT)
-            return PyErr_Format(PyExc_OSError, "accepted a socket of address family %d",
-                                ss.ss_family);
-        errno = saved;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    return Py_BuildValue("(isi)", fd, host, port);
 }
 
 /* --- PROXY header pre-parser ---------------------------------------------------------
@@ -941,21 +903,32 @@ static int parse_v2(const unsigned char *buf, size_t size, Header *h)
     return 1;
 }
 
+/* 1 when buf starts with a header the pre-parser takes (into h), else 0. */
+static int parse_header_bytes(const char *buf, size_t size, Header *h)
+{
+    return size > 0 && (buf[0] == 'P' ? parse_v1(buf, size, h)
+                                      : parse_v2((const unsigned char *)buf, size, h));
+}
+
 /* (version, command, family, source, destination, length), as ProxyHeader's first
- * fields, or None. */
+ * fields. */
+static PyObject *header_tuple(const Header *h)
+{
+    if (!h->proxy)
+        return Py_BuildValue("(issOOn)", 2, "LOCAL", "UNSPEC", Py_None, Py_None,
+                             (Py_ssize_t)h->length);
+    return Py_BuildValue("(iss(si)(si)n)", h->version, "PROXY",
+                         h->family == AF_INET ? "TCP4" : "TCP6", h->src, h->sport, h->dst,
+                         h->dport, (Py_ssize_t)h->length);
+}
+
+/* header_tuple of the header at the start of buf, or None. */
 static PyObject *header_value(const char *buf, size_t size)
 {
     Header h;
-    int ok = size > 0 && buf[0] == 'P' ? parse_v1(buf, size, &h)
-                                        : parse_v2((const unsigned char *)buf, size, &h);
-    if (!ok)
+    if (!parse_header_bytes(buf, size, &h))
         Py_RETURN_NONE;
-    if (!h.proxy)
-        return Py_BuildValue("(issOOn)", 2, "LOCAL", "UNSPEC", Py_None, Py_None,
-                             (Py_ssize_t)h.length);
-    return Py_BuildValue("(iss(si)(si)n)", h.version, "PROXY",
-                         h.family == AF_INET ? "TCP4" : "TCP6", h.src, h.sport, h.dst, h.dport,
-                         (Py_ssize_t)h.length);
+    return header_tuple(&h);
 }
 
 PyDoc_STRVAR(parse_header_doc,
@@ -1079,13 +1052,56 @@ PyDoc_STRVAR(connect_doc,
              "its errno; the socket is closed then. options: CONNECT_KEEP_PORT, "
              "CONNECT_KEEPALIVE, CONNECT_DEFER_ACK.");
 
-static PyObject *connect_result(int fd, const char *step, int err)
+/* The hand-shake's socket: socket(), the transparent bind to `source` (unless source_len
+ * is 0), the options, and a connect that is done or under way. Its fd, or -1 with errno
+ * set and *step naming what failed (socket, transparent, mark, bind, connect); the socket
+ * is closed then. */
+static int open_upstream(int family, const struct sockaddr_storage *source,
+                         socklen_t source_len, const struct sockaddr_storage *target,
+                         socklen_t target_len, unsigned int mark, int options,
+                         const char **step)
 {
-    if (fd >= 0 && err != 0) {
-        close(fd);
-        fd = -1;
+    int fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    *step = "socket";
+    if (fd < 0)
+        return -1;
+    if (source_len) {
+        *step = "transparent";
+        if ((family == AF_INET6 ? set_int(fd, IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+                                : set_int(fd, IPPROTO_IP, IP_TRANSPARENT, 1)) < 0)
+            goto failed;
+        *step = "mark";
+        if (mark && set_int(fd, SOL_SOCKET, SO_MARK, (int)mark) < 0)
+            goto failed;
+        /* Keeping the client's port: only the full 4-tuple has to be unique (the port may
+         * be in TIME_WAIT towards another target). Else connect() picks the port. */
+        *step = "bind";
+        if ((options & CONNECT_KEEP_PORT ? set_int(fd, SOL_SOCKET, SO_REUSEADDR, 1)
+                                         : set_int(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)) < 0 ||
+            bind(fd, (const struct sockaddr *)source, source_len) < 0)
+            goto failed;
     }
-    return Py_BuildValue("(isi)", fd, step, err);
+    /* Urgent data in line (the listener's accepted sockets inherit it): the relay passes
+     * each urgent byte on in order, and none is dropped when the next one comes. */
+    *step = "socket";
+    if (set_int(fd, IPPROTO_TCP, TCP_NODELAY, 1) < 0 ||
+        set_int(fd, SOL_SOCKET, SO_OOBINLINE, 1) < 0 ||
+        ((options & CONNECT_KEEPALIVE) && set_int(fd, SOL_SOCKET, SO_KEEPALIVE, 1) < 0))
+        goto failed;
+    /* On a connecting socket TCP_DEFER_ACCEPT holds back the hand-shake's last ACK until
+     * the first data, which carries it (mmproxy.transparent says when). */
+    if ((options & CONNECT_DEFER_ACK) && set_int(fd, IPPROTO_TCP, TCP_DEFER_ACCEPT, 1) < 0)
+        goto failed;
+    *step = "connect";
+    if (connect(fd, (const struct sockaddr *)target, target_len) < 0 && errno != EINPROGRESS)
+        goto failed;
+    return fd;
+failed: {
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return -1;
+}
 }
 
 static PyObject *splice_connect(PyObject *Py_UNUSED(module), PyObject *args)
@@ -1094,7 +1110,7 @@ static PyObject *splice_connect(PyObject *Py_UNUSED(module), PyObject *args)
      * connect() cost about as much in Python's per-call overhead as in the kernel. */
     int family, source_port, target_port, options, fd;
     unsigned int mark;
-    const char *source_host, *target_host;
+    const char *source_host, *target_host, *step;
     struct sockaddr_storage source, target;
     socklen_t source_len = 0, target_len = 0;
     if (!PyArg_ParseTuple(args, "izisiIi", &family, &source_host, &source_port, &target_host,
@@ -1104,38 +1120,11 @@ static PyObject *splice_connect(PyObject *Py_UNUSED(module), PyObject *args)
         (source_host != NULL &&
          make_sockaddr(family, source_host, options & CONNECT_KEEP_PORT ? source_port : 0,
                        &source, &source_len) < 0))
-        return connect_result(-1, "address", EINVAL);
-    fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        return Py_BuildValue("(isi)", -1, "address", EINVAL);
+    fd = open_upstream(family, &source, source_len, &target, target_len, mark, options, &step);
     if (fd < 0)
-        return connect_result(-1, "socket", errno);
-    if (source_host != NULL) {
-        int ok = family == AF_INET6 ? set_int(fd, IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
-                                    : set_int(fd, IPPROTO_IP, IP_TRANSPARENT, 1);
-        if (ok < 0)
-            return connect_result(fd, "transparent", errno);
-        if (mark && set_int(fd, SOL_SOCKET, SO_MARK, (int)mark) < 0)
-            return connect_result(fd, "mark", errno);
-        /* Keeping the client's port: only the full 4-tuple has to be unique (the port may
-         * be in TIME_WAIT towards another target). Else connect() picks the port. */
-        ok = options & CONNECT_KEEP_PORT ? set_int(fd, SOL_SOCKET, SO_REUSEADDR, 1)
-                                         : set_int(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1);
-        if (ok < 0 || bind(fd, (struct sockaddr *)&source, source_len) < 0)
-            return connect_result(fd, "bind", errno);
-    }
-    /* Urgent data in line (the listener's accepted sockets inherit it): the relay passes
-     * each urgent byte on in order, and none is dropped when the next one comes. */
-    if (set_int(fd, IPPROTO_TCP, TCP_NODELAY, 1) < 0 ||
-        set_int(fd, SOL_SOCKET, SO_OOBINLINE, 1) < 0)
-        return connect_result(fd, "socket", errno);
-    if ((options & CONNECT_KEEPALIVE) && set_int(fd, SOL_SOCKET, SO_KEEPALIVE, 1) < 0)
-        return connect_result(fd, "socket", errno);
-    /* On a connecting socket TCP_DEFER_ACCEPT holds back the hand-shake's last ACK until
-     * the first data, which carries it (mmproxy.transparent says when). */
-    if ((options & CONNECT_DEFER_ACK) && set_int(fd, IPPROTO_TCP, TCP_DEFER_ACCEPT, 1) < 0)
-        return connect_result(fd, "socket", errno);
-    if (connect(fd, (struct sockaddr *)&target, target_len) < 0 && errno != EINPROGRESS)
-        return connect_result(fd, "connect", errno);
-    return connect_result(fd, "", 0);
+        return Py_BuildValue("(isi)", -1, step, errno);
+    return Py_BuildValue("(isi)", fd, "", 0);
 }
 
 PyDoc_STRVAR(socket_error_doc, "socket_error(fd)\n--\n\nThe socket's pending error (SO_ERROR), "
@@ -1183,7 +1172,8 @@ static int hand_back(PyObject *slow, const Client *cl, const char *buf)
     } else if ((data = PyBytes_FromStringAndSize(buf, cl->n)) == NULL) {
         return -1;
     }
-    header = cl->n < 0 ? (Py_INCREF(Py_None), Py_None) : header_value(buf, (size_t)cl->n);
+    /* What fast_one parsed, not parsed again. */
+    header = cl->parsed ? header_tuple(&cl->h) : (Py_INCREF(Py_None), Py_None);
     if (header == NULL) {
         Py_DECREF(data);
         return -1;
@@ -1204,32 +1194,18 @@ static int fast_upstream(const Header *h, PyObject *target, unsigned int mark, i
 {
     struct sockaddr_storage source, dest;
     socklen_t source_len, dest_len;
-    const char *target_host;
-    int target_port, fd, family = h->family;
+    const char *target_host, *step;
+    int target_port;
     if (!PyArg_ParseTuple(target, "si", &target_host, &target_port)) {
         PyErr_Clear();
         return -1;
     }
-    if (make_sockaddr(family, target_host, target_port, &dest, &dest_len) < 0 ||
-        make_sockaddr(family, h->src, h->sport, &source, &source_len) < 0)
+    if (make_sockaddr(h->family, target_host, target_port, &dest, &dest_len) < 0 ||
+        make_sockaddr(h->family, h->src, h->sport, &source, &source_len) < 0)
         return -1;
-    fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0)
-        return -1;
-    if ((family == AF_INET6 ? set_int(fd, IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
-                            : set_int(fd, IPPROTO_IP, IP_TRANSPARENT, 1)) < 0 ||
-        (mark && set_int(fd, SOL_SOCKET, SO_MARK, (int)mark) < 0) ||
-        set_int(fd, SOL_SOCKET, SO_REUSEADDR, 1) < 0 ||
-        bind(fd, (struct sockaddr *)&source, source_len) < 0 ||
-        set_int(fd, IPPROTO_TCP, TCP_NODELAY, 1) < 0 ||
-        set_int(fd, SOL_SOCKET, SO_OOBINLINE, 1) < 0 ||
-        (keepalive && set_int(fd, SOL_SOCKET, SO_KEEPALIVE, 1) < 0) ||
-        set_int(fd, IPPROTO_TCP, TCP_DEFER_ACCEPT, 1) < 0 ||
-        (connect(fd, (struct sockaddr *)&dest, dest_len) < 0 && errno != EINPROGRESS)) {
-        close(fd);
-        return -1;
-    }
-    return fd;
+    return open_upstream(h->family, &source, source_len, &dest, dest_len, mark,
+                         CONNECT_KEEP_PORT | CONNECT_DEFER_ACK | (keepalive ? CONNECT_KEEPALIVE : 0),
+                         &step);
 }
 
 /* 1: relayed by the core now; 0: handed back to Python; -1: a Python error. */
@@ -1237,63 +1213,74 @@ static int fast_one(Core *core, Client *cl, char *buf, int size, PyObject *balan
                     PyObject *claims, unsigned int mark, int keepalive, PyObject *connection,
                     PyObject *slow)
 {
-    PyObject *host, *known, *key, *target, *info, *conn;
+    /* host and claimed: made once, for the lookups and then the record's tuple. */
+    PyObject *host, *claimed = NULL, *key, *target, *info, *conn;
     size_t early;
-    int fds[2];
+    int fds[2], rc = -1;
     if ((host = PyUnicode_FromString(cl->host)) == NULL)
         return -1;
-    known = PyDict_GetItemWithError(balancers, host);
-    Py_DECREF(host);
-    if (known == NULL)
-        return PyErr_Occurred() ? -1 : hand_back(slow, cl, buf); /* not read: Python checks */
+    if (PyDict_GetItemWithError(balancers, host) == NULL) {
+        rc = PyErr_Occurred() ? -1 : hand_back(slow, cl, buf); /* not read: Python checks */
+        goto done;
+    }
     cl->n = read(cl->fd, buf, (size_t)size);
     if (cl->n < 0) {
         cl->err = errno;
-        return hand_back(slow, cl, buf);
+        rc = hand_back(slow, cl, buf);
+        goto done;
     }
-    cl->parsed = cl->n > 0 && (buf[0] == 'P' ? parse_v1(buf, (size_t)cl->n, &cl->h)
-                                             : parse_v2((unsigned char *)buf, (size_t)cl->n, &cl->h));
-    if (!cl->parsed || !cl->h.proxy || (size_t)cl->n <= cl->h.length)
-        return hand_back(slow, cl, buf); /* LOCAL, no early bytes, or the codec's work */
+    cl->parsed = parse_header_bytes(buf, (size_t)cl->n, &cl->h);
+    if (!cl->parsed || !cl->h.proxy || (size_t)cl->n <= cl->h.length) {
+        rc = hand_back(slow, cl, buf); /* LOCAL, no early bytes, or the codec's work */
+        goto done;
+    }
     early = (size_t)cl->n - cl->h.length;
-    key = Py_BuildValue("(ss)", cl->h.family == AF_INET ? "TCP4" : "TCP6", cl->h.src);
-    if (key == NULL)
-        return -1;
+    if ((claimed = PyUnicode_FromString(cl->h.src)) == NULL ||
+        (key = Py_BuildValue("(sO)", cl->h.family == AF_INET ? "TCP4" : "TCP6", claimed)) ==
+            NULL)
+        goto done;
+    /* Borrowed: no Python code runs between here and info, which holds it. */
     target = PyDict_GetItemWithError(claims, key);
     Py_DECREF(key);
-    if (target == NULL)
-        return PyErr_Occurred() ? -1 : hand_back(slow, cl, buf);
-    if ((cl->upstream = fast_upstream(&cl->h, target, mark, keepalive)) < 0)
-        return hand_back(slow, cl, buf);
+    if (target == NULL) {
+        rc = PyErr_Occurred() ? -1 : hand_back(slow, cl, buf);
+        goto done;
+    }
+    if ((cl->upstream = fast_upstream(&cl->h, target, mark, keepalive)) < 0) {
+        rc = hand_back(slow, cl, buf);
+        goto done;
+    }
     cl->sent = write(cl->upstream, buf + cl->h.length, early);
     if (cl->sent < 0 && errno != EAGAIN) { /* the connect failed: Python does it again */
         close(cl->upstream);
         cl->upstream = -1;
         cl->sent = 0;
-        return hand_back(slow, cl, buf);
+        rc = hand_back(slow, cl, buf);
+        goto done;
     }
     if (cl->sent < (ssize_t)early) { /* Python waits until the rest can be sent */
         if (cl->sent < 0)
             cl->sent = 0;
-        return hand_back(slow, cl, buf);
+        rc = hand_back(slow, cl, buf);
+        goto done;
     }
-    info = Py_BuildValue("(sisiOi)", cl->host, cl->port, cl->h.src, cl->h.sport, target,
+    info = Py_BuildValue("(OiOiOi)", host, cl->port, claimed, cl->h.sport, target,
                          cl->h.version);
     if (info == NULL)
-        return -1;
+        goto done;
     conn = PyObject_CallFunction(connection, "iiOn", cl->fd, cl->upstream, info,
                                  (Py_ssize_t)early);
     Py_DECREF(info);
     if (conn == NULL)
-        return -1;
+        goto done;
     fds[0] = cl->fd;
     fds[1] = cl->upstream;
-    if (core_add(core, fds, conn, (long long)early) < 0) {
-        Py_DECREF(conn);
-        return -1;
-    }
+    rc = core_add(core, fds, conn, (long long)early) < 0 ? -1 : 1;
     Py_DECREF(conn);
-    return 1;
+done:
+    Py_DECREF(host);
+    Py_XDECREF(claimed);
+    return rc;
 }
 
 PyDoc_STRVAR(handshake_doc,
@@ -2456,7 +2443,6 @@ static PyObject *splice_udp_classify(PyObject *Py_UNUSED(module), PyObject *args
 }
 
 static PyMethodDef splice_functions[] = {
-    {"accept", splice_accept, METH_O, accept_doc},
     {"connect", splice_connect, METH_VARARGS, connect_doc},
     {"socket_error", splice_socket_error, METH_O, socket_error_doc},
     {"parse_header", splice_parse_header, METH_O, parse_header_doc},

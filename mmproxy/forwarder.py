@@ -479,7 +479,7 @@ class Forwarder:
     def _established(self, hs: Handshake) -> None:
         assert hs.upstream_fd is not None
         hs.pending = b""
-        self._relay.adopt(Connection(hs.client_fd, hs.upstream_fd, hs, hs.early))
+        self._relay.add(Connection(hs.client_fd, hs.upstream_fd, hs, hs.early))
 
     def _fail(self, hs: Handshake, reason: Rejected) -> None:
         try:

@@ -163,18 +163,17 @@ class Relay:
     def add(self, conn: Connection) -> None:
         """Hand a connection over; safe from any thread."""
         if threading.current_thread() is self._thread:
-            self.adopt(conn)
+            self._adopt(conn)
         else:
             # Adopted by the relay thread, which alone touches the core.
-            self._request(lambda: self.adopt(conn))
+            self._request(lambda: self._adopt(conn))
 
     @property
     def core(self) -> _splice.Core:
         """The C core, for the forwarder's C hand-shake (on the relay thread only)."""
         return self._core
 
-    def adopt(self, conn: Connection) -> None:
-        """add() for a caller on the relay thread (the forwarder's hand-shakes)."""
+    def _adopt(self, conn: Connection) -> None:
         try:
             self._core.add(conn.client, conn.upstream, conn, conn.bytes_in)
         except OSError as exc:  # epoll out of memory: this connection fails, not the loop

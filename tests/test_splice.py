@@ -30,40 +30,6 @@ def flags(fd: int) -> tuple[bool, bool]:
     return bool(status & os.O_NONBLOCK), bool(descriptor & fcntl.FD_CLOEXEC)
 
 
-def test_accept_gives_a_non_blocking_close_on_exec_fd_and_the_peer(
-    listener: socket.socket,
-) -> None:
-    with pytest.raises(BlockingIOError):
-        _splice.accept(listener.fileno())
-    with socket.create_connection(listener.getsockname()) as client:
-        fd, host, port = _splice.accept(listener.fileno())
-        try:
-            assert (host, port) == client.getsockname()
-            assert flags(fd) == (True, True)
-            client.sendall(b"ping")
-            select.select([fd], [], [], 5)
-            assert os.read(fd, 10) == b"ping"
-        finally:
-            os.close(fd)
-
-
-def test_accept_gives_an_ipv4_peer_of_a_dual_stack_listener_as_ipv4() -> None:
-    with socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True) as server:
-        port = server.getsockname()[1]
-        with socket.create_connection(("127.0.0.1", port)) as client:
-            fd, host, peer_port = _splice.accept(server.fileno())
-            os.close(fd)
-            assert (host, peer_port) == client.getsockname()  # not ::ffff:127.0.0.1
-
-
-def test_accept_on_a_bad_fd_raises() -> None:
-    with pytest.raises(OSError) as info:
-        _splice.accept(99999)
-    assert info.value.errno == errno.EBADF
-    with pytest.raises(ValueError):
-        _splice.accept(-1)
-
-
 def test_connect_plainly(listener: socket.socket) -> None:
     host, port = listener.getsockname()
     fd, step, error = _splice.connect(socket.AF_INET, None, 0, host, port, 0, 0)

@@ -4,6 +4,7 @@ has already made; anything else comes back to Python at the step where it stoppe
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import select
 import socket
@@ -65,6 +66,56 @@ def bed() -> Iterator[Bed]:
 
 
 HEADER = encode_v1("TCP4", CLAIMED, ("127.0.0.1", 2222))
+
+
+def flags(fd: int) -> tuple[bool, bool]:
+    """(non-blocking, close-on-exec)"""
+    status = fcntl.fcntl(fd, fcntl.F_GETFL)
+    descriptor = fcntl.fcntl(fd, fcntl.F_GETFD)
+    return bool(status & os.O_NONBLOCK), bool(descriptor & fcntl.FD_CLOEXEC)
+
+
+def accept_one(core: _splice.Core, listen_fd: int) -> tuple[int, str, int]:
+    """One client of an unknown balancer, handed back unread: (fd, host, port)."""
+    _, _, back, error, _ = _splice.handshake(core, listen_fd, 1, 4096, {}, {}, 0, True, Connection)
+    if error:
+        raise OSError(error, os.strerror(error))
+    if not back:
+        raise BlockingIOError
+    return back[0][0], back[0][1], back[0][2]
+
+
+def test_accept_gives_a_non_blocking_close_on_exec_fd_and_the_peer(bed: Bed) -> None:
+    with pytest.raises(BlockingIOError):
+        accept_one(bed.core, bed.listener.fileno())
+    with socket.create_connection(bed.listener.getsockname()) as client:
+        select.select([bed.listener], [], [], 5)
+        fd, host, port = accept_one(bed.core, bed.listener.fileno())
+        try:
+            assert (host, port) == client.getsockname()
+            assert flags(fd) == (True, True)
+            client.sendall(b"ping")
+            select.select([fd], [], [], 5)
+            assert os.read(fd, 10) == b"ping"
+        finally:
+            os.close(fd)
+
+
+def test_accept_gives_an_ipv4_peer_of_a_dual_stack_listener_as_ipv4(bed: Bed) -> None:
+    with socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True) as server:
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            select.select([server], [], [], 5)
+            fd, host, peer_port = accept_one(bed.core, server.fileno())
+            os.close(fd)
+            assert (host, peer_port) == client.getsockname()  # not ::ffff:127.0.0.1
+
+
+def test_accept_on_a_bad_fd_reports_it(bed: Bed) -> None:
+    for fd in (99999, -1):
+        with pytest.raises(OSError) as info:
+            accept_one(bed.core, fd)
+        assert info.value.errno == errno.EBADF
 
 
 def test_an_unknown_balancer_comes_back_unread(bed: Bed) -> None:
